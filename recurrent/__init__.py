@@ -1,0 +1,47 @@
+"""recurrent: the LSTM family as pure cell-step functions, one scan driver and combinators.
+
+Cells (one time step) are built by lowercase factories and are :class:`Cell` bundles of
+pure functions ``init``, ``initial_carry`` and ``step``; :func:`rnn` scans a cell over a
+sequence and returns a :class:`Layer` (``init``, ``apply``); :func:`bidirectional` and
+:func:`stacked` combine cells and layers.
+
+>>> import jax, jax.numpy as jnp, recurrent
+>>> layer = recurrent.stacked([recurrent.bidirectional(recurrent.lstm(32)), recurrent.gru(32)])
+>>> params = layer.init(jax.random.key(0), (8,))
+>>> carry, ys = layer.apply(params, jnp.zeros((4, 20, 8)), lengths=jnp.array([20, 9, 3, 1]))
+>>> ys.shape
+(4, 20, 32)
+"""
+
+from recurrent._combinators import BidirectionalParams, BidirectionalState, bidirectional, stacked
+from recurrent._conv_lstm import ConvLSTMParams, conv_lstm
+from recurrent._core import Cell, Layer, LSTMState, count_params
+from recurrent._gru import GRU_GATES, GRUParams, gru
+from recurrent._lstm import CIFG_GATES, LSTM_GATES, LSTMParams, cifg_lstm, lstm, peephole_lstm
+from recurrent._rnn import reverse_sequences, rnn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BidirectionalParams",
+    "BidirectionalState",
+    "CIFG_GATES",
+    "Cell",
+    "ConvLSTMParams",
+    "GRUParams",
+    "GRU_GATES",
+    "LSTMParams",
+    "LSTMState",
+    "LSTM_GATES",
+    "Layer",
+    "bidirectional",
+    "cifg_lstm",
+    "conv_lstm",
+    "count_params",
+    "gru",
+    "lstm",
+    "peephole_lstm",
+    "reverse_sequences",
+    "rnn",
+    "stacked",
+]

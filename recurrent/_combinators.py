@@ -1,0 +1,358 @@
+"""Higher-order combinators: ``bidirectional`` and ``stacked`` return the kind of thing they take."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from recurrent import _core
+from recurrent._core import Cell, Layer
+from recurrent._rnn import check_lengths, reverse_sequences, rnn, split_sequence_shape
+
+
+class BidirectionalParams(NamedTuple):
+    """Parameters of a bidirectional layer: one pytree per direction."""
+
+    forward: Any
+    backward: Any
+
+
+class BidirectionalState(NamedTuple):
+    """Carry of a bidirectional layer: the final carry of each direction. The backward
+    carry is the one after processing each sequence's first step (its last in its order)."""
+
+    forward: Any
+    backward: Any
+
+
+def as_layer(item: Cell | Layer, *, where: str) -> Layer:
+    """A layer from a cell (scanned with :func:`rnn`) or a layer."""
+    if isinstance(item, Layer):
+        return item
+    if isinstance(item, Cell):
+        return rnn(item)
+    raise _core.error(
+        f"{where}: expected a cell or a layer.",
+        expected="a recurrent.Cell (e.g. recurrent.lstm(64)) or recurrent.Layer (e.g. recurrent.rnn(cell))",
+        got=type(item).__name__,
+        fix="build items with the factories of `recurrent`.",
+    )
+
+
+def flipped(layer: Layer) -> Layer:
+    """Any layer run backwards in time: the valid prefix of each sequence is reversed before
+    the layer and its outputs are reversed back (a generic fallback for layers without a
+    native reverse)."""
+    rank = layer.input_rank
+
+    def apply(params, xs, *, lengths=None, carry=None, time_major=False):
+        batch, T, _ = split_sequence_shape(xs, rank, time_major, where=f"reversed {layer.name}")
+        lengths = check_lengths(lengths, batch, T, where=f"reversed {layer.name}")
+        axis = 0 if time_major else len(batch)
+        carry, ys = layer.apply(
+            params, reverse_sequences(xs, lengths, axis), lengths=lengths, carry=carry, time_major=time_major
+        )
+        return carry, reverse_sequences(ys, lengths, axis)
+
+    return layer._replace(apply=apply, name=f"reversed({layer.name})", reversed=lambda: layer)
+
+
+_MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "concat": lambda a, b: jnp.concatenate([a, b], axis=-1),
+    "sum": lambda a, b: a + b,
+    "mean": lambda a, b: (a + b) / 2,
+    "mul": lambda a, b: a * b,
+}
+
+
+def bidirectional(
+    forward: Cell | Layer,
+    backward: Cell | Layer | None = None,
+    *,
+    merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
+) -> Layer:
+    r"""A bidirectional layer (Schuster & Paliwal 1997): one direction forward in time, one backward.
+
+    .. math::
+
+        \overrightarrow{y}_t = \mathrm{fwd}(x_{1..t}), \quad
+        \overleftarrow{y}_t = \mathrm{bwd}(x_{t..L}), \quad
+        y_t = \mathrm{merge}(\overrightarrow{y}_t, \overleftarrow{y}_t)
+
+    The backward direction runs over each sequence's valid prefix only (``lengths``), so
+    padding never leaks into it; outputs stay aligned with input positions and padded
+    outputs are zero, whatever the merge.
+
+    Args:
+      forward: a cell or layer for the forward direction.
+      backward: a cell or layer run backwards in time; give it as a forward-running cell or
+        layer (it is reversed here). Defaults to ``forward``, with its own parameters.
+      merge: ``"concat"`` (last axis), ``"sum"``, ``"mean"``, ``"mul"`` or a function
+        ``merge(y_forward, y_backward) -> y``.
+
+    Returns:
+      A :class:`Layer` with parameters :class:`BidirectionalParams` ``(forward, backward)``
+      and carry :class:`BidirectionalState` ``(forward, backward)``.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, recurrent
+    >>> layer = recurrent.bidirectional(recurrent.lstm(16))
+    >>> params = layer.init(jax.random.key(0), (8,))
+    >>> carry, ys = layer.apply(params, jnp.ones((2, 5, 8)), lengths=jnp.array([5, 2]))
+    >>> ys.shape, carry.backward.h.shape
+    ((2, 5, 32), (2, 16))
+    """
+    where = "recurrent.bidirectional"
+    fwd = as_layer(forward, where=where)
+    bwd = as_layer(backward if backward is not None else forward, where=where).reversed()
+    if fwd.input_rank != bwd.input_rank:
+        raise _core.error(
+            f"{where}: both directions must take inputs of the same rank.",
+            expected=f"input_rank {fwd.input_rank}",
+            got=f"input_rank {bwd.input_rank} for the backward direction",
+            fix="use the same kind of cell in both directions.",
+        )
+    if isinstance(merge, str):
+        if merge not in _MERGES:
+            raise _core.error(
+                f"{where}: unknown merge {merge!r}.",
+                expected=f"one of {sorted(_MERGES)} or a function (y_fwd, y_bwd) -> y",
+                got=repr(merge),
+                fix='pass e.g. merge="concat".',
+            )
+        merge_fn = _MERGES[merge]
+    elif callable(merge):
+        merge_fn = merge
+    else:
+        raise _core.error(
+            f"{where}: `merge` must be a name or a function.",
+            expected=f"one of {sorted(_MERGES)} or a callable",
+            got=repr(merge),
+            fix='pass e.g. merge="sum".',
+        )
+
+    def output_shape(input_shape):
+        a, b = fwd.output_shape(input_shape), bwd.output_shape(input_shape)
+        if merge_fn is _MERGES["concat"]:
+            if a[:-1] != b[:-1]:
+                raise _core.error(
+                    f"{where}: cannot concatenate outputs of different shapes.",
+                    expected="equal shapes except the last axis",
+                    got=f"{a} and {b}",
+                    fix="use directions with matching spatial shapes.",
+                )
+            return (*a[:-1], a[-1] + b[-1])
+        out = jax.eval_shape(merge_fn, jax.ShapeDtypeStruct(a, jnp.float32), jax.ShapeDtypeStruct(b, jnp.float32))
+        return tuple(out.shape)
+
+    def init(key, input_shape):
+        k_f, k_b = jax.random.split(key)
+        output_shape(input_shape)  # fail early on unmergeable directions
+        return BidirectionalParams(fwd.init(k_f, input_shape), bwd.init(k_b, input_shape))
+
+    def initial_carry(params, x_shape):
+        return BidirectionalState(
+            fwd.initial_carry(params.forward, x_shape), bwd.initial_carry(params.backward, x_shape)
+        )
+
+    def apply(params, xs, *, lengths=None, carry=None, time_major=False):
+        batch, T, _ = split_sequence_shape(xs, fwd.input_rank, time_major, where=where)
+        lengths = check_lengths(lengths, batch, T, where=where)
+        if carry is not None and not (isinstance(carry, tuple) and len(carry) == 2):
+            raise _core.error(
+                f"{where}: carry must be a (forward, backward) pair.",
+                expected="BidirectionalState(forward, backward), as returned by this layer",
+                got=type(carry).__name__,
+                fix="pass the carry this layer returned, or None.",
+            )
+        c_f, c_b = (None, None) if carry is None else carry
+        c_f, y_f = fwd.apply(params.forward, xs, lengths=lengths, carry=c_f, time_major=time_major)
+        c_b, y_b = bwd.apply(params.backward, xs, lengths=lengths, carry=c_b, time_major=time_major)
+        ys = merge_fn(y_f, y_b)
+        if lengths is not None and merge_fn not in (_MERGES["concat"], _MERGES["sum"], _MERGES["mul"]):
+            t = jnp.arange(T)
+            valid = t[(...,) + (None,) * len(batch)] < lengths if time_major else t < lengths[..., None]
+            ys = jnp.where(valid.reshape(valid.shape + (1,) * (ys.ndim - valid.ndim)), ys, 0)
+        return BidirectionalState(c_f, c_b), ys
+
+    layer = Layer(
+        init=init,
+        apply=apply,
+        initial_carry=initial_carry,
+        output_shape=output_shape,
+        input_rank=fwd.input_rank,
+        name=f"bidirectional({fwd.name})",
+        reversed=lambda: None,
+    )
+    return layer._replace(reversed=lambda: flipped(layer))
+
+
+def _thread_shapes(items, input_shape, residual, where):
+    """Per-item input shapes, checking ranks and residual widths without a forward pass."""
+    shapes = [tuple(input_shape)]
+    for i, item in enumerate(items):
+        shape = shapes[-1]
+        if len(shape) != item.input_rank:
+            raise _core.error(
+                f"{where}: item {i} ({item.name}) cannot take the output of the item before it.",
+                expected=f"an input of rank {item.input_rank}",
+                got=f"shape {shape}",
+                fix="stack cells of matching kinds (dense with dense, conv with conv of the same rank).",
+            )
+        out = tuple(item.output_shape(shape))
+        if residual and i > 0 and out != shape:
+            raise _core.error(
+                f"{where}: residual connections need layers of equal width.",
+                expected=f"item {i} ({item.name}) to output shape {shape}",
+                got=f"output shape {out}",
+                fix="give every layer after the first the same size, or pass residual=False.",
+            )
+        shapes.append(out)
+    return shapes
+
+
+def stacked(items: Sequence[Cell | Layer], *, residual: bool = False) -> Cell | Layer:
+    r"""Stacks cells into a cell, or layers (and cells) into a layer.
+
+    Layer :math:`k` takes the outputs of layer :math:`k-1`; with ``residual=True`` every layer
+    after the first adds its input to its output, :math:`y^k_t = f^k(y^{k-1})_t + y^{k-1}_t`
+    (He et al. 2016; Wu et al. 2016), which needs layers of equal width.
+
+    Stacking only cells gives a :class:`Cell` whose one ``step`` advances every layer, so a
+    deep model can be run one token at a time (generation); :func:`rnn` scans it in one
+    loop. Stacking any layer (e.g. a bidirectional one) gives a :class:`Layer` that runs
+    each layer over the whole sequence in turn. Parameters and carries are tuples with one
+    entry per layer.
+
+    Args:
+      items: cells or layers, first to last.
+      residual: add residual connections around every layer but the first.
+
+    Returns:
+      A :class:`Cell` if every item is a cell, else a :class:`Layer`.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, recurrent
+    >>> deep = recurrent.stacked([recurrent.lstm(32), recurrent.gru(32)], residual=True)
+    >>> params = deep.init(jax.random.key(0), (8,))
+    >>> x = jnp.ones((3, 8))
+    >>> carry, y = deep.step(params, deep.initial_carry(params, x.shape), x)   # one step
+    >>> y.shape, len(carry)
+    ((3, 32), 2)
+    >>> layer = recurrent.stacked([recurrent.bidirectional(recurrent.lstm(16)), recurrent.lstm(8)])
+    >>> carry, ys = layer.apply(layer.init(jax.random.key(1), (8,)), jnp.ones((3, 5, 8)))
+    >>> ys.shape
+    (3, 5, 8)
+    """
+    where = "recurrent.stacked"
+    items = tuple(items) if isinstance(items, (list, tuple)) else items
+    if not isinstance(items, tuple) or not items:
+        raise _core.error(
+            f"{where}: expected a non-empty list of cells or layers.",
+            expected="e.g. [recurrent.lstm(64), recurrent.lstm(64)]",
+            got=repr(items),
+            fix="pass a list.",
+        )
+    for item in items:
+        as_layer(item, where=where)  # type check with a clear error
+    n = len(items)
+
+    if all(isinstance(item, Cell) for item in items):
+        cells = items
+        rank = cells[0].input_rank
+
+        def init(key, input_shape):
+            input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
+            shapes = _thread_shapes(cells, input_shape, residual, where)
+            keys = jax.random.split(key, n)
+            return tuple(c.init(k, s) for c, k, s in zip(cells, keys, shapes))
+
+        def initial_carry(params, x_shape):
+            x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
+            batch, features = x_shape[: len(x_shape) - rank], x_shape[len(x_shape) - rank :]
+            shapes = _thread_shapes(cells, features, residual, where)
+            return tuple(c.initial_carry(p, (*batch, *s)) for c, p, s in zip(cells, params, shapes))
+
+        def project(params, x):
+            return cells[0].project(params[0], x)
+
+        def recur(params, carry, xp):
+            _check_tuple(params, carry)
+            c0, y = cells[0].recur(params[0], carry[0], xp)
+            new = [c0]
+            for cell, p, c in zip(cells[1:], params[1:], carry[1:]):
+                c, out = cell.step(p, c, y)
+                y = out + y if residual else out
+                new.append(c)
+            return tuple(new), y
+
+        def _check_tuple(params, carry):
+            for what, value in (("params", params), ("carry", carry)):
+                if not isinstance(value, tuple) or len(value) != n:
+                    raise _core.error(
+                        f"{where}: {what} must be a tuple with one entry per layer.",
+                        expected=f"a tuple of {n}",
+                        got=f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}",
+                        fix=f"use the {what} made by this stacked cell's init/initial_carry.",
+                    )
+
+        def step(params, carry, x):
+            return recur(params, carry, project(params, x))
+
+        def output_shape(input_shape):
+            return _thread_shapes(cells, input_shape, residual, where)[-1]
+
+        name = "stacked(" + ", ".join(c.name for c in cells) + ")"
+        return Cell(init, initial_carry, step, project, recur, output_shape, rank, name)
+
+    layers = tuple(as_layer(item, where=where) for item in items)
+    rank = layers[0].input_rank
+
+    def init(key, input_shape):
+        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
+        shapes = _thread_shapes(layers, input_shape, residual, where)
+        keys = jax.random.split(key, n)
+        return tuple(layer.init(k, s) for layer, k, s in zip(layers, keys, shapes))
+
+    def initial_carry(params, x_shape):
+        x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
+        batch, features = x_shape[: len(x_shape) - rank], x_shape[len(x_shape) - rank :]
+        shapes = _thread_shapes(layers, features, residual, where)
+        return tuple(layer.initial_carry(p, (*batch, *s)) for layer, p, s in zip(layers, params, shapes))
+
+    def apply(params, ys, *, lengths=None, carry=None, time_major=False):
+        batch, T, _ = split_sequence_shape(ys, rank, time_major, where=where)
+        lengths = check_lengths(lengths, batch, T, where=where)
+        for what, value in (("params", params), ("carry", carry)):
+            if value is not None and (not isinstance(value, tuple) or len(value) != n):
+                raise _core.error(
+                    f"{where}: {what} must be a tuple with one entry per layer.",
+                    expected=f"a tuple of {n}",
+                    got=type(value).__name__,
+                    fix=f"use the {what} made by this stacked layer.",
+                )
+        carries = []
+        for i, layer in enumerate(layers):
+            c, out = layer.apply(
+                params[i], ys, lengths=lengths, carry=None if carry is None else carry[i], time_major=time_major
+            )
+            ys = out + ys if residual and i > 0 else out
+            carries.append(c)
+        return tuple(carries), ys
+
+    def output_shape(input_shape):
+        return _thread_shapes(layers, input_shape, residual, where)[-1]
+
+    return Layer(
+        init=init,
+        apply=apply,
+        initial_carry=initial_carry,
+        output_shape=output_shape,
+        input_rank=rank,
+        name="stacked(" + ", ".join(layer.name for layer in layers) + ")",
+        reversed=lambda: stacked([layer.reversed() for layer in layers], residual=residual),
+    )

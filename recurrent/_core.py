@@ -1,0 +1,199 @@
+"""Types shared by every cell and layer, and the error helpers.
+
+Shape legend (used in names such as ``h_BH`` or ``xs_TBF`` throughout the library):
+
+====  =====================================================================
+B     batch (in the driver, all leading batch axes flattened into one)
+T     time
+F     input features of one step
+H     hidden size (``hidden_size``, or ``hidden_channels`` for ConvLSTM)
+G     number of fused gate blocks (4 for LSTM, 3 for CIFG and GRU)
+S     spatial axes of a ConvLSTM step (1, 2 or 3 of them)
+C     input channels of a ConvLSTM step
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PRNGKey = jax.Array
+Shape = tuple[int, ...]
+Params = Any
+Carry = Any
+
+
+class Cell(NamedTuple):
+    """One time step of a recurrent network: a bundle of pure functions.
+
+    Attributes:
+      init: ``init(key, input_shape) -> params``; ``input_shape`` is one step's input
+        without batch or time axes, e.g. ``(features,)`` or ``(*spatial, channels)``.
+      initial_carry: ``initial_carry(params, x_shape) -> carry``; ``x_shape`` is one
+        step's input shape *with* its leading batch axes (possibly none).
+      step: ``step(params, carry, x) -> (carry, y)``, the ``lax.scan`` body order.
+        Works on any number of leading batch axes.
+      project: ``project(params, x) -> xp``, the part of a step that does not depend on
+        the carry (the input-to-gates transform). It accepts any number of leading axes,
+        so the driver applies it to all time steps at once.
+      recur: ``recur(params, carry, xp) -> (carry, y)``, the rest of the step.
+        ``step(p, c, x) == recur(p, c, project(p, x))`` always.
+      output_shape: ``output_shape(input_shape) -> shape`` of one step's output, without
+        batch axes, so combinators can thread shapes without a forward pass.
+      input_rank: number of trailing feature axes of one step's input (1 for dense
+        cells, ``len(kernel_size) + 1`` for ConvLSTM).
+      name: a short human-readable name, e.g. ``"lstm"``.
+    """
+
+    init: Callable[[PRNGKey, Shape], Params]
+    initial_carry: Callable[[Params, Shape], Carry]
+    step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    project: Callable[[Params, jax.Array], jax.Array]
+    recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    output_shape: Callable[[Shape], Shape]
+    input_rank: int
+    name: str
+
+
+class Layer(NamedTuple):
+    """A whole-sequence recurrent layer: ``init`` and ``apply``.
+
+    Attributes:
+      init: ``init(key, input_shape) -> params`` with ``input_shape`` one step's input
+        without batch or time axes.
+      apply: ``apply(params, xs, *, lengths=None, carry=None, time_major=False)
+        -> (carry, ys)`` with ``xs`` of shape ``(*batch, time, *features)``
+        (``(time, *batch, *features)`` when ``time_major``).
+      initial_carry: ``initial_carry(params, x_shape) -> carry`` as for a cell.
+      output_shape: ``output_shape(input_shape) -> shape`` of one step's output.
+      input_rank: number of trailing feature axes of one step's input.
+      name: a short human-readable name.
+      reversed: ``reversed() -> Layer`` that runs the same parameters over each
+        sequence's valid prefix in reverse, outputs aligned with input positions.
+    """
+
+    init: Callable[[PRNGKey, Shape], Params]
+    apply: Callable[..., tuple[Carry, jax.Array]]
+    initial_carry: Callable[[Params, Shape], Carry]
+    output_shape: Callable[[Shape], Shape]
+    input_rank: int
+    name: str
+    reversed: Callable[[], "Layer"]
+
+
+class LSTMState(NamedTuple):
+    """Carry of the LSTM family: hidden output ``h`` (compute dtype) and cell state ``c``
+    (float32, or float64 when the parameters are float64). Both have shape
+    ``(*batch, H)`` (``(*batch, *S, H)`` for ConvLSTM)."""
+
+    h: jax.Array
+    c: jax.Array
+
+
+def count_params(params: Params) -> int:
+    """Number of scalars in a parameter pytree.
+
+    >>> import jax, recurrent
+    >>> recurrent.count_params(recurrent.lstm(8).init(jax.random.key(0), (4,)))
+    416
+    """
+    return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params)))
+
+
+# --------------------------------------------------------------------------------------
+# Errors. Every message says what was expected, what was received and how to fix it.
+
+
+def error(what: str, *, expected: str, got: str, fix: str) -> ValueError:
+    return ValueError(f"{what}\n  expected: {expected}\n  got:      {got}\n  fix:      {fix}")
+
+
+def check_shape(name: str, shape: Sequence[int], *, where: str) -> Shape:
+    """Validates a user-given shape tuple of non-negative ints."""
+    try:
+        shape = tuple(int(d) for d in shape)
+    except TypeError:
+        raise error(
+            f"{where}: `{name}` must be a tuple of ints.",
+            expected="a tuple such as (features,) or (*spatial, channels)",
+            got=repr(shape),
+            fix=f"pass `{name}` as a tuple of ints, e.g. (32,).",
+        ) from None
+    if any(d < 0 for d in shape):
+        raise error(
+            f"{where}: `{name}` has a negative size.",
+            expected="non-negative sizes",
+            got=repr(shape),
+            fix="check how the shape was computed.",
+        )
+    return shape
+
+
+def check_positive_int(name: str, value: Any, *, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise error(
+            f"{where}: `{name}` must be a positive int.",
+            expected="an int >= 1",
+            got=repr(value),
+            fix=f"pass e.g. {name}=128.",
+        )
+    return int(value)
+
+
+def compute_dtype(dtype: Any, reference: jax.Array) -> jnp.dtype:
+    """The compute dtype: ``dtype`` if given, else that of the parameters."""
+    return jnp.dtype(dtype) if dtype is not None else jnp.dtype(reference.dtype)
+
+
+def state_dtype(cdtype: Any) -> jnp.dtype:
+    """Cell state accumulates in float32 (float64 when computing in float64)."""
+    return jnp.promote_types(jnp.float32, cdtype)
+
+
+def check_input(x: jax.Array, expected: Shape, *, where: str, fix: str) -> None:
+    """Checks the trailing (feature) axes of a step input against ``expected``."""
+    rank = len(expected)
+    if not hasattr(x, "shape") or x.ndim < rank:
+        raise error(
+            f"{where}: input has too few axes.",
+            expected=f"shape (*batch, {', '.join(map(str, expected))}) with {rank} feature axis(es)",
+            got=f"shape {getattr(x, 'shape', type(x).__name__)}",
+            fix=fix,
+        )
+    if tuple(x.shape[x.ndim - rank :]) != tuple(expected):
+        raise error(
+            f"{where}: input feature shape does not match the parameters.",
+            expected=f"trailing axes {tuple(expected)} (the input_shape given to init)",
+            got=f"shape {tuple(x.shape)} with trailing axes {tuple(x.shape[x.ndim - rank:])}",
+            fix=fix,
+        )
+
+
+def check_carry(carry: Carry, expected: Carry, *, where: str) -> None:
+    """Checks a user-given carry against the structure, shapes and dtypes of ``expected``
+    (a pytree of ``jax.ShapeDtypeStruct`` or arrays)."""
+    fix = "pass a carry returned by this layer or cell, or one from `initial_carry(params, x_shape)`."
+    s_got, s_exp = jax.tree.structure(carry), jax.tree.structure(expected)
+    if s_got != s_exp:
+        raise error(f"{where}: carry has the wrong structure.", expected=str(s_exp), got=str(s_got), fix=fix)
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, e), g in zip(paths, jax.tree.leaves(carry)):
+        name = "carry" + jax.tree_util.keystr(path)
+        if tuple(np.shape(g)) != tuple(e.shape):
+            raise error(
+                f"{where}: {name} has the wrong shape.",
+                expected=f"{tuple(e.shape)} (batch axes of the input, then the state shape)",
+                got=str(tuple(np.shape(g))),
+                fix=fix,
+            )
+        if jnp.result_type(g) != e.dtype:
+            raise error(
+                f"{where}: {name} has the wrong dtype.",
+                expected=str(e.dtype),
+                got=str(jnp.result_type(g)),
+                fix=fix + " Cell state is kept in float32; cast with `.astype` if you built it by hand.",
+            )

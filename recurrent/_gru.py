@@ -1,0 +1,154 @@
+"""Gated recurrent unit (Cho et al. 2014), in its cuDNN/PyTorch form and the original."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from recurrent import _core
+from recurrent._core import Cell
+from recurrent._lstm import Initializer, fused_blocks
+
+#: Order of the fused gate blocks of a GRU (PyTorch's): reset, update, candidate.
+GRU_GATES = ("reset", "update", "candidate")
+
+
+class GRUParams(NamedTuple):
+    """Parameters of a GRU, gate blocks fused in ``GRU_GATES`` order (r, z, n).
+
+    Attributes:
+      input_kernel: ``(F, 3H)``.
+      recurrent_kernel: ``(H, 3H)``.
+      bias: ``(3H,)``, added to the input projection of every gate.
+      recurrent_bias: ``(H,)``, the candidate's recurrent bias ``b_hn`` inside the reset
+        product when ``reset_after=True``; ``None`` otherwise (it would be redundant).
+    """
+
+    input_kernel: jax.Array
+    recurrent_kernel: jax.Array
+    bias: jax.Array
+    recurrent_bias: jax.Array | None = None
+
+
+def gru(
+    hidden_size: int,
+    *,
+    reset_after: bool = True,
+    kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
+    recurrent_kernel_init: Initializer = jax.nn.initializers.orthogonal(),
+    bias_init: Initializer = jax.nn.initializers.zeros,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> Cell:
+    r"""Gated recurrent unit.
+
+    With ``reset_after=True`` (the default, as in cuDNN, PyTorch, Keras and Flax) the reset
+    gate multiplies the recurrent matmul's result:
+
+    .. math::
+
+        r_t &= \sigma(W_r x_t + U_r h_{t-1} + b_r) \\
+        z_t &= \sigma(W_z x_t + U_z h_{t-1} + b_z) \\
+        n_t &= \tanh(W_n x_t + b_n + r_t \odot (U_n h_{t-1} + b_{hn})) \\
+        h_t &= (1 - z_t) \odot n_t + z_t \odot h_{t-1}, \qquad y_t = h_t
+
+    With ``reset_after=False`` it is Cho et al. 2014's original, the reset applied before:
+    :math:`n_t = \tanh(W_n x_t + U_n (r_t \odot h_{t-1}) + b_n)`.
+
+    Parameters (:class:`GRUParams`): ``input_kernel (F, 3H)``, ``recurrent_kernel (H, 3H)``,
+    ``bias (3H,)`` in ``GRU_GATES`` order (r, z, n), and ``recurrent_bias (H,)`` when
+    ``reset_after``. Parameter count ``3H(F + H + 1) (+ H)``.
+
+    Carry: the array ``h`` of shape ``(*batch, H)``, kept in float32 (it is the state that
+    accumulates); the output ``y`` is ``h`` in the compute dtype.
+
+    Args:
+      hidden_size: ``H``.
+      reset_after: where the reset gate is applied (see above).
+      kernel_init: initialiser of each ``(F, H)`` block of ``input_kernel``.
+      recurrent_kernel_init: initialiser of each ``(H, H)`` block (orthogonal by default).
+      bias_init: initialiser of each ``(H,)`` bias block and of ``recurrent_bias``.
+      dtype: compute dtype; ``None`` computes in the parameters' dtype.
+      param_dtype: dtype of the parameters made by ``init``.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, recurrent
+    >>> cell = recurrent.gru(16)
+    >>> params = cell.init(jax.random.key(0), (8,))
+    >>> carry, y = cell.step(params, cell.initial_carry(params, (8,)), jnp.ones(8))
+    >>> y.shape, recurrent.count_params(params)
+    ((16,), 1216)
+    """
+    where = "recurrent.gru"
+    H = _core.check_positive_int("hidden_size", hidden_size, where=where)
+
+    def init(key, input_shape):
+        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
+        if len(input_shape) != 1:
+            raise _core.error(
+                f"{where}.init: `input_shape` must be one step's input without batch or time axes.",
+                expected="(features,)",
+                got=repr(input_shape),
+                fix="pass input_shape=(xs.shape[-1],).",
+            )
+        (F,) = input_shape
+        k_in, k_rec, k_b, k_rb = jax.random.split(key, 4)
+        return GRUParams(
+            input_kernel=fused_blocks(kernel_init, k_in, (F, H), 3, param_dtype),
+            recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (H, H), 3, param_dtype),
+            bias=fused_blocks(bias_init, k_b, (H,), 3, param_dtype),
+            recurrent_bias=bias_init(k_rb, (H,), param_dtype) if reset_after else None,
+        )
+
+    def _dtypes(params):
+        cdt = _core.compute_dtype(dtype, params.input_kernel)
+        return cdt, _core.state_dtype(cdt)
+
+    def initial_carry(params, x_shape):
+        x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
+        if len(x_shape) < 1:
+            raise _core.error(
+                f"{where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
+                expected="(*batch, features)",
+                got=repr(x_shape),
+                fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
+            )
+        _, sdt = _dtypes(params)
+        return jnp.zeros((*x_shape[:-1], H), sdt)
+
+    def project(params, x):
+        F = params.input_kernel.shape[0]
+        _core.check_input(
+            x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
+        )
+        cdt, _ = _dtypes(params)
+        return x.astype(cdt) @ params.input_kernel.astype(cdt) + params.bias.astype(cdt)
+
+    def recur(params, h, xp):
+        cdt, sdt = _dtypes(params)
+        U = params.recurrent_kernel.astype(cdt)
+        x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
+        h_c = h.astype(cdt)
+        if reset_after:
+            h_r, h_z, h_n = jnp.split((h_c @ U).astype(sdt), 3, axis=-1)
+            r = jax.nn.sigmoid(x_r + h_r)
+            z = jax.nn.sigmoid(x_z + h_z)
+            n = jnp.tanh(x_n + r * (h_n + params.recurrent_bias.astype(sdt)))
+        else:
+            h_r, h_z = jnp.split((h_c @ U[:, : 2 * H]).astype(sdt), 2, axis=-1)
+            r = jax.nn.sigmoid(x_r + h_r)
+            z = jax.nn.sigmoid(x_z + h_z)
+            n = jnp.tanh(x_n + ((r * h).astype(cdt) @ U[:, 2 * H :]).astype(sdt))
+        h = (1.0 - z) * n + z * h
+        return h, h.astype(cdt)
+
+    def step(params, carry, x):
+        return recur(params, carry, project(params, x))
+
+    def output_shape(input_shape):
+        return (H,)
+
+    return Cell(init, initial_carry, step, project, recur, output_shape, 1, "gru")
