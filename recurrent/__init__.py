@@ -14,10 +14,21 @@ sequence and returns a :class:`Layer` (``init``, ``apply``); :func:`bidirectiona
 """
 
 from recurrent._combinators import BidirectionalParams, BidirectionalState, bidirectional, stacked
-from recurrent._conv_lstm import ConvLSTMParams, conv_lstm
+from recurrent._conv import ConvGRUParams, ConvLSTMParams, conv_gru, conv_lstm
 from recurrent._core import Cell, Layer, LSTMState, count_params
-from recurrent._gru import GRU_GATES, GRUParams, gru
-from recurrent._lstm import CIFG_GATES, LSTM_GATES, LSTMParams, cifg_lstm, lstm, peephole_lstm
+from recurrent._gru import GRU_GATES, GRULayerNormParams, GRUParams, gru
+from recurrent._lstm import (
+    CIFG_GATES,
+    GREFF_VARIANTS,
+    LSTM_GATES,
+    LayerNormParams,
+    LSTMGateState,
+    LSTMParams,
+    cifg_lstm,
+    lstm,
+    lstm_variant,
+    peephole_lstm,
+)
 from recurrent._rnn import reverse_sequences, rnn
 
 __version__ = "0.1.0"
@@ -27,19 +38,26 @@ __all__ = [
     "BidirectionalState",
     "CIFG_GATES",
     "Cell",
+    "ConvGRUParams",
     "ConvLSTMParams",
+    "GREFF_VARIANTS",
+    "GRULayerNormParams",
     "GRUParams",
     "GRU_GATES",
+    "LSTMGateState",
     "LSTMParams",
+    "LayerNormParams",
     "LSTMState",
     "LSTM_GATES",
     "Layer",
     "bidirectional",
     "cifg_lstm",
+    "conv_gru",
     "conv_lstm",
     "count_params",
     "gru",
     "lstm",
+    "lstm_variant",
     "peephole_lstm",
     "reverse_sequences",
     "rnn",

@@ -15,7 +15,8 @@ C     input channels of a ConvLSTM step
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ class Layer(NamedTuple):
     output_shape: Callable[[Shape], Shape]
     input_rank: int
     name: str
-    reversed: Callable[[], "Layer"]
+    reversed: Callable[[], Layer]
 
 
 class LSTMState(NamedTuple):
@@ -168,7 +169,7 @@ def check_input(x: jax.Array, expected: Shape, *, where: str, fix: str) -> None:
         raise error(
             f"{where}: input feature shape does not match the parameters.",
             expected=f"trailing axes {tuple(expected)} (the input_shape given to init)",
-            got=f"shape {tuple(x.shape)} with trailing axes {tuple(x.shape[x.ndim - rank:])}",
+            got=f"shape {tuple(x.shape)} with trailing axes {tuple(x.shape[x.ndim - rank :])}",
             fix=fix,
         )
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from recurrent import _core
 from recurrent._core import Cell
-from recurrent._lstm import Initializer, fused_blocks
+from recurrent._lstm import Initializer, fused_blocks, normalize
 
 #: Order of the fused gate blocks of a GRU (PyTorch's): reset, update, candidate.
 GRU_GATES = ("reset", "update", "candidate")
@@ -30,12 +30,23 @@ class GRUParams(NamedTuple):
     recurrent_kernel: jax.Array
     bias: jax.Array
     recurrent_bias: jax.Array | None = None
+    layer_norm: GRULayerNormParams | None = None
+
+
+class GRULayerNormParams(NamedTuple):
+    """Layer-normalisation gains of a GRU: ``input_scale (3H,)`` for the input projection and
+    ``recurrent_scale (3H,)`` for the recurrent projection."""
+
+    input_scale: jax.Array
+    recurrent_scale: jax.Array
 
 
 def gru(
     hidden_size: int,
     *,
     reset_after: bool = True,
+    layer_norm: bool = False,
+    layer_norm_epsilon: float = 1e-5,
     kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
     recurrent_kernel_init: Initializer = jax.nn.initializers.orthogonal(),
     bias_init: Initializer = jax.nn.initializers.zeros,
@@ -67,6 +78,11 @@ def gru(
     Args:
       hidden_size: ``H``.
       reset_after: where the reset gate is applied (see above).
+      layer_norm: layer normalisation (Ba et al. 2016) of the input projection ``W x`` and of
+        the recurrent projection ``U h`` before the bias, each over its ``3H`` pre-activations
+        (with ``reset_after=False`` the recurrent part is computed in two pieces, ``U_{rz} h``
+        and ``U_n (r h)``, each normalised on its own).
+      layer_norm_epsilon: added to the variance in layer normalisation.
       kernel_init: initialiser of each ``(F, H)`` block of ``input_kernel``.
       recurrent_kernel_init: initialiser of each ``(H, H)`` block (orthogonal by default).
       bias_init: initialiser of each ``(H,)`` bias block and of ``recurrent_bias``.
@@ -101,6 +117,11 @@ def gru(
             recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (H, H), 3, param_dtype),
             bias=fused_blocks(bias_init, k_b, (H,), 3, param_dtype),
             recurrent_bias=bias_init(k_rb, (H,), param_dtype) if reset_after else None,
+            layer_norm=(
+                GRULayerNormParams(jnp.ones((3 * H,), param_dtype), jnp.ones((3 * H,), param_dtype))
+                if layer_norm
+                else None
+            ),
         )
 
     def _dtypes(params):
@@ -124,24 +145,33 @@ def gru(
         _core.check_input(
             x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
         )
-        cdt, _ = _dtypes(params)
-        return x.astype(cdt) @ params.input_kernel.astype(cdt) + params.bias.astype(cdt)
+        cdt, sdt = _dtypes(params)
+        xp = x.astype(cdt) @ params.input_kernel.astype(cdt)
+        if layer_norm:
+            xp = normalize(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt), eps=layer_norm_epsilon)
+            return (xp + params.bias.astype(sdt)).astype(cdt)
+        return xp + params.bias.astype(cdt)
 
     def recur(params, h, xp):
         cdt, sdt = _dtypes(params)
         U = params.recurrent_kernel.astype(cdt)
         x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
         h_c = h.astype(cdt)
+        ln = params.layer_norm
+        norm = lambda v, scale: normalize(v, scale.astype(sdt), eps=layer_norm_epsilon) if layer_norm else v  # noqa: E731
         if reset_after:
-            h_r, h_z, h_n = jnp.split((h_c @ U).astype(sdt), 3, axis=-1)
+            rec = norm((h_c @ U).astype(sdt), ln.recurrent_scale if layer_norm else None)
+            h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
             r = jax.nn.sigmoid(x_r + h_r)
             z = jax.nn.sigmoid(x_z + h_z)
             n = jnp.tanh(x_n + r * (h_n + params.recurrent_bias.astype(sdt)))
         else:
-            h_r, h_z = jnp.split((h_c @ U[:, : 2 * H]).astype(sdt), 2, axis=-1)
+            rec = norm((h_c @ U[:, : 2 * H]).astype(sdt), ln.recurrent_scale[: 2 * H] if layer_norm else None)
+            h_r, h_z = jnp.split(rec, 2, axis=-1)
             r = jax.nn.sigmoid(x_r + h_r)
             z = jax.nn.sigmoid(x_z + h_z)
-            n = jnp.tanh(x_n + ((r * h).astype(cdt) @ U[:, 2 * H :]).astype(sdt))
+            rec_n = ((r * h).astype(cdt) @ U[:, 2 * H :]).astype(sdt)
+            n = jnp.tanh(x_n + norm(rec_n, ln.recurrent_scale[2 * H :] if layer_norm else None))
         h = (1.0 - z) * n + z * h
         return h, h.astype(cdt)
 

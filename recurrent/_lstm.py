@@ -1,7 +1,13 @@
-"""The LSTM family: standard, peephole and coupled input-forget gate (CIFG) cells."""
+"""The LSTM family: one cell with composable options, and its named presets.
+
+Standard, peephole and CIFG LSTMs, Greff et al.'s nine variants, projection (LSTMP), layer
+normalisation and clipping are all options of one implementation, so every option composes
+with every other and the step semantics live in one place.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -11,25 +17,52 @@ from recurrent import _core
 from recurrent._core import Cell, LSTMState
 
 Initializer = jax.nn.initializers.Initializer
+_KERNEL_INIT = jax.nn.initializers.lecun_normal()
+_RECURRENT_INIT = jax.nn.initializers.orthogonal()
 
 #: Order of the fused gate blocks along the last axis of an LSTM's kernels and bias
 #: (the order PyTorch uses): input gate, forget gate, cell candidate, output gate.
+#: Variants without a gate (CIFG, NIG, NFG, NOG) drop its block and keep this order.
 LSTM_GATES = ("input", "forget", "cell", "output")
 #: Order of the fused gate blocks of a CIFG LSTM, which has no input gate (i = 1 - f).
 CIFG_GATES = ("forget", "cell", "output")
 
 
+class LayerNormParams(NamedTuple):
+    """Layer-normalisation gains of an LSTM (Ba et al. 2016).
+
+    Attributes:
+      input_scale: ``(G*H,)`` gain of the normalised input projection.
+      recurrent_scale: ``(G*H,)`` gain of the normalised recurrent projection.
+      cell_scale: ``(H,)`` gain of the normalised cell state.
+      cell_offset: ``(H,)`` offset of the normalised cell state.
+
+    The paper's offsets on the two projections add up with the gate bias, so ``bias``
+    plays their part.
+    """
+
+    input_scale: jax.Array
+    recurrent_scale: jax.Array
+    cell_scale: jax.Array
+    cell_offset: jax.Array
+
+
 class LSTMParams(NamedTuple):
-    """Parameters of the LSTM family (``G`` gate blocks: 4, or 3 for CIFG).
+    """Parameters of the LSTM family (``G`` gate blocks: 4 for the full set, 3 without one).
 
     Attributes:
       input_kernel: ``(F, G*H)``, input to fused gates, blocks in ``LSTM_GATES`` order
-        (``CIFG_GATES`` for CIFG).
-      recurrent_kernel: ``(H, G*H)``, previous output to fused gates.
+        with absent gates dropped (``CIFG_GATES`` for CIFG).
+      recurrent_kernel: ``(R, G*H)``, previous output to fused gates; ``R`` is ``H``, or the
+        projection size ``P`` with ``proj_size``.
       bias: ``(G*H,)``.
       peephole_input: ``(H,)`` diagonal peephole c(t-1) -> input gate, or ``None``.
       peephole_forget: ``(H,)`` diagonal peephole c(t-1) -> forget gate, or ``None``.
       peephole_output: ``(H,)`` diagonal peephole c(t) -> output gate, or ``None``.
+      gate_recurrent_kernel: ``(S*H, S*H)`` from the ``S`` sigmoid gates at t-1 to the same
+        gates at t (full gate recurrence, FGR), or ``None``.
+      projection: ``(H, P)`` output projection (LSTMP), or ``None``.
+      layer_norm: :class:`LayerNormParams`, or ``None``.
     """
 
     input_kernel: jax.Array
@@ -38,6 +71,18 @@ class LSTMParams(NamedTuple):
     peephole_input: jax.Array | None = None
     peephole_forget: jax.Array | None = None
     peephole_output: jax.Array | None = None
+    gate_recurrent_kernel: jax.Array | None = None
+    projection: jax.Array | None = None
+    layer_norm: LayerNormParams | None = None
+
+
+class LSTMGateState(NamedTuple):
+    """Carry of an LSTM with full gate recurrence: ``h``, ``c`` and the previous step's
+    sigmoid gate activations ``gates`` ``(*batch, S*H)`` (float32)."""
+
+    h: jax.Array
+    c: jax.Array
+    gates: jax.Array
 
 
 def fused_blocks(init: Initializer, key: jax.Array, shape: tuple[int, ...], blocks: int, dtype: Any):
@@ -47,25 +92,86 @@ def fused_blocks(init: Initializer, key: jax.Array, shape: tuple[int, ...], bloc
     return jnp.concatenate([init(k, shape, dtype) for k in keys], axis=-1)
 
 
+def normalize(x: jax.Array, scale: jax.Array, offset: jax.Array | None = None, eps: float = 1e-5) -> jax.Array:
+    """Normalises the last axis to zero mean and unit variance, then scales and shifts."""
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps) * scale
+    return y if offset is None else y + offset
+
+
+def _identity(x):
+    return x
+
+
 def _lstm_family(
     hidden_size: int,
     *,
-    peephole: bool,
-    coupled: bool,
     name: str,
-    kernel_init: Initializer,
-    recurrent_kernel_init: Initializer,
-    bias_init: Initializer,
-    peephole_init: Initializer,
-    forget_bias: float | jax.Array,
-    dtype: Any,
-    param_dtype: Any,
+    peephole: bool = False,
+    coupled: bool = False,
+    input_gate: bool = True,
+    forget_gate: bool = True,
+    output_gate: bool = True,
+    input_activation: Callable[[jax.Array], jax.Array] | None = jnp.tanh,
+    output_activation: Callable[[jax.Array], jax.Array] | None = jnp.tanh,
+    gate_recurrence: bool = False,
+    proj_size: int | None = None,
+    layer_norm: bool = False,
+    layer_norm_epsilon: float = 1e-5,
+    cell_clip: float | jax.Array | None = None,
+    proj_clip: float | jax.Array | None = None,
+    kernel_init: Initializer = _KERNEL_INIT,
+    recurrent_kernel_init: Initializer = _RECURRENT_INIT,
+    bias_init: Initializer = jax.nn.initializers.zeros,
+    peephole_init: Initializer = jax.nn.initializers.zeros,
+    gate_recurrent_kernel_init: Initializer = _RECURRENT_INIT,
+    projection_init: Initializer = _KERNEL_INIT,
+    forget_bias: float | jax.Array = 1.0,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
 ) -> Cell:
     where = f"recurrent.{name}"
     H = _core.check_positive_int("hidden_size", hidden_size, where=where)
-    gates = CIFG_GATES if coupled else LSTM_GATES
+    P = None if proj_size is None else _core.check_positive_int("proj_size", proj_size, where=where)
+    if coupled and not forget_gate:
+        raise _core.error(
+            f"{where}: a coupled input-forget gate (i = 1 - f) needs the forget gate.",
+            expected="coupled=False or forget_gate=True",
+            got="coupled=True, forget_gate=False",
+            fix="drop one of the two options.",
+        )
+    if coupled and not input_gate:
+        raise _core.error(
+            f"{where}: `coupled=True` already replaces the input gate by 1 - f.",
+            expected="input_gate=True (the default) with coupled=True",
+            got="coupled=True, input_gate=False",
+            fix="pass only coupled=True for CIFG, or only input_gate=False for NIG.",
+        )
+    for clip_name, clip in (("cell_clip", cell_clip), ("proj_clip", proj_clip)):
+        if clip is not None and not isinstance(clip, jax.core.Tracer) and jnp.any(jnp.asarray(clip) <= 0):
+            raise _core.error(
+                f"{where}: `{clip_name}` must be positive.",
+                expected=f"{clip_name} > 0, or None for no clipping",
+                got=repr(clip),
+                fix=f"pass e.g. {clip_name}=3.0.",
+            )
+    if proj_clip is not None and P is None:
+        raise _core.error(
+            f"{where}: `proj_clip` clips the projection, but there is none.",
+            expected="proj_size set when proj_clip is given",
+            got=f"proj_size=None, proj_clip={proj_clip!r}",
+            fix="pass proj_size=..., or use cell_clip to clip the cell state.",
+        )
+    act_in = _identity if input_activation is None else input_activation
+    act_out = _identity if output_activation is None else output_activation
+
+    has = {"input": input_gate and not coupled, "forget": forget_gate, "cell": True, "output": output_gate}
+    gates = tuple(g for g in LSTM_GATES if has[g])
     G = len(gates)
-    forget = gates.index("forget")
+    sigmoid_gates = tuple(g for g in gates if g != "cell")
+    S = len(sigmoid_gates)
+    R = H if P is None else P
 
     def init(key, input_shape):
         input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
@@ -77,17 +183,28 @@ def _lstm_family(
                 fix="pass input_shape=(xs.shape[-1],); for images use recurrent.conv_lstm.",
             )
         (F,) = input_shape
-        k_in, k_rec, k_b, k_pi, k_pf, k_po = jax.random.split(key, 6)
+        keys = iter(jax.random.split(key, 8))
+        k_in, k_rec, k_b, k_pi, k_pf, k_po, k_gr, k_proj = keys
         bias = fused_blocks(bias_init, k_b, (H,), G, param_dtype)
-        bias = bias.at[forget * H : (forget + 1) * H].add(jnp.asarray(forget_bias, param_dtype))
-        peep = lambda k: peephole_init(k, (H,), param_dtype) if peephole else None  # noqa: E731
+        if has["forget"]:
+            f = gates.index("forget")
+            bias = bias.at[f * H : (f + 1) * H].add(jnp.asarray(forget_bias, param_dtype))
+        peep = lambda k, gate: peephole_init(k, (H,), param_dtype) if peephole and has[gate] else None  # noqa: E731
+        ones = lambda n: jnp.ones((n,), param_dtype)  # noqa: E731
         return LSTMParams(
             input_kernel=fused_blocks(kernel_init, k_in, (F, H), G, param_dtype),
-            recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (H, H), G, param_dtype),
+            recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (R, H), G, param_dtype),
             bias=bias,
-            peephole_input=None if coupled else peep(k_pi),
-            peephole_forget=peep(k_pf),
-            peephole_output=peep(k_po),
+            peephole_input=peep(k_pi, "input"),
+            peephole_forget=peep(k_pf, "forget"),
+            peephole_output=peep(k_po, "output"),
+            gate_recurrent_kernel=(
+                fused_blocks(gate_recurrent_kernel_init, k_gr, (S * H, H), S, param_dtype) if gate_recurrence else None
+            ),
+            projection=None if P is None else projection_init(k_proj, (H, P), param_dtype),
+            layer_norm=(
+                LayerNormParams(ones(G * H), ones(G * H), ones(H), jnp.zeros((H,), param_dtype)) if layer_norm else None
+            ),
         )
 
     def _dtypes(params):
@@ -104,63 +221,98 @@ def _lstm_family(
                 fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
             )
         cdt, sdt = _dtypes(params)
-        shape = (*x_shape[:-1], H)
-        return LSTMState(h=jnp.zeros(shape, cdt), c=jnp.zeros(shape, sdt))
+        batch = x_shape[:-1]
+        h, c = jnp.zeros((*batch, R), cdt), jnp.zeros((*batch, H), sdt)
+        if gate_recurrence:
+            return LSTMGateState(h, c, jnp.zeros((*batch, S * H), sdt))
+        return LSTMState(h, c)
 
     def project(params, x):
         F = params.input_kernel.shape[0]
         _core.check_input(
             x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
         )
-        cdt, _ = _dtypes(params)
-        return x.astype(cdt) @ params.input_kernel.astype(cdt) + params.bias.astype(cdt)
+        cdt, sdt = _dtypes(params)
+        xp = x.astype(cdt) @ params.input_kernel.astype(cdt)
+        if layer_norm:
+            xp = normalize(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt), eps=layer_norm_epsilon)
+            return (xp + params.bias.astype(sdt)).astype(cdt)
+        return xp + params.bias.astype(cdt)
 
     def recur(params, carry, xp):
         cdt, sdt = _dtypes(params)
-        h, c = carry
-        z = (xp + h.astype(cdt) @ params.recurrent_kernel.astype(cdt)).astype(sdt)
+        h, c = carry[0], carry[1]
+        rec = (h.astype(cdt) @ params.recurrent_kernel.astype(cdt)).astype(sdt)
+        if layer_norm:
+            rec = normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), eps=layer_norm_epsilon)
+        z = xp.astype(sdt) + rec
         blocks = dict(zip(gates, jnp.split(z, G, axis=-1)))
-        f = blocks["forget"]
-        if peephole:
-            f = f + params.peephole_forget.astype(sdt) * c
-        f = jax.nn.sigmoid(f)
+        if gate_recurrence:
+            extra = carry.gates @ params.gate_recurrent_kernel.astype(sdt)
+            for g, e in zip(sigmoid_gates, jnp.split(extra, S, axis=-1)):
+                blocks[g] = blocks[g] + e
+        peep = lambda name, state: getattr(params, name).astype(sdt) * state if peephole else 0.0  # noqa: E731
+
+        f = jax.nn.sigmoid(blocks["forget"] + peep("peephole_forget", c)) if has["forget"] else None
         if coupled:
             i = 1.0 - f
+        elif has["input"]:
+            i = jax.nn.sigmoid(blocks["input"] + peep("peephole_input", c))
         else:
-            i = blocks["input"]
-            if peephole:
-                i = i + params.peephole_input.astype(sdt) * c
-            i = jax.nn.sigmoid(i)
-        c = f * c + i * jnp.tanh(blocks["cell"])
-        o = blocks["output"]
-        if peephole:
-            o = o + params.peephole_output.astype(sdt) * c
-        h = (jax.nn.sigmoid(o) * jnp.tanh(c)).astype(cdt)
+            i = None
+        g = act_in(blocks["cell"])
+        c = (c if f is None else f * c) + (g if i is None else i * g)
+        if cell_clip is not None:
+            c = jnp.clip(c, -cell_clip, cell_clip)
+        o = jax.nn.sigmoid(blocks["output"] + peep("peephole_output", c)) if has["output"] else None
+        c_out = c
+        if layer_norm:
+            ln = params.layer_norm
+            c_out = normalize(c, ln.cell_scale.astype(sdt), ln.cell_offset.astype(sdt), eps=layer_norm_epsilon)
+        m = act_out(c_out)
+        if o is not None:
+            m = o * m
+        if P is not None:
+            m = m.astype(cdt) @ params.projection.astype(cdt)
+            if proj_clip is not None:
+                m = jnp.clip(m, -proj_clip, proj_clip)
+        h = m.astype(cdt)
+        if gate_recurrence:
+            values = {"input": i, "forget": f, "output": o}
+            return LSTMGateState(h, c, jnp.concatenate([values[g] for g in sigmoid_gates], axis=-1)), h
         return LSTMState(h, c), h
 
     def step(params, carry, x):
         return recur(params, carry, project(params, x))
 
     def output_shape(input_shape):
-        return (H,)
+        return (R,)
 
     return Cell(init, initial_carry, step, project, recur, output_shape, 1, name)
-
-
-_defaults = dict(
-    kernel_init=jax.nn.initializers.lecun_normal(),
-    recurrent_kernel_init=jax.nn.initializers.orthogonal(),
-    bias_init=jax.nn.initializers.zeros,
-    peephole_init=jax.nn.initializers.zeros,
-)
 
 
 def lstm(
     hidden_size: int,
     *,
-    kernel_init: Initializer = _defaults["kernel_init"],
-    recurrent_kernel_init: Initializer = _defaults["recurrent_kernel_init"],
-    bias_init: Initializer = _defaults["bias_init"],
+    peephole: bool = False,
+    coupled: bool = False,
+    input_gate: bool = True,
+    forget_gate: bool = True,
+    output_gate: bool = True,
+    input_activation: Callable[[jax.Array], jax.Array] | None = jnp.tanh,
+    output_activation: Callable[[jax.Array], jax.Array] | None = jnp.tanh,
+    gate_recurrence: bool = False,
+    proj_size: int | None = None,
+    layer_norm: bool = False,
+    layer_norm_epsilon: float = 1e-5,
+    cell_clip: float | jax.Array | None = None,
+    proj_clip: float | jax.Array | None = None,
+    kernel_init: Initializer = _KERNEL_INIT,
+    recurrent_kernel_init: Initializer = _RECURRENT_INIT,
+    bias_init: Initializer = jax.nn.initializers.zeros,
+    peephole_init: Initializer = jax.nn.initializers.zeros,
+    gate_recurrent_kernel_init: Initializer = _RECURRENT_INIT,
+    projection_init: Initializer = _KERNEL_INIT,
     forget_bias: float | jax.Array = 1.0,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -177,18 +329,46 @@ def lstm(
         h_t &= o_t \odot \tanh(c_t), \qquad y_t = h_t
 
     Parameters (:class:`LSTMParams`), gate blocks fused in ``LSTM_GATES`` order (i, f, g, o):
-    ``input_kernel (F, 4H)``, ``recurrent_kernel (H, 4H)``, ``bias (4H,)``; peephole fields are
-    ``None``. Parameter count ``4H(F + H + 1)``.
+    ``input_kernel (F, 4H)``, ``recurrent_kernel (H, 4H)``, ``bias (4H,)``; the optional fields
+    are ``None``. Parameter count ``4H(F + H + 1)``.
 
     Carry: :class:`LSTMState` ``(h, c)``, each ``(*batch, H)``; ``h`` in the compute dtype,
     ``c`` in float32 (float64 if computing in float64).
 
+    Every option below composes with every other; :func:`lstm_variant` names the
+    combinations studied by Greff et al. 2017.
+
     Args:
-      hidden_size: ``H``, the size of ``h`` and ``c``.
+      hidden_size: ``H``, the size of ``c`` (and of ``h`` without projection).
+      peephole: diagonal peepholes (Gers & Schmidhuber 2000): ``p_i * c(t-1)`` and
+        ``p_f * c(t-1)`` enter the input and forget gates, ``p_o * c(t)`` the output gate.
+      coupled: couple the input and forget gates, ``i = 1 - f`` (CIFG); drops the input block.
+      input_gate, forget_gate, output_gate: ``False`` removes the gate (fixed to 1) with its
+        weight block and peephole (Greff's NIG, NFG, NOG).
+      input_activation: applied to the cell candidate ``g`` (``tanh``); ``None`` for the
+        identity (NIAF).
+      output_activation: applied to the cell state in ``h = o * act(c)`` (``tanh``); ``None``
+        for the identity (NOAF).
+      gate_recurrence: full gate recurrence (FGR): the sigmoid gates at ``t-1`` feed every
+        sigmoid gate at ``t`` through ``gate_recurrent_kernel``; the carry is then
+        :class:`LSTMGateState` ``(h, c, gates)``.
+      proj_size: ``P``: project the output, ``h = (o * act(c)) @ projection`` (LSTMP, Sak et
+        al. 2014; PyTorch's ``proj_size``); ``h`` and the recurrent input have size ``P``.
+      layer_norm: layer normalisation (Ba et al. 2016) of the input projection, the recurrent
+        projection and the cell state before the output activation:
+        ``z = LN(W x) + LN(U h) + b``, ``h = o * act(LN(c))``.
+      layer_norm_epsilon: added to the variance in layer normalisation.
+      cell_clip: clip ``c`` to ``[-cell_clip, cell_clip]`` after each update (as TensorFlow's
+        LSTMCell and TFLite); may be a traced array.
+      proj_clip: clip the projected output likewise; needs ``proj_size``.
       kernel_init: initialiser of each ``(F, H)`` block of ``input_kernel``.
-      recurrent_kernel_init: initialiser of each ``(H, H)`` block of ``recurrent_kernel``
+      recurrent_kernel_init: initialiser of each ``(R, H)`` block of ``recurrent_kernel``
         (orthogonal by default).
       bias_init: initialiser of each ``(H,)`` block of ``bias``.
+      peephole_init: initialiser of each ``(H,)`` peephole vector (zeros by default, so the
+        cell starts as a standard LSTM and learns to use the cell state).
+      gate_recurrent_kernel_init: initialiser of each block of ``gate_recurrent_kernel``.
+      projection_init: initialiser of ``projection``.
       forget_bias: added to the forget-gate bias at init (1.0, Jozefowicz et al. 2015).
         May be a traced array, so a population can be initialised under ``vmap``.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); ``None`` computes in the parameters' dtype.
@@ -207,34 +387,41 @@ def lstm(
     >>> carry, y = cell.step(params, carry, x)
     >>> y.shape, carry.c.shape
     ((2, 16), (2, 16))
+    >>> cell = recurrent.lstm(16, proj_size=4, layer_norm=True, cell_clip=3.0)
+    >>> params = cell.init(jax.random.key(0), (8,))
+    >>> cell.step(params, cell.initial_carry(params, x.shape), x)[1].shape
+    (2, 4)
     """
     return _lstm_family(
         hidden_size,
-        peephole=False,
-        coupled=False,
         name="lstm",
+        peephole=peephole,
+        coupled=coupled,
+        input_gate=input_gate,
+        forget_gate=forget_gate,
+        output_gate=output_gate,
+        input_activation=input_activation,
+        output_activation=output_activation,
+        gate_recurrence=gate_recurrence,
+        proj_size=proj_size,
+        layer_norm=layer_norm,
+        layer_norm_epsilon=layer_norm_epsilon,
+        cell_clip=cell_clip,
+        proj_clip=proj_clip,
         kernel_init=kernel_init,
         recurrent_kernel_init=recurrent_kernel_init,
         bias_init=bias_init,
-        peephole_init=_defaults["peephole_init"],
+        peephole_init=peephole_init,
+        gate_recurrent_kernel_init=gate_recurrent_kernel_init,
+        projection_init=projection_init,
         forget_bias=forget_bias,
         dtype=dtype,
         param_dtype=param_dtype,
     )
 
 
-def peephole_lstm(
-    hidden_size: int,
-    *,
-    kernel_init: Initializer = _defaults["kernel_init"],
-    recurrent_kernel_init: Initializer = _defaults["recurrent_kernel_init"],
-    bias_init: Initializer = _defaults["bias_init"],
-    peephole_init: Initializer = _defaults["peephole_init"],
-    forget_bias: float | jax.Array = 1.0,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-) -> Cell:
-    r"""LSTM with diagonal peephole connections (Gers & Schmidhuber 2000).
+def peephole_lstm(hidden_size: int, **options: Any) -> Cell:
+    r"""LSTM with diagonal peephole connections (Gers & Schmidhuber 2000): ``lstm(peephole=True)``.
 
     The gates also see the cell state: the input and forget gates see :math:`c_{t-1}`,
     the output gate sees the new :math:`c_t`:
@@ -253,10 +440,8 @@ def peephole_lstm(
 
     Args:
       hidden_size: ``H``.
-      peephole_init: initialiser of each ``(H,)`` peephole vector (zeros by default, so the
-        cell starts as a standard LSTM and learns to use the cell state).
-      kernel_init, recurrent_kernel_init, bias_init, forget_bias, dtype, param_dtype:
-        as for :func:`lstm`.
+      **options: any option of :func:`lstm` (``peephole_init`` sets the peepholes' initialiser,
+        zeros by default).
 
     Example:
 
@@ -266,33 +451,10 @@ def peephole_lstm(
     >>> recurrent.count_params(params) - recurrent.count_params(recurrent.lstm(16).init(jax.random.key(0), (8,)))
     48
     """
-    return _lstm_family(
-        hidden_size,
-        peephole=True,
-        coupled=False,
-        name="peephole_lstm",
-        kernel_init=kernel_init,
-        recurrent_kernel_init=recurrent_kernel_init,
-        bias_init=bias_init,
-        peephole_init=peephole_init,
-        forget_bias=forget_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-    )
+    return _lstm_family(hidden_size, name="peephole_lstm", **{"peephole": True, **options})
 
 
-def cifg_lstm(
-    hidden_size: int,
-    *,
-    peephole: bool = False,
-    kernel_init: Initializer = _defaults["kernel_init"],
-    recurrent_kernel_init: Initializer = _defaults["recurrent_kernel_init"],
-    bias_init: Initializer = _defaults["bias_init"],
-    peephole_init: Initializer = _defaults["peephole_init"],
-    forget_bias: float | jax.Array = 1.0,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-) -> Cell:
+def cifg_lstm(hidden_size: int, *, peephole: bool = False, **options: Any) -> Cell:
     r"""LSTM with coupled input and forget gates (CIFG, Greff et al. 2017): :math:`i_t = 1 - f_t`.
 
     .. math::
@@ -311,8 +473,7 @@ def cifg_lstm(
     Args:
       hidden_size: ``H``.
       peephole: add the forget and output peepholes.
-      kernel_init, recurrent_kernel_init, bias_init, peephole_init, forget_bias, dtype,
-        param_dtype: as for :func:`peephole_lstm`.
+      **options: any other option of :func:`lstm`.
 
     Example:
 
@@ -321,16 +482,72 @@ def cifg_lstm(
     >>> params.input_kernel.shape, params.recurrent_kernel.shape
     ((8, 48), (16, 48))
     """
-    return _lstm_family(
-        hidden_size,
-        peephole=peephole,
-        coupled=True,
-        name="cifg_lstm",
-        kernel_init=kernel_init,
-        recurrent_kernel_init=recurrent_kernel_init,
-        bias_init=bias_init,
-        peephole_init=peephole_init,
-        forget_bias=forget_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-    )
+    return _lstm_family(hidden_size, name="cifg_lstm", **{"coupled": True, "peephole": peephole, **options})
+
+
+#: Greff et al. 2017's nine variants as options of :func:`lstm`. V, the "vanilla" LSTM of
+#: the paper, has peepholes; NP ("no peepholes") is the standard :func:`lstm`.
+GREFF_VARIANTS: dict[str, dict[str, Any]] = {
+    "V": dict(peephole=True),
+    "NIG": dict(peephole=True, input_gate=False),
+    "NFG": dict(peephole=True, forget_gate=False),
+    "NOG": dict(peephole=True, output_gate=False),
+    "NIAF": dict(peephole=True, input_activation=None),
+    "NOAF": dict(peephole=True, output_activation=None),
+    "NP": dict(peephole=False),
+    "CIFG": dict(peephole=True, coupled=True),
+    "FGR": dict(peephole=True, gate_recurrence=True),
+}
+
+
+def lstm_variant(name: str, hidden_size: int, **options: Any) -> Cell:
+    r"""One of the nine LSTM variants of Greff et al. 2017, "LSTM: A Search Space Odyssey".
+
+    ======  ==============================================  ==========================
+    name    variant                                          parameters vs V
+    ======  ==============================================  ==========================
+    V       vanilla: input, forget, output gates, peepholes  4H(F+H+1) + 3H
+    NIG     no input gate (i = 1)                            one gate block and peephole fewer
+    NFG     no forget gate (f = 1)                           one gate block and peephole fewer
+    NOG     no output gate (o = 1)                           one gate block and peephole fewer
+    NIAF    no input activation (g without tanh)             equal
+    NOAF    no output activation (h = o * c)                 equal
+    NP      no peepholes (the standard :func:`lstm`)         V - 3H
+    CIFG    coupled input and forget gate (i = 1 - f)        one gate block and peephole fewer
+    FGR     full gate recurrence (gates(t-1) -> gates(t))    V + 9H^2
+    ======  ==============================================  ==========================
+
+    The variants are presets of the options of :func:`lstm` (see ``GREFF_VARIANTS``), so
+    they compose with every other option (projection, layer norm, clipping, initialisers).
+
+    Args:
+      name: one of ``GREFF_VARIANTS`` (case-insensitive).
+      hidden_size: ``H``.
+      **options: further options of :func:`lstm`; they may not contradict the preset.
+
+    Example:
+
+    >>> import jax, recurrent
+    >>> key = jax.random.key(0)
+    >>> n = {v: recurrent.count_params(recurrent.lstm_variant(v, 10).init(key, (5,))) for v in ("V", "NP", "FGR")}
+    >>> n["V"] - n["NP"], n["FGR"] - n["V"]
+    (30, 900)
+    """
+    key = str(name).upper()
+    if key not in GREFF_VARIANTS:
+        raise _core.error(
+            f"recurrent.lstm_variant: unknown variant {name!r}.",
+            expected=f"one of {', '.join(GREFF_VARIANTS)}",
+            got=repr(name),
+            fix='pass e.g. lstm_variant("CIFG", 128).',
+        )
+    preset = GREFF_VARIANTS[key]
+    clash = {k: v for k, v in options.items() if k in preset and preset[k] is not v and preset[k] != v}
+    if clash:
+        raise _core.error(
+            f"recurrent.lstm_variant: options contradict the {key} preset.",
+            expected=f"options other than {sorted(preset)} (the preset is {preset})",
+            got=repr(clash),
+            fix=f"drop {sorted(clash)}, or build the cell with recurrent.lstm(...) directly.",
+        )
+    return _lstm_family(hidden_size, name=f"lstm_variant({key})", **{**preset, **options})
