@@ -13,9 +13,16 @@ sequence and returns a :class:`Layer` (``init``, ``apply``); :func:`bidirectiona
 (4, 20, 32)
 """
 
-from recurrent._combinators import BidirectionalParams, BidirectionalState, bidirectional, stacked
+from recurrent._combinators import (
+    BidirectionalParams,
+    BidirectionalState,
+    LearnedCarryParams,
+    bidirectional,
+    learned_initial_carry,
+    stacked,
+)
 from recurrent._conv import ConvGRUParams, ConvLSTMParams, conv_gru, conv_lstm
-from recurrent._core import Cell, Layer, LSTMState, count_params
+from recurrent._core import Cell, Layer, LSTMState, StepNoise, count_params
 from recurrent._gru import GRU_GATES, GRULayerNormParams, GRUParams, gru
 from recurrent._lstm import (
     CIFG_GATES,
@@ -29,7 +36,7 @@ from recurrent._lstm import (
     lstm_variant,
     peephole_lstm,
 )
-from recurrent._rnn import reverse_sequences, rnn
+from recurrent._rnn import Trace, reverse_sequences, rnn, truncated_bptt
 
 __version__ = "0.1.0"
 
@@ -46,20 +53,25 @@ __all__ = [
     "GRU_GATES",
     "LSTMGateState",
     "LSTMParams",
-    "LayerNormParams",
     "LSTMState",
     "LSTM_GATES",
     "Layer",
+    "LayerNormParams",
+    "LearnedCarryParams",
+    "StepNoise",
+    "Trace",
     "bidirectional",
     "cifg_lstm",
     "conv_gru",
     "conv_lstm",
     "count_params",
     "gru",
+    "learned_initial_carry",
     "lstm",
     "lstm_variant",
     "peephole_lstm",
     "reverse_sequences",
     "rnn",
     "stacked",
+    "truncated_bptt",
 ]

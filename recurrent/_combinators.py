@@ -7,10 +7,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from recurrent import _core
 from recurrent._core import Cell, Layer
-from recurrent._rnn import check_lengths, reverse_sequences, rnn, split_sequence_shape
+from recurrent._rnn import (
+    _is_off,
+    _keep_mask,
+    check_lengths,
+    check_rate,
+    check_resets,
+    reverse_sequences,
+    rnn,
+    split_sequence_shape,
+)
 
 
 class BidirectionalParams(NamedTuple):
@@ -47,15 +57,35 @@ def flipped(layer: Layer) -> Layer:
     the layer and its outputs are reversed back (a generic fallback for layers without a
     native reverse)."""
     rank = layer.input_rank
+    where = f"reversed({layer.name})"
 
-    def apply(params, xs, *, lengths=None, carry=None, time_major=False):
-        batch, T, _ = split_sequence_shape(xs, rank, time_major, where=f"reversed {layer.name}")
-        lengths = check_lengths(lengths, batch, T, where=f"reversed {layer.name}")
+    def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
+        batch, T, _ = split_sequence_shape(xs, rank, time_major, where=where)
+        lengths = check_lengths(lengths, batch, T, where=where)
+        resets = check_resets(resets, batch, T, time_major, where=where)
         axis = 0 if time_major else len(batch)
-        carry, ys = layer.apply(
-            params, reverse_sequences(xs, lengths, axis), lengths=lengths, carry=carry, time_major=time_major
+        flip = lambda a: reverse_sequences(a, lengths, axis)  # noqa: E731
+        if resets is not None:  # in reversed order a segment starts where the next one started
+            shifted = jnp.concatenate(
+                [lax.slice_in_dim(resets, 1, T, axis=axis), jnp.zeros_like(lax.slice_in_dim(resets, 0, 1, axis=axis))],
+                axis=axis,
+            )
+            resets = flip(shifted)
+        out = layer.apply(
+            params,
+            flip(xs),
+            lengths=lengths,
+            carry=carry,
+            time_major=time_major,
+            key=key,
+            resets=resets,
+            return_trace=return_trace,
         )
-        return carry, reverse_sequences(ys, lengths, axis)
+        if return_trace:
+            carry, ys, trace = out
+            return carry, flip(ys), jax.tree.map(flip, trace)
+        carry, ys = out
+        return carry, flip(ys)
 
     return layer._replace(apply=apply, name=f"reversed({layer.name})", reversed=lambda: layer)
 
@@ -159,9 +189,10 @@ def bidirectional(
             fwd.initial_carry(params.forward, x_shape), bwd.initial_carry(params.backward, x_shape)
         )
 
-    def apply(params, xs, *, lengths=None, carry=None, time_major=False):
+    def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
         batch, T, _ = split_sequence_shape(xs, fwd.input_rank, time_major, where=where)
         lengths = check_lengths(lengths, batch, T, where=where)
+        resets = check_resets(resets, batch, T, time_major, where=where)
         if carry is not None and not (isinstance(carry, tuple) and len(carry) == 2):
             raise _core.error(
                 f"{where}: carry must be a (forward, backward) pair.",
@@ -170,13 +201,18 @@ def bidirectional(
                 fix="pass the carry this layer returned, or None.",
             )
         c_f, c_b = (None, None) if carry is None else carry
-        c_f, y_f = fwd.apply(params.forward, xs, lengths=lengths, carry=c_f, time_major=time_major)
-        c_b, y_b = bwd.apply(params.backward, xs, lengths=lengths, carry=c_b, time_major=time_major)
+        k_f, k_b = (None, None) if key is None else jax.random.split(key)
+        kw = dict(lengths=lengths, time_major=time_major, resets=resets, return_trace=return_trace)
+        out_f = fwd.apply(params.forward, xs, carry=c_f, key=k_f, **kw)
+        out_b = bwd.apply(params.backward, xs, carry=c_b, key=k_b, **kw)
+        (c_f, y_f), (c_b, y_b) = out_f[:2], out_b[:2]
         ys = merge_fn(y_f, y_b)
         if lengths is not None and merge_fn not in (_MERGES["concat"], _MERGES["sum"], _MERGES["mul"]):
             t = jnp.arange(T)
             valid = t[(...,) + (None,) * len(batch)] < lengths if time_major else t < lengths[..., None]
             ys = jnp.where(valid.reshape(valid.shape + (1,) * (ys.ndim - valid.ndim)), ys, 0)
+        if return_trace:
+            return BidirectionalState(c_f, c_b), ys, BidirectionalState(out_f[2], out_b[2])
         return BidirectionalState(c_f, c_b), ys
 
     layer = Layer(
@@ -215,7 +251,7 @@ def _thread_shapes(items, input_shape, residual, where):
     return shapes
 
 
-def stacked(items: Sequence[Cell | Layer], *, residual: bool = False) -> Cell | Layer:
+def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: float | jax.Array = 0.0) -> Cell | Layer:
     r"""Stacks cells into a cell, or layers (and cells) into a layer.
 
     Layer :math:`k` takes the outputs of layer :math:`k-1`; with ``residual=True`` every layer
@@ -231,6 +267,9 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False) -> Cell | 
     Args:
       items: cells or layers, first to last.
       residual: add residual connections around every layer but the first.
+      dropout: dropout between layers (on every layer's output but the last's; Zaremba et
+        al. 2014), a new mask at every step, active only when a PRNG key is given to
+        ``apply`` (or, for a stacked cell, to the ``rnn`` that scans it). May be traced.
 
     Returns:
       A :class:`Cell` if every item is a cell, else a :class:`Layer`.
@@ -260,7 +299,18 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False) -> Cell | 
         )
     for item in items:
         as_layer(item, where=where)  # type check with a clear error
+    dropout = check_rate("dropout", dropout, where=where)
+    dropping = not _is_off(dropout)
     n = len(items)
+
+    def check_tuple(what, value):
+        if not isinstance(value, tuple) or len(value) != n:
+            raise _core.error(
+                f"{where}: {what} must be a tuple with one entry per layer.",
+                expected=f"a tuple of {n}",
+                got=f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}",
+                fix=f"use the {what} made by this stack's init / initial_carry, or returned by it.",
+            )
 
     if all(isinstance(item, Cell) for item in items):
         cells = items
@@ -281,34 +331,34 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False) -> Cell | 
         def project(params, x):
             return cells[0].project(params[0], x)
 
-        def recur(params, carry, xp):
-            _check_tuple(params, carry)
-            c0, y = cells[0].recur(params[0], carry[0], xp)
-            new = [c0]
-            for cell, p, c in zip(cells[1:], params[1:], carry[1:]):
-                c, out = cell.step(p, c, y)
-                y = out + y if residual else out
+        def probe(params, carry, xp, noise=None):
+            check_tuple("params", params)
+            check_tuple("carry", carry)
+            new, gates, y = [], [], None
+            for i, (cell, p, c) in enumerate(zip(cells, params, carry)):
+                layer_noise = _core.split_noise(noise, i)
+                if i > 0:
+                    if dropping and layer_noise is not None and layer_noise.key is not None:
+                        y = y * _keep_mask(layer_noise.key, dropout, y.shape, y.dtype)
+                    xp = cell.project(p, y)
+                c, out, g = cell.probe(p, c, xp, layer_noise)
+                y = out + y if residual and i > 0 else out
                 new.append(c)
-            return tuple(new), y
-
-        def _check_tuple(params, carry):
-            for what, value in (("params", params), ("carry", carry)):
-                if not isinstance(value, tuple) or len(value) != n:
-                    raise _core.error(
-                        f"{where}: {what} must be a tuple with one entry per layer.",
-                        expected=f"a tuple of {n}",
-                        got=f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}",
-                        fix=f"use the {what} made by this stacked cell's init/initial_carry.",
-                    )
-
-        def step(params, carry, x):
-            return recur(params, carry, project(params, x))
+                gates.append(g)
+            return tuple(new), y, tuple(gates)
 
         def output_shape(input_shape):
             return _thread_shapes(cells, input_shape, residual, where)[-1]
 
-        name = "stacked(" + ", ".join(c.name for c in cells) + ")"
-        return Cell(init, initial_carry, step, project, recur, output_shape, rank, name)
+        return _core.make_cell(
+            init=init,
+            initial_carry=initial_carry,
+            project=project,
+            probe=probe,
+            output_shape=output_shape,
+            input_rank=rank,
+            name="stacked(" + ", ".join(c.name for c in cells) + ")",
+        )
 
     layers = tuple(as_layer(item, where=where) for item in items)
     rank = layers[0].input_rank
@@ -325,24 +375,33 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False) -> Cell | 
         shapes = _thread_shapes(layers, features, residual, where)
         return tuple(layer.initial_carry(p, (*batch, *s)) for layer, p, s in zip(layers, params, shapes))
 
-    def apply(params, ys, *, lengths=None, carry=None, time_major=False):
+    def apply(params, ys, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
         batch, T, _ = split_sequence_shape(ys, rank, time_major, where=where)
         lengths = check_lengths(lengths, batch, T, where=where)
-        for what, value in (("params", params), ("carry", carry)):
-            if value is not None and (not isinstance(value, tuple) or len(value) != n):
-                raise _core.error(
-                    f"{where}: {what} must be a tuple with one entry per layer.",
-                    expected=f"a tuple of {n}",
-                    got=type(value).__name__,
-                    fix=f"use the {what} made by this stacked layer.",
-                )
-        carries = []
+        resets = check_resets(resets, batch, T, time_major, where=where)
+        check_tuple("params", params)
+        if carry is not None:
+            check_tuple("carry", carry)
+        keys = [None] * n if key is None else list(jax.random.split(key, 2 * n))
+        carries, traces = [], []
         for i, layer in enumerate(layers):
-            c, out = layer.apply(
-                params[i], ys, lengths=lengths, carry=None if carry is None else carry[i], time_major=time_major
+            if i > 0 and dropping and key is not None:
+                ys = ys * _keep_mask(keys[n + i], dropout, ys.shape, ys.dtype)
+            out = layer.apply(
+                params[i],
+                ys,
+                lengths=lengths,
+                carry=None if carry is None else carry[i],
+                time_major=time_major,
+                key=keys[i],
+                resets=resets,
+                return_trace=return_trace,
             )
-            ys = out + ys if residual and i > 0 else out
-            carries.append(c)
+            ys = out[1] + ys if residual and i > 0 else out[1]
+            carries.append(out[0])
+            traces.append(out[2] if return_trace else None)
+        if return_trace:
+            return tuple(carries), ys, tuple(traces)
         return tuple(carries), ys
 
     def output_shape(input_shape):
@@ -355,5 +414,66 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False) -> Cell | 
         output_shape=output_shape,
         input_rank=rank,
         name="stacked(" + ", ".join(layer.name for layer in layers) + ")",
-        reversed=lambda: stacked([layer.reversed() for layer in layers], residual=residual),
+        reversed=lambda: stacked([layer.reversed() for layer in layers], residual=residual, dropout=dropout),
+    )
+
+
+class LearnedCarryParams(NamedTuple):
+    """Parameters of a cell with a learned initial carry: the cell's own and ``carry``, one
+    unbatched carry broadcast over the batch."""
+
+    cell: Any
+    carry: Any
+
+
+def learned_initial_carry(cell: Cell, *, init: Any = jax.nn.initializers.zeros) -> Cell:
+    r"""The same cell with a learned initial carry (a trainable :math:`h_0`, :math:`c_0`).
+
+    ``init`` adds an unbatched carry to the parameters (:class:`LearnedCarryParams`), and
+    ``initial_carry`` broadcasts it over the batch axes, so every driver, combinator, reset
+    (``resets=``) and zero-length sequence starts from it; gradients reach it through the
+    scan. Works with any cell, stacked cells included.
+
+    Args:
+      cell: the cell.
+      init: initialiser of every leaf of the learned carry (zeros by default).
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, recurrent
+    >>> cell = recurrent.learned_initial_carry(recurrent.lstm(4))
+    >>> params = cell.init(jax.random.key(0), (3,))
+    >>> params.carry.h.shape, cell.initial_carry(params, (5, 3)).c.shape
+    ((4,), (5, 4))
+    """
+    if not isinstance(cell, Cell):
+        raise _core.error(
+            "recurrent.learned_initial_carry: expected a cell.",
+            expected="a recurrent.Cell (stacked cells included)",
+            got=type(cell).__name__,
+            fix="wrap the cell before scanning it: rnn(learned_initial_carry(cell)).",
+        )
+    rank = cell.input_rank
+
+    def _init(key, input_shape):
+        k_cell, k_carry = jax.random.split(key)
+        params = cell.init(k_cell, input_shape)
+        template = cell.initial_carry(params, tuple(input_shape))
+        leaves, treedef = jax.tree.flatten(template)
+        keys = jax.random.split(k_carry, max(len(leaves), 1))
+        carry = jax.tree.unflatten(treedef, [init(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+        return LearnedCarryParams(params, carry)
+
+    def initial_carry(params, x_shape):
+        template = cell.initial_carry(params.cell, x_shape)
+        return jax.tree.map(lambda v, t: jnp.broadcast_to(v.astype(t.dtype), t.shape), params.carry, template)
+
+    return _core.make_cell(
+        init=_init,
+        initial_carry=initial_carry,
+        project=lambda params, x: cell.project(params.cell, x),
+        probe=lambda params, carry, xp, noise=None: cell.probe(params.cell, carry, xp, noise),
+        output_shape=cell.output_shape,
+        input_rank=rank,
+        name=f"learned_initial_carry({cell.name})",
     )

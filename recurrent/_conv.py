@@ -251,9 +251,9 @@ def conv_lstm(
             return (xp + params.bias.astype(sdt)).astype(cdt)
         return xp + params.bias.astype(cdt)
 
-    def recur(params, carry, xp):
+    def probe(params, carry, xp, noise=None):
         cdt, sdt = _dtypes(params)
-        h, c = carry
+        h, c = _core.noisy_input(noise, carry.h), carry.c
         rec = _conv(h.astype(cdt), params.recurrent_kernel.astype(cdt), n).astype(sdt)
         if layer_norm:
             rec = _normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), None, n, eps)
@@ -261,23 +261,30 @@ def conv_lstm(
         if peephole:
             i = i + params.peephole_input.astype(sdt) * c
             f = f + params.peephole_forget.astype(sdt) * c
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        i, f, g = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g)
+        c = f * c + i * g
         if peephole:
             o = o + params.peephole_output.astype(sdt) * c
+        o = jax.nn.sigmoid(o)
         c_out = c
         if layer_norm:
             ln = params.layer_norm
             c_out = _normalize(c, ln.cell_scale.astype(sdt), ln.cell_offset.astype(sdt), n, eps)
-        h = (jax.nn.sigmoid(o) * jnp.tanh(c_out)).astype(cdt)
-        return LSTMState(h, c), h
-
-    def step(params, carry, x):
-        return recur(params, carry, project(params, x))
+        new = _core.zoneout(noise, carry, LSTMState((o * jnp.tanh(c_out)).astype(cdt), c))
+        return new, new.h, {"input": i, "forget": f, "cell": g, "output": o}
 
     def output_shape(input_shape):
         return (*tuple(input_shape)[:-1], H)
 
-    return Cell(init, initial_carry, step, project, recur, output_shape, n + 1, "conv_lstm")
+    return _core.make_cell(
+        init=init,
+        initial_carry=initial_carry,
+        project=project,
+        probe=probe,
+        output_shape=output_shape,
+        input_rank=n + 1,
+        name="conv_lstm",
+    )
 
 
 def conv_gru(
@@ -368,8 +375,9 @@ def conv_gru(
             return (xp + params.bias.astype(sdt)).astype(cdt)
         return xp + params.bias.astype(cdt)
 
-    def recur(params, h, xp):
+    def probe(params, h_prev, xp, noise=None):
         cdt, sdt = _dtypes(params)
+        h = _core.noisy_input(noise, h_prev, None)  # the recurrent input; the update uses h_prev
         U = params.recurrent_kernel.astype(cdt)
         norm = lambda v, sl: _normalize(v, params.layer_norm.recurrent_scale[sl].astype(sdt), None, n, eps)  # noqa: E731
         x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
@@ -386,13 +394,18 @@ def conv_gru(
             r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
             rec_n = _conv((r * h).astype(cdt), U[..., 2 * H :], n).astype(sdt)
             cand = jnp.tanh(x_n + (norm(rec_n, slice(2 * H, None)) if layer_norm else rec_n))
-        h = (1.0 - z) * cand + z * h
-        return h, h.astype(cdt)
-
-    def step(params, carry, x):
-        return recur(params, carry, project(params, x))
+        h = _core.zoneout(noise, h_prev, (1.0 - z) * cand + z * h_prev)
+        return h, h.astype(cdt), {"reset": r, "update": z, "candidate": cand}
 
     def output_shape(input_shape):
         return (*tuple(input_shape)[:-1], H)
 
-    return Cell(init, initial_carry, step, project, recur, output_shape, n + 1, "conv_gru")
+    return _core.make_cell(
+        init=init,
+        initial_carry=initial_carry,
+        project=project,
+        probe=probe,
+        output_shape=output_shape,
+        input_rank=n + 1,
+        name="conv_gru",
+    )

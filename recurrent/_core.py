@@ -41,23 +41,97 @@ class Cell(NamedTuple):
       project: ``project(params, x) -> xp``, the part of a step that does not depend on
         the carry (the input-to-gates transform). It accepts any number of leading axes,
         so the driver applies it to all time steps at once.
-      recur: ``recur(params, carry, xp) -> (carry, y)``, the rest of the step.
-        ``step(p, c, x) == recur(p, c, project(p, x))`` always.
+      recur: ``recur(params, carry, xp, noise=None) -> (carry, y)``, the rest of the step.
+        ``step(p, c, x) == recur(p, c, project(p, x))`` always. ``noise`` is a
+        :class:`StepNoise` the driver passes when regularisers are on.
       output_shape: ``output_shape(input_shape) -> shape`` of one step's output, without
         batch axes, so combinators can thread shapes without a forward pass.
       input_rank: number of trailing feature axes of one step's input (1 for dense
         cells, ``len(kernel_size) + 1`` for ConvLSTM).
       name: a short human-readable name, e.g. ``"lstm"``.
+      probe: ``probe(params, carry, xp, noise=None) -> (carry, y, gates)``: ``recur`` that
+        also returns the step's gate activations, a dict from gate name to array (a tuple of
+        dicts for a stacked cell), for analysis and plots.
     """
 
     init: Callable[[PRNGKey, Shape], Params]
     initial_carry: Callable[[Params, Shape], Carry]
-    step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    step: Callable[..., tuple[Carry, jax.Array]]
     project: Callable[[Params, jax.Array], jax.Array]
-    recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    recur: Callable[..., tuple[Carry, jax.Array]]
     output_shape: Callable[[Shape], Shape]
     input_rank: int
     name: str
+    probe: Callable[..., tuple[Carry, jax.Array, Any]]
+
+
+def make_cell(
+    *,
+    init: Callable[[PRNGKey, Shape], Params],
+    initial_carry: Callable[[Params, Shape], Carry],
+    project: Callable[[Params, jax.Array], jax.Array],
+    probe: Callable[..., tuple[Carry, jax.Array, Any]],
+    output_shape: Callable[[Shape], Shape],
+    input_rank: int,
+    name: str,
+) -> Cell:
+    """Builds a :class:`Cell` from its parts; ``recur`` and ``step`` are derived from
+    ``probe`` and ``project`` so the step semantics live in one function."""
+
+    def recur(params, carry, xp, noise=None):
+        carry, y, _ = probe(params, carry, xp, noise)
+        return carry, y
+
+    def step(params, carry, x, noise=None):
+        return recur(params, carry, project(params, x), noise)
+
+    return Cell(init, initial_carry, step, project, recur, output_shape, input_rank, name, probe)
+
+
+class StepNoise(NamedTuple):
+    """Regularisation noise for one step, built by the driver (:func:`recurrent.rnn`).
+
+    Attributes:
+      recurrent: ``None``, or multiplicative masks shaped like the carry; a cell multiplies
+        its recurrent input (``h``) by the mask of ``h`` before the recurrent transform
+        (variational dropout, Gal & Ghahramani 2016).
+      zoneout: ``None``, or values ``d`` shaped like the carry (scalars broadcast): each
+        carry entry becomes ``d * old + (1 - d) * new`` (zoneout, Krueger et al. 2017), with
+        ``d`` a Bernoulli mask in training and the rate at evaluation.
+      key: ``None`` at evaluation, else a PRNG key for this step (used by stacked cells for
+        dropout between layers).
+    """
+
+    recurrent: Any = None
+    zoneout: Any = None
+    key: jax.Array | None = None
+
+
+def noisy_input(noise: StepNoise | None, h: jax.Array, field: str | None = "h") -> jax.Array:
+    """The recurrent input ``h`` with the variational dropout mask applied, if any."""
+    if noise is None or noise.recurrent is None:
+        return h
+    mask = noise.recurrent if field is None else getattr(noise.recurrent, field)
+    return h * mask.astype(h.dtype)
+
+
+def zoneout(noise: StepNoise | None, old: Carry, new: Carry) -> Carry:
+    """Mixes the previous and the new carry with the zoneout values of ``noise``, if any."""
+    if noise is None or noise.zoneout is None:
+        return new
+    return jax.tree.map(lambda d, o, n: (d * o + (1 - d) * n).astype(n.dtype), noise.zoneout, old, new)
+
+
+def split_noise(noise: StepNoise | None, i: int) -> StepNoise | None:
+    """The noise of layer ``i`` of a stacked cell (whose carry is a tuple of layer carries)."""
+    if noise is None:
+        return None
+    recurrent, zone, key = noise
+    return StepNoise(
+        None if recurrent is None else recurrent[i],
+        None if zone is None else zone[i],
+        None if key is None else jax.random.fold_in(key, i),
+    )
 
 
 class Layer(NamedTuple):

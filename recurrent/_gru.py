@@ -152,10 +152,11 @@ def gru(
             return (xp + params.bias.astype(sdt)).astype(cdt)
         return xp + params.bias.astype(cdt)
 
-    def recur(params, h, xp):
+    def probe(params, h_prev, xp, noise=None):
         cdt, sdt = _dtypes(params)
         U = params.recurrent_kernel.astype(cdt)
         x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
+        h = _core.noisy_input(noise, h_prev, None)  # the recurrent input; the update uses h_prev
         h_c = h.astype(cdt)
         ln = params.layer_norm
         norm = lambda v, scale: normalize(v, scale.astype(sdt), eps=layer_norm_epsilon) if layer_norm else v  # noqa: E731
@@ -172,13 +173,18 @@ def gru(
             z = jax.nn.sigmoid(x_z + h_z)
             rec_n = ((r * h).astype(cdt) @ U[:, 2 * H :]).astype(sdt)
             n = jnp.tanh(x_n + norm(rec_n, ln.recurrent_scale[2 * H :] if layer_norm else None))
-        h = (1.0 - z) * n + z * h
-        return h, h.astype(cdt)
-
-    def step(params, carry, x):
-        return recur(params, carry, project(params, x))
+        h = _core.zoneout(noise, h_prev, (1.0 - z) * n + z * h_prev)
+        return h, h.astype(cdt), {"reset": r, "update": z, "candidate": n}
 
     def output_shape(input_shape):
         return (H,)
 
-    return Cell(init, initial_carry, step, project, recur, output_shape, 1, "gru")
+    return _core.make_cell(
+        init=init,
+        initial_carry=initial_carry,
+        project=project,
+        probe=probe,
+        output_shape=output_shape,
+        input_rank=1,
+        name="gru",
+    )

@@ -242,9 +242,9 @@ def _lstm_family(
             return (xp + params.bias.astype(sdt)).astype(cdt)
         return xp + params.bias.astype(cdt)
 
-    def recur(params, carry, xp):
+    def probe(params, carry, xp, noise=None):
         cdt, sdt = _dtypes(params)
-        h, c = carry[0], carry[1]
+        h, c = _core.noisy_input(noise, carry[0]), carry[1]
         rec = (h.astype(cdt) @ params.recurrent_kernel.astype(cdt)).astype(sdt)
         if layer_norm:
             rec = normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), eps=layer_norm_epsilon)
@@ -280,18 +280,26 @@ def _lstm_family(
             if proj_clip is not None:
                 m = jnp.clip(m, -proj_clip, proj_clip)
         h = m.astype(cdt)
+        values = {"input": i, "forget": f, "cell": g, "output": o}
         if gate_recurrence:
-            values = {"input": i, "forget": f, "output": o}
-            return LSTMGateState(h, c, jnp.concatenate([values[g] for g in sigmoid_gates], axis=-1)), h
-        return LSTMState(h, c), h
-
-    def step(params, carry, x):
-        return recur(params, carry, project(params, x))
+            new = LSTMGateState(h, c, jnp.concatenate([values[g] for g in sigmoid_gates], axis=-1))
+        else:
+            new = LSTMState(h, c)
+        new = _core.zoneout(noise, carry, new)
+        return new, new.h, {k: values[k] for k in gates}
 
     def output_shape(input_shape):
         return (R,)
 
-    return Cell(init, initial_carry, step, project, recur, output_shape, 1, name)
+    return _core.make_cell(
+        init=init,
+        initial_carry=initial_carry,
+        project=project,
+        probe=probe,
+        output_shape=output_shape,
+        input_rank=1,
+        name=name,
+    )
 
 
 def lstm(

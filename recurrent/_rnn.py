@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,14 +99,94 @@ def reverse_sequences(xs: jax.Array, lengths: jax.Array | None, time_axis: int) 
     return jnp.take_along_axis(xs, idx, axis=time_axis)
 
 
-def rnn(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1) -> Layer:
+def check_resets(resets: Any, batch_shape: tuple[int, ...], T: int, time_major: bool, *, where: str):
+    """Validates ``resets`` (None, or booleans laid out like ``xs`` without the features)."""
+    if resets is None:
+        return None
+    if not hasattr(resets, "dtype"):
+        resets = np.asarray(resets)
+    expected = (T, *batch_shape) if time_major else (*batch_shape, T)
+    if resets.dtype != jnp.bool_ or tuple(resets.shape) != expected:
+        raise _core.error(
+            f"{where}: `resets` must be booleans with the batch and time axes of `xs`; nothing is broadcast.",
+            expected=f"bool array of shape {expected}, True where a new sequence (episode) starts",
+            got=f"{resets.dtype} array of shape {tuple(resets.shape)}",
+            fix="build it as e.g. `resets = segment_ids != jnp.roll(segment_ids, 1, axis=-1)` (a bool array).",
+        )
+    return jnp.asarray(resets)
+
+
+def check_rate(name: str, rate: Any, *, where: str) -> Any:
+    """A probability in ``[0, 1)``; traced rates pass unchecked (a population may vmap them)."""
+    if isinstance(rate, jax.core.Tracer):
+        return rate
+    value = np.asarray(rate)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or not 0 <= value < 1:
+        raise _core.error(
+            f"{where}: `{name}` must be a probability in [0, 1).",
+            expected="a float 0 <= rate < 1 (or a traced scalar)",
+            got=repr(rate),
+            fix=f"pass e.g. {name}=0.25; 0 turns it off.",
+        )
+    return rate
+
+
+def _is_off(rate: Any) -> bool:
+    """True for a static zero rate, so the regulariser adds nothing to the program."""
+    return not isinstance(rate, jax.core.Tracer) and float(np.asarray(rate)) == 0.0
+
+
+def _keep_mask(key: jax.Array, rate: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """An inverted-dropout mask: 0 with probability ``rate``, else ``1 / (1 - rate)``."""
+    keep = 1.0 - rate
+    return jax.random.bernoulli(key, keep, shape).astype(dtype) / jnp.asarray(keep, dtype)
+
+
+def _map_keys(fn, key, tree):
+    """``fn(key_i, leaf)`` for every leaf with its own key."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return jax.tree.unflatten(treedef, [fn(k, leaf) for k, leaf in zip(keys, leaves)])
+
+
+def _leaf_name(path) -> str | None:
+    last = path[-1] if path else None
+    return getattr(last, "name", None)
+
+
+class Trace(NamedTuple):
+    """Every step's carry and gate activations, returned by ``apply(..., return_trace=True)``.
+
+    Attributes:
+      carries: the carry after each step, each leaf with a time axis where ``ys`` has it.
+      gates: a dict from gate name to activations with the same layout (a tuple of dicts
+        for a stacked cell). Padded steps hold the carry and have zero gates.
+    """
+
+    carries: Any
+    gates: Any
+
+
+def rnn(
+    cell: Cell,
+    *,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    input_dropout: float | jax.Array = 0.0,
+    variational: bool = False,
+    recurrent_dropout: float | jax.Array = 0.0,
+    dropconnect: float | jax.Array = 0.0,
+    zoneout: float | jax.Array = 0.0,
+    zoneout_cell: float | jax.Array | None = None,
+) -> Layer:
     r"""Runs ``cell`` over a sequence with ``lax.scan``: the library's sequence driver.
 
     The cell's input projection is applied to all time steps at once (one large matmul or
     convolution) before the recurrence is scanned. ``layer.init`` returns exactly the
     cell's parameters.
 
-    ``layer.apply(params, xs, *, lengths=None, carry=None, time_major=False) -> (carry, ys)``:
+    ``layer.apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None,
+    resets=None, return_trace=False) -> (carry, ys)``:
 
     - ``xs``: ``(*batch, T, *features)``, any number of batch axes (also none), or
       ``(T, *batch, *features)`` with ``time_major=True``. ``ys`` has the same layout.
@@ -114,14 +195,36 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1) -> Layer:
       carry is the one after the last valid step (the initial carry for length 0).
     - ``carry``: continue from a carry returned earlier (feed a long sequence in chunks);
       by default ``cell.initial_carry``.
+    - ``key``: a PRNG key turns the regularisers on (training); without one they are off
+      (evaluation: dropout is the identity, zoneout uses its expectation).
+    - ``resets``: optional booleans laid out like ``xs`` without features, True where a new
+      sequence starts (episode boundaries, packed sequences): the carry is reset to the
+      cell's initial carry before that step. Reversed layers reset at the matching places,
+      so each packed segment is processed on its own in both directions.
+    - ``return_trace``: also return a :class:`Trace` of every step's carry and gates:
+      ``(carry, ys, trace)``.
 
     With ``reverse=True`` each sequence's valid prefix is processed from its last valid step
     to its first; outputs stay aligned with input positions and padding stays zero.
+
+    Regularisers (all rates may be traced arrays, so a population can vmap over them):
+
+    - ``input_dropout``: dropout on the inputs, a new mask at every step, or one mask per
+      sequence with ``variational=True`` (Gal & Ghahramani 2016).
+    - ``recurrent_dropout``: variational dropout on the recurrent input ``h``, one mask per
+      sequence (Gal & Ghahramani 2016); the GRU's interpolation uses the unmasked state.
+    - ``dropconnect``: DropConnect on the recurrent kernels (weight-dropped LSTM, Merity et
+      al. 2018), one mask per call shared by the batch and all steps.
+    - ``zoneout``, ``zoneout_cell``: zoneout (Krueger et al. 2017): each unit of ``h`` (and of
+      ``c``, with rate ``zoneout_cell``, by default ``zoneout``) keeps its previous value with
+      this probability; at evaluation ``h = rate * h_prev + (1 - rate) * h_new``.
 
     Args:
       cell: a :class:`Cell`.
       reverse: run backwards in time over the valid prefix.
       unroll: passed to ``lax.scan``; how many steps each loop iteration runs.
+      input_dropout, variational, recurrent_dropout, dropconnect, zoneout, zoneout_cell:
+        the regularisers above.
 
     Returns:
       A :class:`Layer`.
@@ -137,6 +240,8 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1) -> Layer:
     ((4, 10, 32), (4, 32))
     >>> bool((ys[1, 7:] == 0).all()), bool((carry.h[3] == 0).all())
     (True, True)
+    >>> noisy = recurrent.rnn(recurrent.lstm(32), recurrent_dropout=0.25, zoneout=0.1)
+    >>> carry, ys = noisy.apply(params, xs, key=jax.random.key(1))   # training
     """
     if not isinstance(cell, Cell):
         raise _core.error(
@@ -145,49 +250,115 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1) -> Layer:
             got=type(cell).__name__,
             fix="build the cell with a factory such as recurrent.lstm, or use the layer directly.",
         )
-    where = f"rnn({cell.name}{', reverse=True' if reverse else ''}).apply"
+    where = f"rnn({cell.name}{', reverse=True' if reverse else ''})"
+    rates = {
+        name: check_rate(name, rate, where=where)
+        for name, rate in (
+            ("input_dropout", input_dropout),
+            ("recurrent_dropout", recurrent_dropout),
+            ("dropconnect", dropconnect),
+            ("zoneout", zoneout),
+            ("zoneout_cell", zoneout if zoneout_cell is None else zoneout_cell),
+        )
+    }
+    zoning = not (_is_off(rates["zoneout"]) and _is_off(rates["zoneout_cell"]))
+    where = f"{where}.apply"
     rank = cell.input_rank
+    options = dict(
+        unroll=unroll,
+        input_dropout=input_dropout,
+        variational=variational,
+        recurrent_dropout=recurrent_dropout,
+        dropconnect=dropconnect,
+        zoneout=zoneout,
+        zoneout_cell=zoneout_cell,
+    )
 
-    def apply(params, xs, *, lengths=None, carry=None, time_major=False):
+    def zoneout_rate(path):
+        name = _leaf_name(path)
+        return rates["zoneout_cell"] if name == "c" else 0.0 if name == "gates" else rates["zoneout"]
+
+    def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
         batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
         lengths = check_lengths(lengths, batch, T, where=where)
+        resets = check_resets(resets, batch, T, time_major, where=where)
         nb, B = len(batch), math.prod(batch)
+        flat = lambda a: a.reshape((B, *a.shape[nb:]))  # noqa: E731
 
-        expected = cell.initial_carry(params, (*batch, *features))
+        initial = cell.initial_carry(params, (*batch, *features))
         if carry is None:
-            carry = expected
+            carry = initial
         else:
-            _core.check_carry(carry, expected, where=where)
-        carry = jax.tree.map(lambda a: a.reshape((B, *a.shape[nb:])), carry)
+            _core.check_carry(carry, initial, where=where)
+        carry, initial = jax.tree.map(flat, carry), jax.tree.map(flat, initial)
 
         xs_TB = xs if time_major else jnp.moveaxis(xs, nb, 0)
         xs_TB = xs_TB.reshape((T, B, *features))
+        step_params, noise = params, _core.StepNoise()
+        if key is not None:
+            k_in, k_rec, k_dc, k_step, key = jax.random.split(key, 5)
+            if not _is_off(rates["input_dropout"]):
+                shape = (1 if variational else T, B, *features)
+                xs_TB = xs_TB * _keep_mask(k_in, rates["input_dropout"], shape, xs_TB.dtype)
+            if not _is_off(rates["recurrent_dropout"]):
+                mask = lambda k, leaf: _keep_mask(k, rates["recurrent_dropout"], leaf.shape, leaf.dtype)  # noqa: E731
+                noise = noise._replace(recurrent=_map_keys(mask, k_rec, carry))
+            if not _is_off(rates["dropconnect"]):
+                step_params = _drop_connect(k_dc, rates["dropconnect"], params)
         xp_TB = cell.project(params, xs_TB)  # all time steps at once
 
-        if lengths is None:
+        if resets is not None:
+            resets_TB = (resets if time_major else jnp.moveaxis(resets, nb, 0)).reshape((T, B))
+            if reverse:  # a backward pass starts afresh where the next segment starts
+                resets_TB = jnp.concatenate([resets_TB[1:], jnp.zeros((1, B), bool)])
+        lengths_B = None if lengths is None else lengths.reshape((B,))
 
-            def body(carry, xp):
-                return cell.recur(params, carry, xp)
-
-            carry, ys = lax.scan(body, carry, xp_TB, reverse=reverse, unroll=unroll)
-        else:
-            lengths_B = lengths.reshape((B,))
-
-            def body(carry, inputs):
-                t, xp = inputs
+        def body(carry, inputs):
+            t, xp = inputs
+            step_noise = noise
+            if zoning:
+                if key is None:  # evaluation: the expectation
+                    d = jax.tree_util.tree_map_with_path(lambda p, _: zoneout_rate(p), carry)
+                else:
+                    paths, treedef = jax.tree_util.tree_flatten_with_path(carry)
+                    keys = jax.random.split(jax.random.fold_in(key, t), len(paths))
+                    d = jax.tree.unflatten(
+                        treedef,
+                        [
+                            jax.random.bernoulli(k, zoneout_rate(p), leaf.shape).astype(leaf.dtype)
+                            for k, (p, leaf) in zip(keys, paths)
+                        ],
+                    )
+                step_noise = step_noise._replace(zoneout=d)
+            if resets is not None:
+                r = resets_TB[t]
+                carry = jax.tree.map(lambda i, c: jnp.where(_expand(r, c), i, c), initial, carry)
+            if key is not None:
+                step_noise = step_noise._replace(key=jax.random.fold_in(k_step, t))
+            if all(part is None for part in step_noise):
+                step_noise = None
+            new_carry, y, gates = cell.probe(step_params, carry, xp, step_noise)
+            if lengths_B is not None:
                 valid = t < lengths_B
-                new_carry, y = cell.recur(params, carry, xp)
-                keep = lambda new, old: jnp.where(valid.reshape((B,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
-                carry = jax.tree.map(keep, new_carry, carry)
-                return carry, keep(y, jnp.zeros_like(y))
+                keep = lambda new, old: jnp.where(_expand(valid, new), new, old)  # noqa: E731
+                new_carry = jax.tree.map(keep, new_carry, carry)
+                y = keep(y, jnp.zeros_like(y))
+                if return_trace:
+                    gates = jax.tree.map(lambda g: keep(g, jnp.zeros_like(g)), gates)
+            out = (y, new_carry, gates) if return_trace else y
+            return new_carry, out
 
-            carry, ys = lax.scan(body, carry, (jnp.arange(T), xp_TB), reverse=reverse, unroll=unroll)
+        carry, out = lax.scan(body, carry, (jnp.arange(T), xp_TB), reverse=reverse, unroll=unroll)
+
+        def unflat(a, time_axis):
+            a = a.reshape((*a.shape[:time_axis], *batch, *a.shape[time_axis + 1 :]))
+            return a if time_major or time_axis is None else jnp.moveaxis(a, 0, nb)
 
         carry = jax.tree.map(lambda a: a.reshape((*batch, *a.shape[1:])), carry)
-        ys = ys.reshape((T, *batch, *ys.shape[2:]))
-        if not time_major:
-            ys = jnp.moveaxis(ys, 0, nb)
-        return carry, ys
+        if not return_trace:
+            return carry, unflat(out, 1)
+        ys, carries, gates = jax.tree.map(lambda a: unflat(a, 1), out)
+        return carry, ys, Trace(carries, gates)
 
     return Layer(
         init=cell.init,
@@ -196,5 +367,100 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1) -> Layer:
         output_shape=cell.output_shape,
         input_rank=rank,
         name=f"rnn({cell.name})",
-        reversed=lambda: rnn(cell, reverse=not reverse, unroll=unroll),
+        reversed=lambda: rnn(cell, reverse=not reverse, **options),
     )
+
+
+def _expand(mask_B: jax.Array, like: jax.Array) -> jax.Array:
+    return mask_B.reshape(mask_B.shape + (1,) * (like.ndim - mask_B.ndim))
+
+
+def _drop_connect(key: jax.Array, rate: Any, params: Any) -> Any:
+    """Drops entries of every ``recurrent_kernel`` in ``params`` (also inside stacks)."""
+
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, max(len(paths), 1))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            leaf * _keep_mask(k, rate, leaf.shape, leaf.dtype) if _leaf_name(p) == "recurrent_kernel" else leaf
+            for k, (p, leaf) in zip(keys, paths)
+        ],
+    )
+
+
+def truncated_bptt(
+    step_fn: Callable[[Any, Any, Any], tuple[Any, Any, Any]],
+    state: Any,
+    carry: Any,
+    xs: Any,
+    *,
+    chunk_size: int,
+    time_axis: int = 1,
+) -> tuple[Any, Any, Any]:
+    r"""Truncated backpropagation through time: runs ``step_fn`` over consecutive chunks of a
+    long sequence, carrying the recurrent state across chunks without backpropagating
+    through the chunk boundaries (Williams & Peng 1990).
+
+    ``step_fn(state, carry, chunk) -> (state, carry, out)`` is typically one training step
+    (``state`` holds parameters and optimiser state; it calls ``layer.apply(...,
+    carry=carry)`` on the chunk and returns the final carry). The carry handed to each chunk
+    is ``lax.stop_gradient`` of the previous chunk's. The chunks are scanned, so the
+    compiled program does not grow with the sequence.
+
+    Args:
+      step_fn: the per-chunk function.
+      state: its initial state (any pytree).
+      carry: the initial recurrent carry, e.g. ``layer.initial_carry(params, x_shape)``.
+      xs: a pytree of arrays (inputs, targets, ...) sharing a time axis.
+      chunk_size: steps per chunk; must divide the time axis.
+      time_axis: the time axis of every leaf of ``xs`` (1 for batch-major ``(B, T, ...)``).
+
+    Returns:
+      ``(state, carry, outs)`` with ``outs`` stacked over chunks on a leading axis.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, optax, recurrent
+    >>> layer = recurrent.rnn(recurrent.lstm(8))
+    >>> params = layer.init(jax.random.key(0), (1,))
+    >>> opt = optax.adam(1e-2)
+    >>> def train_chunk(state, carry, chunk):
+    ...     params, opt_state = state
+    ...     def loss_fn(p):
+    ...         carry_out, ys = layer.apply(p, chunk, carry=carry)
+    ...         return jnp.mean((ys[..., 0] - chunk[..., 0]) ** 2), carry_out
+    ...     (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    ...     updates, opt_state = opt.update(grads, opt_state)
+    ...     return (optax.apply_updates(params, updates), opt_state), carry, loss
+    >>> xs = jnp.sin(jnp.linspace(0, 20, 400)).reshape(2, 200, 1)
+    >>> carry = layer.initial_carry(params, (2, 1))
+    >>> (params, _), carry, losses = recurrent.truncated_bptt(
+    ...     train_chunk, (params, opt.init(params)), carry, xs, chunk_size=50)
+    >>> losses.shape
+    (4,)
+    """
+    where = "recurrent.truncated_bptt"
+    chunk_size = _core.check_positive_int("chunk_size", chunk_size, where=where)
+    leaves = jax.tree.leaves(xs)
+    lengths = {leaf.shape[time_axis] for leaf in leaves}
+    if len(lengths) != 1 or next(iter(lengths)) % chunk_size:
+        raise _core.error(
+            f"{where}: every leaf of `xs` needs the same time length, a multiple of chunk_size.",
+            expected=f"time axis {time_axis} of a length divisible by {chunk_size}",
+            got=f"time lengths {sorted(lengths)}",
+            fix="pad or trim the sequence, or pick a chunk_size that divides its length.",
+        )
+    n = next(iter(lengths)) // chunk_size
+
+    def to_chunks(a):
+        a = a.reshape((*a.shape[:time_axis], n, chunk_size, *a.shape[time_axis + 1 :]))
+        return jnp.moveaxis(a, time_axis, 0)
+
+    def body(state_carry, chunk):
+        state, carry = state_carry
+        state, carry, out = step_fn(state, lax.stop_gradient(carry), chunk)
+        return (state, carry), out
+
+    (state, carry), outs = lax.scan(body, (state, carry), jax.tree.map(to_chunks, xs))
+    return state, carry, outs
