@@ -431,6 +431,19 @@ def lstm(
     )
 
 
+def _check_preset(name: str, preset: dict[str, Any], options: dict[str, Any]) -> None:
+    """Raises if ``options`` contradict a preset (e.g. ``cifg_lstm(coupled=False)``), which would
+    otherwise silently build another cell under the preset's name."""
+    clash = {k: v for k, v in options.items() if k in preset and preset[k] is not v and preset[k] != v}
+    if clash:
+        raise _core.error(
+            f"recurrent.{name}: options contradict the preset.",
+            expected=f"options other than {sorted(preset)} (the preset is {preset})",
+            got=repr(clash),
+            fix=f"drop {sorted(clash)}, or build the cell with recurrent.lstm(...) directly.",
+        )
+
+
 def peephole_lstm(hidden_size: int, **options: Any) -> Cell:
     r"""LSTM with diagonal peephole connections (Gers & Schmidhuber 2000): ``lstm(peephole=True)``.
 
@@ -462,6 +475,7 @@ def peephole_lstm(hidden_size: int, **options: Any) -> Cell:
     >>> recurrent.count_params(params) - recurrent.count_params(recurrent.lstm(16).init(jax.random.key(0), (8,)))
     48
     """
+    _check_preset("peephole_lstm", {"peephole": True}, options)
     return _lstm_family(hidden_size, name="peephole_lstm", **{"peephole": True, **options})
 
 
@@ -493,6 +507,7 @@ def cifg_lstm(hidden_size: int, *, peephole: bool = False, **options: Any) -> Ce
     >>> params.input_kernel.shape, params.recurrent_kernel.shape
     ((8, 48), (16, 48))
     """
+    _check_preset("cifg_lstm", {"coupled": True}, options)
     return _lstm_family(hidden_size, name="cifg_lstm", **{"coupled": True, "peephole": peephole, **options})
 
 

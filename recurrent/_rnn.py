@@ -330,6 +330,7 @@ def rnn(
                         ],
                     )
                 step_noise = step_noise._replace(zoneout=d)
+            previous = carry  # a padded step keeps this, even where a reset falls in the padding
             if resets is not None:
                 r = resets_TB[t]
                 carry = jax.tree.map(lambda i, c: jnp.where(_expand(r, c), i, c), initial, carry)
@@ -341,7 +342,7 @@ def rnn(
             if lengths_B is not None:
                 valid = t < lengths_B
                 keep = lambda new, old: jnp.where(_expand(valid, new), new, old)  # noqa: E731
-                new_carry = jax.tree.map(keep, new_carry, carry)
+                new_carry = jax.tree.map(keep, new_carry, previous)
                 y = keep(y, jnp.zeros_like(y))
                 if return_trace:
                     gates = jax.tree.map(lambda g: keep(g, jnp.zeros_like(g)), gates)
