@@ -42,9 +42,12 @@ class LSTMParams(NamedTuple):
 
 def fused_blocks(init: Initializer, key: jax.Array, shape: tuple[int, ...], blocks: int, dtype: Any):
     """Initialises ``blocks`` gate blocks of ``shape`` separately and concatenates them
-    along the last axis, so e.g. an orthogonal initialiser is orthogonal per gate."""
+    along the last axis, so e.g. an orthogonal initialiser is orthogonal per gate. Blocks are
+    drawn in at least float32 and cast, since e.g. the QR of ``orthogonal`` has no bfloat16
+    kernel on CPU."""
     keys = jax.random.split(key, blocks)
-    return jnp.concatenate([init(k, shape, dtype) for k in keys], axis=-1)
+    draw_dtype = jnp.promote_types(dtype, jnp.float32)
+    return jnp.concatenate([init(k, shape, draw_dtype) for k in keys], axis=-1).astype(dtype)
 
 
 def _lstm_family(
