@@ -1,0 +1,1 @@
+"""Timing scripts comparing :mod:`recurrent` with its peers; see ``benchmarks/README.md``."""

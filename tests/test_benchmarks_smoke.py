@@ -1,0 +1,50 @@
+"""Smoke test of ``benchmarks/rnn_vs_flax.py`` in its quick mode: it runs, agrees with Flax and
+writes finite numbers. No timing is asserted."""
+
+import json
+import math
+
+import jax
+import numpy as np
+
+import recurrent
+from benchmarks import rnn_vs_flax
+
+
+def test_quick_run_writes_finite_numbers(tmp_path, capsys):
+    path = tmp_path / "sub" / "rnn_vs_flax.json"
+    result = rnn_vs_flax.main(["--quick", "--out", str(path)])
+    saved = json.loads(path.read_text())
+
+    assert saved["shape"] == rnn_vs_flax.QUICK
+    assert saved["params"]["ours"] == saved["params"]["flax"] == 4 * 4 * (3 + 4 + 1)
+    assert saved["max_abs_diff"] < 1e-5
+    assert [r["workload"] for r in saved["rows"]] == ["forward", "forward+backward"]
+    for row in saved["rows"]:
+        for impl in rnn_vs_flax.IMPLS:
+            for key in (f"{impl}_ms", f"{impl}_compile_s"):
+                assert math.isfinite(row[key]) and row[key] > 0, (row["workload"], key)
+            samples = row[f"{impl}_samples_ms"]
+            assert len(samples) == saved["repeats"] and all(math.isfinite(t) and t > 0 for t in samples)
+        assert row["ratio_ours_over_flax"] == row["ours_ms"] / row["flax_ms"]
+        assert row["ratio_ours_step_over_flax"] == row["ours_step_ms"] / row["flax_ms"]
+    assert result["rows"] == saved["rows"]
+
+    out = capsys.readouterr().out
+    assert "ours/flax" in out and "forward+backward" in out
+
+
+def test_converted_parameters_give_flax_the_same_function():
+    # The benchmark is only fair if both sides compute the same thing; check it directly too.
+    fns = rnn_vs_flax.make_functions(6)
+    params = recurrent.lstm(6).init(jax.random.key(1), (5,))
+    xs = jax.random.normal(jax.random.key(2), (3, 7, 5))
+    ours = fns["ours", "forward"](params, xs)
+    theirs = fns["flax", "forward"](rnn_vs_flax.to_flax(params), xs)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    stepwise = fns["ours_step", "forward"](params, xs)
+    np.testing.assert_allclose(ours, stepwise, rtol=1e-5, atol=1e-6)
+    variables = rnn_vs_flax.to_flax(params)
+    back = rnn_vs_flax.from_flax(variables)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, b)
