@@ -190,6 +190,9 @@ def error(what: str, *, expected: str, got: str, fix: str) -> ValueError:
 def check_shape(name: str, shape: Sequence[int], *, where: str) -> Shape:
     """Validates a user-given shape tuple of non-negative ints."""
     try:
+        # Only ints: int() would silently truncate 2.5 or parse "3".
+        if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in shape):
+            raise TypeError
         shape = tuple(int(d) for d in shape)
     except TypeError:
         raise error(

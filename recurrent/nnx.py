@@ -278,8 +278,22 @@ class RNN(_Recurrent):
         lengths: jax.Array | None = None,
         carry: Any = None,
         time_major: bool = False,
+        key: jax.Array | None = None,
+        resets: jax.Array | None = None,
+        return_trace: bool = False,
     ) -> tuple[Any, jax.Array]:
-        return self.layer.apply(self.pure_params, xs, lengths=lengths, carry=carry, time_major=time_major)
+        """Runs the layer: ``layer.apply(params, xs, ...)`` with the module's parameters (see
+        :func:`recurrent.rnn` for the arguments; a ``key`` turns regularisers on)."""
+        return self.layer.apply(
+            self.pure_params,
+            xs,
+            lengths=lengths,
+            carry=carry,
+            time_major=time_major,
+            key=key,
+            resets=resets,
+            return_trace=return_trace,
+        )
 
 
 class Bidirectional(RNN):
