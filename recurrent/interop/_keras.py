@@ -1,0 +1,2 @@
+def from_keras(*a): pass
+def to_keras(*a): pass
