@@ -54,9 +54,26 @@ def carry_states(carry):
 CONFIGS = []
 _rng = np.random.default_rng(11)
 for i, (kind, merge) in enumerate(
-    [("lstm", None), ("gru", None), ("gru", "concat"), ("lstm", "sum"), ("gru", "ave"), ("lstm", "mul"), ("gru", "none")]
+    [
+        ("lstm", None),
+        ("gru", None),
+        ("gru", "concat"),
+        ("lstm", "sum"),
+        ("gru", "ave"),
+        ("lstm", "mul"),
+        ("gru", "none"),
+    ]
 ):
-    CONFIGS.append(dict(kind=kind, merge=merge, F=int(_rng.integers(1, 5)), H=int(_rng.integers(1, 6)), T=int(_rng.integers(2, 6)), seed=i))
+    CONFIGS.append(
+        dict(
+            kind=kind,
+            merge=merge,
+            F=int(_rng.integers(1, 5)),
+            H=int(_rng.integers(1, 6)),
+            T=int(_rng.integers(2, 6)),
+            seed=i,
+        )
+    )
 
 
 @pytest.mark.parametrize("c", CONFIGS, ids=lambda c: f"{c['kind']}-{c['merge']}-F{c['F']}H{c['H']}T{c['T']}")
@@ -68,7 +85,9 @@ def test_recurrent_and_bidirectional(c):
     mask = np.arange(T)[None, :] < lengths[:, None]
 
     base = make_rnn(c["kind"], H, rng, return_state=True)
-    k_layer = base if c["merge"] is None else L.Bidirectional(base, merge_mode=None if c["merge"] == "none" else c["merge"])
+    k_layer = (
+        base if c["merge"] is None else L.Bidirectional(base, merge_mode=None if c["merge"] == "none" else c["merge"])
+    )
     k_layer.build((None, None, F))
     randomize(k_layer, c["seed"])
     out = k_layer(xs, mask=mask)

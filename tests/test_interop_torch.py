@@ -71,14 +71,18 @@ def torch_run(module, xs, lengths, batch_first):
         xs, torch.as_tensor(lengths), batch_first=batch_first, enforce_sorted=False
     )
     out, state = module(packed)
-    ys, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first, total_length=xs.shape[1 if batch_first else 0])
+    ys, _ = torch.nn.utils.rnn.pad_packed_sequence(
+        out, batch_first=batch_first, total_length=xs.shape[1 if batch_first else 0]
+    )
     return ys, state
 
 
 CONFIGS = list(configs(12, seed=2024))
 
 
-@pytest.mark.parametrize("c", CONFIGS, ids=lambda c: "{kind}-F{F}H{H}L{L}D{D:d}P{P}b{bias:d}bf{batch_first:d}T{T}".format(**c))
+@pytest.mark.parametrize(
+    "c", CONFIGS, ids=lambda c: "{kind}-F{F}H{H}L{L}D{D:d}P{P}b{bias:d}bf{batch_first:d}T{T}".format(**c)
+)
 def test_forward_backward_and_round_trip(c):
     module = make_module(c)
     layer, params = from_torch(module)
@@ -100,7 +104,9 @@ def test_forward_backward_and_round_trip(c):
     w_ys = rng.standard_normal(ys.shape).astype(np.float32)
     states = state_t if isinstance(state_t, tuple) else (state_t,)
     w_states = [rng.standard_normal(s.shape).astype(np.float32) for s in states]
-    loss_t = (ys_t * torch.from_numpy(w_ys)).sum() + sum((s * torch.from_numpy(w)).sum() for s, w in zip(states, w_states))
+    loss_t = (ys_t * torch.from_numpy(w_ys)).sum() + sum(
+        (s * torch.from_numpy(w)).sum() for s, w in zip(states, w_states)
+    )
     loss_t.backward()
 
     tensors = {name: jnp.asarray(p.detach().numpy()) for name, p in module.named_parameters()}

@@ -50,7 +50,8 @@ def check_plain_lstm(params: Any, *, where: str, peer: str, allow_projection: bo
     if extras:
         raise _core.error(
             f"{where}: {peer} has no counterpart for this LSTM.",
-            expected="a plain LSTM: recurrent.lstm(H" + (", proj_size=P)" if allow_projection else ")")
+            expected="a plain LSTM: recurrent.lstm(H"
+            + (", proj_size=P)" if allow_projection else ")")
             + " with the four gates i, f, g, o",
             got="parameters with " + ", ".join(extras),
             fix="convert a plain lstm(...) layer; peepholes, CIFG, layer norm and gate recurrence stay in recurrent.",
@@ -79,7 +80,8 @@ def check_plain_gru(params: Any, *, where: str, peer: str, reset_after: bool | N
         )
     if reset_after is not None and (params.recurrent_bias is not None) != reset_after:
         raise _core.error(
-            f"{where}: {peer}'s GRU applies the reset gate " + ("after" if reset_after else "before")
+            f"{where}: {peer}'s GRU applies the reset gate "
+            + ("after" if reset_after else "before")
             + " the recurrent matmul.",
             expected=f"recurrent.gru(H, reset_after={reset_after})",
             got=f"a GRU with reset_after={not reset_after}",

@@ -132,7 +132,10 @@ def _nnx_cell(module, where):
     if type(module) is nnx.GRUCell:
         H = module.hidden_features
         return gru(H), GRUParams(
-            v(module.dense_i.kernel), v(module.dense_h.kernel), v(module.dense_i.bias), jnp.zeros((H,), v(module.dense_i.bias).dtype)
+            v(module.dense_i.kernel),
+            v(module.dense_h.kernel),
+            v(module.dense_i.bias),
+            jnp.zeros((H,), v(module.dense_i.bias).dtype),
         )
     raise _unsupported(module, where)
 
@@ -212,7 +215,11 @@ def _to_linen_cell(params, where):
         p["hn"]["bias"] = params.recurrent_bias
         return nn.GRUCell(H), p
     if kind == "conv_lstm":
-        extras = [f for f in ("peephole_input", "peephole_forget", "peephole_output", "layer_norm") if getattr(params, f) is not None]
+        extras = [
+            f
+            for f in ("peephole_input", "peephole_forget", "peephole_output", "layer_norm")
+            if getattr(params, f) is not None
+        ]
         if extras:
             raise _core.error(
                 f"{where}: Flax's ConvLSTMCell has no {', '.join(extras)}.",
@@ -261,8 +268,11 @@ def to_flax(layer: Cell | Layer, params: Any, *, api: str = "linen") -> Any:
     if isinstance(params, BidirectionalParams):
         in_shape = (params.forward.input_kernel.shape[0],)
         out = layer.output_shape(in_shape) if isinstance(layer, Layer) else None
-        if _kind_of(params.forward) != "lstm" and _kind_of(params.forward) != "gru" or out is None or tuple(out) != (
-            2 * _width(params.forward),
+        if (
+            _kind_of(params.forward) != "lstm"
+            and _kind_of(params.forward) != "gru"
+            or out is None
+            or tuple(out) != (2 * _width(params.forward),)
         ):
             raise _core.error(
                 f"{where}: nn.Bidirectional here is built with its default concatenation.",

@@ -227,7 +227,11 @@ def _keras_one(params, where, keras, return_sequences, go_backwards=False):
         bias = jnp.stack([_rzn_to_zrh(params.bias), _rzn_to_zrh(b_rec)])
         return keras.layers.GRU(H, reset_after=True, **kw), [ik, rk, bias]
     if isinstance(params, ConvLSTMParams):
-        extras = [f for f in ("peephole_input", "peephole_forget", "peephole_output", "layer_norm") if getattr(params, f) is not None]
+        extras = [
+            f
+            for f in ("peephole_input", "peephole_forget", "peephole_output", "layer_norm")
+            if getattr(params, f) is not None
+        ]
         if extras:
             raise _core.error(
                 f"{where}: Keras' ConvLSTM has no {', '.join(extras)}.",
@@ -249,8 +253,10 @@ def _keras_one(params, where, keras, return_sequences, go_backwards=False):
 
 def _input_shape(params):
     p = params.forward if isinstance(params, BidirectionalParams) else params
-    return tuple(p.input_kernel.shape[:-2]) + (p.input_kernel.shape[-2],) if isinstance(p, ConvLSTMParams) else (
-        p.input_kernel.shape[0],
+    return (
+        tuple(p.input_kernel.shape[:-2]) + (p.input_kernel.shape[-2],)
+        if isinstance(p, ConvLSTMParams)
+        else (p.input_kernel.shape[0],)
     )
 
 
@@ -313,4 +319,3 @@ def to_keras(layer: Layer, params: Any, *, merge_mode: str | None | bool = False
     if not is_stack:
         return built[0]
     return keras.Sequential([keras.Input((None, *_input_shape(items[0]))), *built])
-
