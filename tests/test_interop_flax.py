@@ -129,3 +129,18 @@ def test_clear_errors():
     p = g.init(jax.random.key(0), (2,))._replace(recurrent_bias=jnp.ones(3))
     with pytest.raises(ValueError, match="b_hn"):
         to_flax(g, p, api="nnx")
+
+
+def test_missing_peer_gives_clear_import_error(monkeypatch):
+    """The core package and recurrent.interop import without PyTorch and Keras; a converter
+    that needs one says which extra to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    monkeypatch.setitem(sys.modules, "keras", None)
+    from recurrent.interop import from_keras, from_torch
+
+    with pytest.raises(ImportError, match=r"recurrent\[interop\]"):
+        from_torch(object())
+    with pytest.raises(ImportError, match="keras"):
+        from_keras(object())

@@ -188,3 +188,6 @@ def test_clear_errors():
     mixed = recurrent.stacked([recurrent.lstm(4), recurrent.gru(4)])
     with pytest.raises(ValueError, match="all-LSTM or all-GRU"):
         to_torch(mixed, random_params(mixed, (3,)))
+    big = recurrent.lstm(3, proj_size=3)
+    with pytest.raises(ValueError, match="proj_size < hidden_size"):
+        to_torch(big, random_params(big, (2,)))

@@ -59,7 +59,7 @@ def _rzn_to_zrh(a):
     return jnp.concatenate([z, r, n], axis=-1)
 
 
-def _check(layer, where, keras):
+def _check(layer, where, keras, backward=False):
     name = type(layer).__name__
     cell = layer.cell
     for attr, want in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
@@ -72,7 +72,14 @@ def _check(layer, where, keras):
                 got=f"{attr}={got!r}",
                 fix=f"convert layers with {attr}={want!r}.",
             )
-    if layer.go_backwards:
+    if backward and not layer.go_backwards:
+        raise _core.error(
+            f"{where}: the backward layer of a Bidirectional must run backwards.",
+            expected="backward_layer.go_backwards=True",
+            got="go_backwards=False",
+            fix="let keras.layers.Bidirectional make its backward layer.",
+        )
+    if layer.go_backwards and not backward:
         raise _core.error(
             f"{where}: {name}(go_backwards=True) returns its outputs in reversed order.",
             expected="go_backwards=False (a backward direction belongs inside keras.layers.Bidirectional)",
@@ -81,8 +88,9 @@ def _check(layer, where, keras):
         )
 
 
-def _one(layer, where, keras):
-    """(cell, params) of one Keras recurrent layer."""
+def _one(layer, where, keras, backward=False):
+    """(cell, params) of one Keras recurrent layer (the backward one of a Bidirectional, which
+    runs with go_backwards=True, if ``backward``)."""
     L = keras.layers
     if type(layer) not in (L.LSTM, L.GRU, L.ConvLSTM1D, L.ConvLSTM2D, L.ConvLSTM3D):
         raise _unsupported(layer, where)
@@ -94,7 +102,7 @@ def _one(layer, where, keras):
             fix="call the layer on an input (or build the model) before converting.",
         )
     kind = type(layer)
-    _check(layer, where, keras)
+    _check(layer, where, keras, backward)
     cell = layer.cell
     kernel, recurrent_kernel = array(cell.kernel.numpy()), array(cell.recurrent_kernel.numpy())
     bias = None if cell.bias is None else array(cell.bias.numpy())
@@ -155,27 +163,11 @@ def _layer(layer, where, keras):
         forward = layer.forward_layer
         backward = layer.backward_layer
         fc, fp = _one(forward, where, keras)
-        bc, bp = _one_backward(backward, where, keras)
+        bc, bp = _one(backward, where, keras, backward=True)
         merge = _pair if layer.merge_mode is None else _MERGES[layer.merge_mode]
         return bidirectional(fc, bc, merge=merge), BidirectionalParams(fp, bp)
     cell, params = _one(layer, where, keras)
     return rnn(cell), params
-
-
-def _one_backward(layer, where, keras):
-    """The backward layer of a Bidirectional: go_backwards=True is expected there."""
-    if not layer.go_backwards:
-        raise _core.error(
-            f"{where}: the backward layer of a Bidirectional must run backwards.",
-            expected="backward_layer.go_backwards=True",
-            got="go_backwards=False",
-            fix="let keras.layers.Bidirectional make its backward layer.",
-        )
-    layer.go_backwards = False
-    try:
-        return _one(layer, where, keras)
-    finally:
-        layer.go_backwards = True
 
 
 def from_keras(layer: Any) -> tuple[Layer, Any]:

@@ -202,6 +202,13 @@ def _describe(layer: Any, params: Any):
             got=str(sorted(shapes, key=str)),
             fix="use the same hidden size (and projection) in every layer.",
         )
+    if P is not None and P >= H:
+        raise _core.error(
+            f"{where}: PyTorch's LSTM projects to fewer units than it has.",
+            expected=f"proj_size < hidden_size ({H})",
+            got=f"proj_size={P}",
+            fix="use a smaller proj_size, or keep this model in recurrent.",
+        )
     if isinstance(layer, Layer) and any(bidis):
         F = cells[0].input_kernel.shape[0]
         R = H if P is None else P
