@@ -252,13 +252,13 @@ def _input_shape(params):
     )
 
 
-def to_keras(layer: Layer, params: Any, *, merge_mode: str | None | bool = False, return_sequences: bool = True) -> Any:
+def to_keras(layer: Layer, params: Any, *, merge_mode: str | None = None, return_sequences: bool = True) -> Any:
     """A built Keras 3 layer (or ``keras.Sequential`` for a stack) with the weights of
     ``(layer, params)``: the inverse of :func:`from_keras`.
 
     ``merge_mode`` of a bidirectional layer is read from the shapes when it is ``"concat"`` or
     None; for ``"sum"``, ``"ave"`` or ``"mul"`` (which give the same shape) pass it (it then
-    applies to every such bidirectional layer of a stack).
+    applies to every such bidirectional layer of a stack; our name ``"mean"`` is accepted too).
     A stack's layers all return sequences; ``return_sequences`` applies to its last layer.
 
     >>> import os; os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -286,7 +286,8 @@ def to_keras(layer: Layer, params: Any, *, merge_mode: str | None | bool = False
                 out = tuple(layer.output_shape(_input_shape(items[0])))
             else:
                 out = (*shape[:-1], _input_shape(items[i + 1])[-1])
-            mode = {(*shape[:-1], 2 * R): "concat", (*shape[:-1], 2, R): None}.get(out, merge_mode)
+            given = {"mean": "ave"}.get(merge_mode, merge_mode)  # our name for Keras' "ave"
+            mode = {(*shape[:-1], 2 * R): "concat", (*shape[:-1], 2, R): None}.get(out, given if given else "?")
             if mode not in ("concat", None, "sum", "ave", "mul"):
                 raise _core.error(
                     f"{where}: the merge of bidirectional layer {i} cannot be read from its shape.",
