@@ -461,7 +461,8 @@ def learned_initial_carry(cell: Cell, *, init: Any = jax.nn.initializers.zeros) 
         template = cell.initial_carry(params, tuple(input_shape))
         leaves, treedef = jax.tree.flatten(template)
         keys = jax.random.split(k_carry, max(len(leaves), 1))
-        carry = jax.tree.unflatten(treedef, [init(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+        dtype = jax.tree.leaves(params)[0].dtype  # stored like the other parameters (param_dtype)
+        carry = jax.tree.unflatten(treedef, [init(k, leaf.shape, dtype) for k, leaf in zip(keys, leaves)])
         return LearnedCarryParams(params, carry)
 
     def initial_carry(params, x_shape):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +54,11 @@ def weighted_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     """A user merge function: neither symmetric nor linear, so swapped directions show, and
     non-zero where both directions output zero, so padding must be masked after merging."""
     return a - 0.5 * b + 0.25 * a * b + 0.1
+
+
+def _learned_lstm(hidden_size: int, **kwargs: Any) -> Cell:
+    """An LSTM with a learned (here random, so that it matters) initial carry."""
+    return recurrent.learned_initial_carry(recurrent.lstm(hidden_size, **kwargs), init=jax.nn.initializers.normal(0.5))
 
 
 # --------------------------------------------------------------------------------------
@@ -350,6 +354,34 @@ def _entries() -> list[Entry]:
         Entry("conv_lstm_2d_peephole", C(CONV, 2, (2, 3), peephole=True, peephole_init=_peep), (3, 4, 1)),
         Entry("conv_lstm_3d", C(CONV, 2, (3, 3, 3)), (2, 3, 2, 1)),
         Entry("conv_lstm_3d_peephole", C(CONV, 2, (1, 2, 3), peephole=True, peephole_init=_peep), (2, 2, 3, 2)),
+        # ---- options of the LSTM family and the other cells (issue 3), through the same battery
+        Entry(
+            "lstm_fgr_projection",
+            C(
+                L,
+                4,
+                peephole=True,
+                peephole_init=_peep,
+                gate_recurrence=True,
+                gate_recurrent_kernel_init=_kernel,
+                proj_size=3,
+            ),
+            (3,),
+        ),
+        Entry("lstm_nig_noaf_cell_clip", C(L, 4, input_gate=False, output_activation=None, cell_clip=0.7), (2,)),
+        Entry(
+            "cifg_lstm_projection_clip",
+            C(CIFG, 4, peephole=True, peephole_init=_peep, proj_size=2, proj_clip=0.3),
+            (3,),
+        ),
+        Entry("gru_layer_norm", C(G, 3, layer_norm=True, reset_after=False, bias_init=_bias), (2,)),
+        Entry(
+            "conv_lstm_2d_layer_norm",
+            C(CONV, 2, (3, 3), layer_norm=True, peephole=True, peephole_init=_peep),
+            (3, 3, 1),
+        ),
+        Entry("conv_gru_1d", C(recurrent.conv_gru, 2, (3,), bias_init=_bias), (4, 2)),
+        Entry("learned_initial_carry", C(_learned_lstm, 3), (2,)),
         Entry("stacked_lstm_gru", StackCells([C(L, 4), C(G, 3)]), (3,)),
         Entry(
             "stacked_residual",
@@ -399,7 +431,3 @@ assert len(_BY_ID) == len(REGISTRY), "duplicate registry ids"
 
 def by_id(entry_id: str) -> Entry:
     return _BY_ID[entry_id]
-
-
-def batch_size(batch: tuple[int, ...]) -> int:
-    return math.prod(batch)
