@@ -104,7 +104,7 @@ def bidirectional(
     backward: Cell | Layer | None = None,
     *,
     merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
-    one_scan: bool = True,
+    one_scan: bool = False,
 ) -> Layer:
     r"""A bidirectional layer (Schuster & Paliwal 1997): one direction forward in time, one backward.
 
@@ -127,7 +127,8 @@ def bidirectional(
       one_scan: run both directions in one ``lax.scan`` (at step ``k`` the forward direction
         takes time ``k`` and the backward one time ``T-1-k``), halving the loop's fixed
         costs. Used when both directions are layers made by :func:`rnn` (cells are); other
-        layers fall back to two scans. The result is the same either way.
+        layers fall back to two scans. The result is the same either way. Off by default:
+        on a 2-core CPU it was not faster than two scans (``benchmarks/README.md``).
 
     Returns:
       A :class:`Layer` with parameters :class:`BidirectionalParams` ``(forward, backward)``

@@ -46,8 +46,8 @@ def test_auto_projection_is_chosen_per_backend():
 
 @pytest.mark.parametrize("name", ["lstm"])
 def test_bidirectional_in_one_scan_equals_two_scans(name):
-    one = recurrent.bidirectional(recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2))
-    two = recurrent.bidirectional(recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2), one_scan=False)
+    one = recurrent.bidirectional(recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2), one_scan=True)
+    two = recurrent.bidirectional(recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2))
     params = one.init(jax.random.key(0), (4,))
     xs = jax.random.normal(jax.random.key(1), (3, 6, 4))
     resets = jnp.zeros((3, 6), bool).at[:, 2].set(True)
