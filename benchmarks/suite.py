@@ -89,8 +89,12 @@ def _jax_contender(forward: Callable, params, xs):
     compile_s = time.perf_counter() - t0
     m = bwd.memory_analysis()
     peak = None if m is None else m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return (lambda: jax.block_until_ready(fwd(params, xs)), lambda: jax.block_until_ready(bwd(params, xs)),
-            compile_s, peak)
+    return (
+        lambda: jax.block_until_ready(fwd(params, xs)),
+        lambda: jax.block_until_ready(bwd(params, xs)),
+        compile_s,
+        peak,
+    )
 
 
 def _our_cell(kind, H):
@@ -240,16 +244,28 @@ def run_case(name, kind, B, T, F, H, layers, *, repeats, peak_gflops, quick):
     for label in labels:
         fwd, fwdbwd = (statistics.median(samples[label, w]) for w in (0, 1))
         _, _, compile_s, peak = built[label]
-        rows.append({
-            "case": name, "contender": label, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd,
-            "ours_over_it_fwd": base[0] / fwd if base else None,
-            "ours_over_it_fwdbwd": base[1] / fwdbwd if base else None,
-            "compile_s": compile_s, "peak_mb": None if peak is None else peak / 2**20,
-            "mm_frac": 3 * flops / (fwdbwd / 1e3) / (peak_gflops * 1e9),
-            "samples_fwd_ms": samples[label, 0], "samples_fwdbwd_ms": samples[label, 1],
-        })
-    return {"case": name, "kind": kind, "shape": dict(batch=B, steps=T, features=F, hidden=H, layers=layers),
-            "rows": rows, "skipped": skipped}
+        rows.append(
+            {
+                "case": name,
+                "contender": label,
+                "fwd_ms": fwd,
+                "fwdbwd_ms": fwdbwd,
+                "ours_over_it_fwd": base[0] / fwd if base else None,
+                "ours_over_it_fwdbwd": base[1] / fwdbwd if base else None,
+                "compile_s": compile_s,
+                "peak_mb": None if peak is None else peak / 2**20,
+                "mm_frac": 3 * flops / (fwdbwd / 1e3) / (peak_gflops * 1e9),
+                "samples_fwd_ms": samples[label, 0],
+                "samples_fwdbwd_ms": samples[label, 1],
+            }
+        )
+    return {
+        "case": name,
+        "kind": kind,
+        "shape": dict(batch=B, steps=T, features=F, hidden=H, layers=layers),
+        "rows": rows,
+        "skipped": skipped,
+    }
 
 
 def compile_depth(depths, B, T, F, H):
@@ -292,10 +308,16 @@ def remat_memory(B, T, F, H):
 
 
 def format_tables(result) -> str:
-    lines = [f"machine: {result['machine']}; matmul GFLOP/s {result['matmul_gflops']}; "
-             f"{result['repeats']} interleaved repeats; load average {result['load_average']}", ""]
-    lines += ["| case | contender | fwd ms | fwd+bwd ms | ours/it fwd | ours/it fwd+bwd | compile s | peak MB "
-              "| matmul frac |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = [
+        f"machine: {result['machine']}; matmul GFLOP/s {result['matmul_gflops']}; "
+        f"{result['repeats']} interleaved repeats; load average {result['load_average']}",
+        "",
+    ]
+    lines += [
+        "| case | contender | fwd ms | fwd+bwd ms | ours/it fwd | ours/it fwd+bwd | compile s | peak MB "
+        "| matmul frac |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for case in result["cases"]:
         for r in case["rows"]:
@@ -346,16 +368,21 @@ def main(argv=None):
     repeats = args.repeats or (2 if args.quick else 5)
     gflops = matmul_throughput(256 if args.quick else 2048, 2 if args.quick else 5)
     peak = max(gflops.values())
-    result = {"machine": f"{platform.machine()}, {CORES} CPU cores, {jax.devices()[0]}", "repeats": repeats,
-              "versions": {"jax": jax.__version__}, "matmul_gflops": {k: round(v, 1) for k, v in gflops.items()},
-              "command": "python -m benchmarks.suite " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-              "cases": []}
+    result = {
+        "machine": f"{platform.machine()}, {CORES} CPU cores, {jax.devices()[0]}",
+        "repeats": repeats,
+        "versions": {"jax": jax.__version__},
+        "matmul_gflops": {k: round(v, 1) for k, v in gflops.items()},
+        "command": "python -m benchmarks.suite " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "cases": [],
+    }
     for name in args.cases.split(","):
         kind, B, T, F, H, layers = CASES[name]
         if args.quick:
             B, T, F, H = (QUICK_SHAPE[k] for k in ("batch", "steps", "features", "hidden"))
-        result["cases"].append(run_case(name, kind, B, T, F, H, layers, repeats=repeats, peak_gflops=peak,
-                                        quick=args.quick))
+        result["cases"].append(
+            run_case(name, kind, B, T, F, H, layers, repeats=repeats, peak_gflops=peak, quick=args.quick)
+        )
         print(format_tables({**result, "cases": result["cases"][-1:], "load_average": os.getloadavg()[0]}), flush=True)
     extras = args.extras.split(",")
     small = (2, 5, 3, 4) if args.quick else (32, 128, 128, 256)

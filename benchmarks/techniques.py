@@ -48,9 +48,7 @@ def contenders(hidden: int) -> dict:
         "fused": lambda p, xs: recurrent.rnn(cell, projection="fused").apply(p, xs)[1],
     }
     for k in (2, 4, 8):
-        fns[f"fused_unroll{k}"] = (
-            lambda p, xs, k=k: recurrent.rnn(cell, projection="fused", unroll=k).apply(p, xs)[1]
-        )
+        fns[f"fused_unroll{k}"] = lambda p, xs, k=k: recurrent.rnn(cell, projection="fused", unroll=k).apply(p, xs)[1]
     fns["hoisted_unroll4"] = lambda p, xs: recurrent.rnn(cell, projection="hoisted", unroll=4).apply(p, xs)[1]
 
     def hoisted_bm(p, xs):
@@ -121,10 +119,22 @@ def run(batch, steps, features, hidden, *, repeats=7, number=3):
         base = statistics.median(samples["hoisted", wl])
         for name in names:
             ms = statistics.median(samples[name, wl])
-            rows.append({"workload": wl, "technique": name, "ms": ms, "ratio_to_hoisted": ms / base,
-                         "compile_s": compile_s[name, wl], "samples_ms": samples[name, wl]})
-    return {"shape": dict(batch=batch, steps=steps, features=features, hidden=hidden), "device": str(jax.devices()[0]),
-            "load_average": list(os.getloadavg()), "rows": rows}
+            rows.append(
+                {
+                    "workload": wl,
+                    "technique": name,
+                    "ms": ms,
+                    "ratio_to_hoisted": ms / base,
+                    "compile_s": compile_s[name, wl],
+                    "samples_ms": samples[name, wl],
+                }
+            )
+    return {
+        "shape": dict(batch=batch, steps=steps, features=features, hidden=hidden),
+        "device": str(jax.devices()[0]),
+        "load_average": list(os.getloadavg()),
+        "rows": rows,
+    }
 
 
 def main(argv=None):
@@ -138,7 +148,8 @@ def main(argv=None):
     print(f"{shape}, {result['device']}, load {result['load_average'][0]:.1f}")
     print("| workload | technique | ms | /hoisted | compile s |\n|---|---|--:|--:|--:|")
     for r in result["rows"]:
-        print(f"| {r['workload']} | {r['technique']} | {r['ms']:.2f} | {r['ratio_to_hoisted']:.2f} | {r['compile_s']:.2f} |")
+        cells = (r["workload"], r["technique"], f"{r['ms']:.2f}", f"{r['ratio_to_hoisted']:.2f}", f"{r['compile_s']:.2f}")
+        print("| " + " | ".join(cells) + " |")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -412,7 +412,13 @@ def rnn(
 
     def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
         carry, body, inputs, finish = prepare(
-            params, xs, lengths=lengths, carry=carry, time_major=time_major, key=key, resets=resets,
+            params,
+            xs,
+            lengths=lengths,
+            carry=carry,
+            time_major=time_major,
+            key=key,
+            resets=resets,
             return_trace=return_trace,
         )
         return finish(*lax.scan(body, carry, inputs, reverse=reverse, unroll=unroll))

@@ -51,9 +51,7 @@ def test_bidirectional_in_one_scan_equals_two_scans(name):
     params = one.init(jax.random.key(0), (4,))
     xs = jax.random.normal(jax.random.key(1), (3, 6, 4))
     resets = jnp.zeros((3, 6), bool).at[:, 2].set(True)
-    for kw in (
-        dict(lengths=jnp.array([6, 3, 1]), resets=resets, key=jax.random.key(3), return_trace=True),
-    ):
+    for kw in (dict(lengths=jnp.array([6, 3, 1]), resets=resets, key=jax.random.key(3), return_trace=True),):
         _close(one.apply(params, xs, **kw), two.apply(params, xs, **kw), atol=1e-6)
         grad = lambda layer: jax.grad(lambda p: jnp.sum(layer.apply(p, xs, **kw)[1] ** 2))(params)  # noqa: E731
         _close(grad(one), grad(two))
