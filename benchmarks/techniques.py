@@ -148,7 +148,8 @@ def main(argv=None):
     print(f"{shape}, {result['device']}, load {result['load_average'][0]:.1f}")
     print("| workload | technique | ms | /hoisted | compile s |\n|---|---|--:|--:|--:|")
     for r in result["rows"]:
-        cells = (r["workload"], r["technique"], f"{r['ms']:.2f}", f"{r['ratio_to_hoisted']:.2f}", f"{r['compile_s']:.2f}")
+        numbers = (f"{r['ms']:.2f}", f"{r['ratio_to_hoisted']:.2f}", f"{r['compile_s']:.2f}")
+        cells = (r["workload"], r["technique"], *numbers)
         print("| " + " | ".join(cells) + " |")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
