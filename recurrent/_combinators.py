@@ -19,6 +19,7 @@ from recurrent._rnn import (
     check_resets,
     reverse_sequences,
     rnn,
+    scan_parts,
     split_sequence_shape,
 )
 
@@ -103,6 +104,7 @@ def bidirectional(
     backward: Cell | Layer | None = None,
     *,
     merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
+    one_scan: bool = False,
 ) -> Layer:
     r"""A bidirectional layer (Schuster & Paliwal 1997): one direction forward in time, one backward.
 
@@ -122,6 +124,11 @@ def bidirectional(
         layer (it is reversed here). Defaults to ``forward``, with its own parameters.
       merge: ``"concat"`` (last axis), ``"sum"``, ``"mean"``, ``"mul"`` or a function
         ``merge(y_forward, y_backward) -> y``.
+      one_scan: run both directions in one ``lax.scan`` (at step ``k`` the forward direction
+        takes time ``k`` and the backward one time ``T-1-k``), halving the loop's fixed
+        costs. Used when both directions are layers made by :func:`rnn` (cells are); other
+        layers fall back to two scans. The result is the same either way. Off by default:
+        on a 2-core CPU it was not faster than two scans (``benchmarks/README.md``).
 
     Returns:
       A :class:`Layer` with parameters :class:`BidirectionalParams` ``(forward, backward)``
@@ -165,6 +172,9 @@ def bidirectional(
             fix='pass e.g. merge="sum".',
         )
 
+    parts = scan_parts(fwd), scan_parts(bwd)
+    fused = parts if one_scan and None not in parts and not parts[0].reverse and parts[1].reverse else None
+
     def output_shape(input_shape):
         a, b = fwd.output_shape(input_shape), bwd.output_shape(input_shape)
         if merge_fn is _MERGES["concat"]:
@@ -203,8 +213,11 @@ def bidirectional(
         c_f, c_b = (None, None) if carry is None else carry
         k_f, k_b = (None, None) if key is None else jax.random.split(key)
         kw = dict(lengths=lengths, time_major=time_major, resets=resets, return_trace=return_trace)
-        out_f = fwd.apply(params.forward, xs, carry=c_f, key=k_f, **kw)
-        out_b = bwd.apply(params.backward, xs, carry=c_b, key=k_b, **kw)
+        if fused is not None:
+            out_f, out_b = _one_scan(fused, params, xs, c_f, c_b, k_f, k_b, kw)
+        else:
+            out_f = fwd.apply(params.forward, xs, carry=c_f, key=k_f, **kw)
+            out_b = bwd.apply(params.backward, xs, carry=c_b, key=k_b, **kw)
         (c_f, y_f), (c_b, y_b) = out_f[:2], out_b[:2]
         ys = merge_fn(y_f, y_b)
         if lengths is not None and merge_fn not in (_MERGES["concat"], _MERGES["sum"], _MERGES["mul"]):
@@ -225,6 +238,26 @@ def bidirectional(
         reversed=lambda: None,
     )
     return layer._replace(reversed=lambda: flipped(layer))
+
+
+def _one_scan(parts, params, xs, c_f, c_b, k_f, k_b, kw):
+    """Both directions of a bidirectional layer in one ``lax.scan``: the backward direction's
+    scan inputs are visited in reverse time order, which is exactly what its own reversed
+    scan does, so every option (lengths, resets, regularisers, traces) keeps its meaning."""
+    (prep_f, _, unroll_f), (prep_b, _, unroll_b) = parts
+    carry_f, body_f, in_f, finish_f = prep_f(params.forward, xs, carry=c_f, key=k_f, **kw)
+    carry_b, body_b, in_b, finish_b = prep_b(params.backward, xs, carry=c_b, key=k_b, **kw)
+    flip = lambda tree: jax.tree.map(lambda a: jnp.flip(a, 0), tree)  # noqa: E731
+
+    def body(carry, inputs):
+        (carry_f, carry_b), (x_f, x_b) = carry, inputs
+        carry_f, out_f = body_f(carry_f, x_f)
+        carry_b, out_b = body_b(carry_b, x_b)
+        return (carry_f, carry_b), (out_f, out_b)
+
+    unroll = max(int(unroll_f), int(unroll_b))
+    (carry_f, carry_b), (out_f, out_b) = lax.scan(body, (carry_f, carry_b), (in_f, flip(in_b)), unroll=unroll)
+    return finish_f(carry_f, out_f), finish_b(carry_b, flip(out_b))
 
 
 def _thread_shapes(items, input_shape, residual, where):

@@ -167,11 +167,30 @@ class Trace(NamedTuple):
     gates: Any
 
 
+#: Where ``rnn`` applies the cell's input projection (see :func:`rnn`).
+PROJECTIONS = ("auto", "hoisted", "fused")
+
+
+def resolve_projection(projection: str, backend: str | None = None) -> str:
+    """The projection placement ``projection="auto"`` picks on ``backend`` (default: JAX's).
+
+    Measured (``python -m benchmarks.techniques``): on CPU the per-step projection inside the
+    loop is faster, since the small ``(B, F) @ (F, G*H)`` matmul runs while the weights are in
+    cache and no ``(T, B, G*H)`` buffer is written and read back; on GPU and TPU one large
+    matmul over all steps fills the device, so it is hoisted.
+    """
+    if projection != "auto":
+        return projection
+    return "fused" if (backend or jax.default_backend()) == "cpu" else "hoisted"
+
+
 def rnn(
     cell: Cell,
     *,
     reverse: bool = False,
     unroll: int | bool = 1,
+    projection: str = "auto",
+    remat: bool = False,
     input_dropout: float | jax.Array = 0.0,
     variational: bool = False,
     recurrent_dropout: float | jax.Array = 0.0,
@@ -182,7 +201,8 @@ def rnn(
     r"""Runs ``cell`` over a sequence with ``lax.scan``: the library's sequence driver.
 
     The cell's input projection is applied to all time steps at once (one large matmul or
-    convolution) before the recurrence is scanned. ``layer.init`` returns exactly the
+    convolution) before the recurrence is scanned, or inside the loop where that is faster
+    (``projection``; by default chosen per backend). ``layer.init`` returns exactly the
     cell's parameters.
 
     ``layer.apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None,
@@ -223,6 +243,13 @@ def rnn(
       cell: a :class:`Cell`.
       reverse: run backwards in time over the valid prefix.
       unroll: passed to ``lax.scan``; how many steps each loop iteration runs.
+      projection: where the cell's input projection runs: ``"hoisted"`` applies it to all
+        time steps at once before the scan (one large matmul; best on GPU and TPU),
+        ``"fused"`` inside the loop, one step at a time (best on CPU), ``"auto"`` picks by
+        backend (:func:`resolve_projection`). The result is the same.
+      remat: recompute each step in the backward pass (``jax.checkpoint`` of the scan
+        body) rather than storing its intermediates: for long sequences, memory grows with
+        the carry per step only.
       input_dropout, variational, recurrent_dropout, dropconnect, zoneout, zoneout_cell:
         the regularisers above.
 
@@ -251,6 +278,13 @@ def rnn(
             fix="build the cell with a factory such as recurrent.lstm, or use the layer directly.",
         )
     where = f"rnn({cell.name}{', reverse=True' if reverse else ''})"
+    if projection not in PROJECTIONS:
+        raise _core.error(
+            f"{where}: unknown `projection`.",
+            expected=" or ".join(repr(p) for p in PROJECTIONS),
+            got=repr(projection),
+            fix='pass projection="auto" (the measured default per backend), "hoisted" or "fused".',
+        )
     rates = {
         name: check_rate(name, rate, where=where)
         for name, rate in (
@@ -266,6 +300,8 @@ def rnn(
     rank = cell.input_rank
     options = dict(
         unroll=unroll,
+        projection=projection,
+        remat=remat,
         input_dropout=input_dropout,
         variational=variational,
         recurrent_dropout=recurrent_dropout,
@@ -278,7 +314,11 @@ def rnn(
         name = _leaf_name(path)
         return rates["zoneout_cell"] if name == "c" else 0.0 if name == "gates" else rates["zoneout"]
 
-    def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
+    def prepare(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
+        """Everything but the scan: ``(carry, body, inputs, finish)`` such that
+        ``finish(*lax.scan(body, carry, inputs, reverse=reverse))`` is ``apply``'s result.
+        The body takes the true time index, so a combinator may scan several of them in
+        one loop (both directions of ``bidirectional``)."""
         batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
         lengths = check_lengths(lengths, batch, T, where=where)
         resets = check_resets(resets, batch, T, time_major, where=where)
@@ -305,7 +345,9 @@ def rnn(
                 noise = noise._replace(recurrent=_map_keys(mask, k_rec, carry))
             if not _is_off(rates["dropconnect"]):
                 step_params = _drop_connect(k_dc, rates["dropconnect"], params)
-        xp_TB = cell.project(params, xs_TB)  # all time steps at once
+        hoist = resolve_projection(projection) == "hoisted"
+        # hoisted: all time steps at once (one large matmul); fused: each step in the loop
+        xp_TB = cell.project(params, xs_TB) if hoist else xs_TB
 
         if resets is not None:
             resets_TB = (resets if time_major else jnp.moveaxis(resets, nb, 0)).reshape((T, B))
@@ -315,6 +357,8 @@ def rnn(
 
         def body(carry, inputs):
             t, xp = inputs
+            if not hoist:
+                xp = cell.project(params, xp)
             step_noise = noise
             if zoning:
                 if key is None:  # evaluation: the expectation
@@ -349,17 +393,38 @@ def rnn(
             out = (y, new_carry, gates) if return_trace else y
             return new_carry, out
 
-        carry, out = lax.scan(body, carry, (jnp.arange(T), xp_TB), reverse=reverse, unroll=unroll)
+        # remat: the backward pass recomputes each step from its carry instead of storing
+        # every step's intermediates, so memory per step is the carry (and the input).
+        scan_body = jax.checkpoint(body) if remat else body
 
         def unflat(a, time_axis):
             a = a.reshape((*a.shape[:time_axis], *batch, *a.shape[time_axis + 1 :]))
             return a if time_major or time_axis is None else jnp.moveaxis(a, 0, nb)
 
-        carry = jax.tree.map(lambda a: a.reshape((*batch, *a.shape[1:])), carry)
-        if not return_trace:
-            return carry, unflat(out, 1)
-        ys, carries, gates = jax.tree.map(lambda a: unflat(a, 1), out)
-        return carry, ys, Trace(carries, gates)
+        def finish(carry, out):
+            carry = jax.tree.map(lambda a: a.reshape((*batch, *a.shape[1:])), carry)
+            if not return_trace:
+                return carry, unflat(out, 1)
+            ys, carries, gates = jax.tree.map(lambda a: unflat(a, 1), out)
+            return carry, ys, Trace(carries, gates)
+
+        return carry, scan_body, (jnp.arange(T), xp_TB), finish
+
+    def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
+        carry, body, inputs, finish = prepare(
+            params,
+            xs,
+            lengths=lengths,
+            carry=carry,
+            time_major=time_major,
+            key=key,
+            resets=resets,
+            return_trace=return_trace,
+        )
+        return finish(*lax.scan(body, carry, inputs, reverse=reverse, unroll=unroll))
+
+    # private hook for combinators that fuse several scans into one (see ``scan_parts``)
+    apply._scan_parts = ScanParts(prepare, reverse, unroll)
 
     return Layer(
         init=cell.init,
@@ -370,6 +435,19 @@ def rnn(
         name=f"rnn({cell.name})",
         reversed=lambda: rnn(cell, reverse=not reverse, **options),
     )
+
+
+class ScanParts(NamedTuple):
+    """What a layer made by :func:`rnn` does apart from its ``lax.scan`` (private)."""
+
+    prepare: Callable[..., tuple[Any, Callable, Any, Callable]]
+    reverse: bool
+    unroll: int | bool
+
+
+def scan_parts(layer: Layer) -> ScanParts | None:
+    """The :class:`ScanParts` of a layer made by :func:`rnn`, else ``None``."""
+    return getattr(layer.apply, "_scan_parts", None)
 
 
 def _expand(mask_B: jax.Array, like: jax.Array) -> jax.Array:

@@ -48,3 +48,22 @@ def test_converted_parameters_give_flax_the_same_function():
     back = rnn_vs_flax.from_flax(variables)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_suite_quick_run_writes_json_and_plot(tmp_path):
+    # The suite's smoke test (CI): tiny shapes, one case with every peer, the remat memory
+    # figure; it must run and write finite numbers. No timing is asserted.
+    from benchmarks import suite
+
+    result = suite.main(["--quick", "--cases", "lstm", "--extras", "remat", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "suite.json").read_text())
+    assert (tmp_path / "suite.png").stat().st_size > 0
+    (case,) = saved["cases"]
+    contenders = {row["contender"] for row in case["rows"]}
+    assert {"ours", "ours_hoisted"} <= contenders
+    assert contenders | set(case["skipped"]) >= {"ours", "torch", "flax", "keras"}
+    for row in case["rows"]:
+        assert math.isfinite(row["fwd_ms"]) and row["fwd_ms"] > 0
+        assert math.isfinite(row["fwdbwd_ms"]) and row["fwdbwd_ms"] > 0
+    assert set(saved["remat_memory_mb"]) == {"remat=False", "remat=True"}
+    assert result["cases"][0]["rows"] == case["rows"]

@@ -1,0 +1,413 @@
+"""The benchmark suite: our layers against PyTorch, Flax and Keras 3 (JAX backend), in one
+process, interleaved.
+
+Run ``python -m benchmarks.suite [--quick] [--cases=lstm,gru,...] [--out=DIR]``.
+
+For every case (a cell and a shape) each contender is built on the same input shape and
+timed **interleaved**: each repeat times every contender in turn, the order alternating
+from one repeat to the next, so drifts of a shared machine hit all alike; the table gives
+medians and each contender's ratio to ours. Figures:
+
+- ``fwd_ms``: forward, ``xs (B, T, F) -> ys``;
+- ``fwdbwd_ms``: forward and backward, the gradient of ``mean(ys)`` with respect to the
+  parameters and ``xs``;
+- ``compile_s``: ahead-of-time compile time of the jitted forward+backward (JAX contenders;
+  PyTorch runs eagerly);
+- ``peak_mb``: the compiled forward+backward program's memory (arguments, outputs and
+  temporaries, from XLA's memory analysis; JAX contenders);
+- ``mm_frac``: the fraction of this machine's dense float32 matmul throughput reached in
+  forward+backward (counting the gate matmuls only), with the throughput measured in the
+  same run (the best of JAX's and PyTorch's ``2048^3`` matmul).
+
+Extra figures: the compile time of stacks of 1 and 8 equal layers, the compile time of
+every ``rnn`` option combination, and the memory of training on 10,000-step sequences with
+and without ``remat``. Results go to ``DIR/suite.json`` and ``DIR/suite.png``. ``--quick``
+shrinks every shape (a smoke test; nothing about timings is asserted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import recurrent  # noqa: E402
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+# name: (cell kind, batch, steps, features, hidden, layers)
+CASES = {
+    "lstm": ("lstm", 32, 128, 128, 256, 1),
+    "gru": ("gru", 32, 128, 128, 256, 1),
+    "peephole": ("peephole", 32, 128, 128, 256, 1),
+    "cifg": ("cifg", 32, 128, 128, 256, 1),
+    "convlstm": ("convlstm", 16, 10, 16, 64, 1),  # 16x16 images, 16 channels, 10 steps
+    "bidirectional": ("bidirectional", 32, 128, 128, 256, 1),
+    "stacked4": ("lstm", 32, 128, 128, 256, 4),
+    "cudnn": ("lstm", 64, 100, 512, 512, 1),
+    "cudnn4": ("lstm", 64, 100, 512, 512, 4),
+    "small": ("lstm", 32, 64, 32, 64, 1),
+    "long": ("lstm", 8, 2000, 256, 256, 1),
+}
+QUICK_SHAPE = dict(batch=2, steps=5, features=3, hidden=4)
+GATES = {"lstm": 4, "peephole": 4, "cifg": 3, "gru": 3, "bidirectional": 4, "convlstm": 4}
+
+
+def _input_shape(kind, B, T, F):
+    return (B, T, 16, 16, F) if kind == "convlstm" else (B, T, F)
+
+
+def _gate_flops(kind, B, T, F, H, layers):
+    """Multiply-adds x 2 of the gate matmuls (convolutions: 3x3 windows) of a forward pass."""
+    G, per_step = GATES[kind], 0
+    for layer in range(layers):
+        fin = F if layer == 0 else H
+        per_step += 2 * B * G * H * (fin + H) * (9 * 16 * 16 if kind == "convlstm" else 1)
+    return per_step * T * (2 if kind == "bidirectional" else 1)
+
+
+# ----------------------------------------------------------------------------- contenders
+# Each builder returns (forward, forward_backward, compile_s, peak_bytes): two callables of
+# no arguments that block until done, and figures (None where they do not apply).
+
+
+def _jax_contender(forward: Callable, params, xs):
+    grad = jax.grad(lambda p, x: jnp.mean(forward(p, x)), argnums=(0, 1))
+    fwd = jax.jit(forward).lower(params, xs).compile()
+    t0 = time.perf_counter()
+    bwd = jax.jit(grad).lower(params, xs).compile()
+    compile_s = time.perf_counter() - t0
+    m = bwd.memory_analysis()
+    peak = None if m is None else m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return (
+        lambda: jax.block_until_ready(fwd(params, xs)),
+        lambda: jax.block_until_ready(bwd(params, xs)),
+        compile_s,
+        peak,
+    )
+
+
+def _our_cell(kind, H):
+    return {
+        "lstm": lambda: recurrent.lstm(H),
+        "bidirectional": lambda: recurrent.lstm(H),
+        "peephole": lambda: recurrent.peephole_lstm(H),
+        "cifg": lambda: recurrent.cifg_lstm(H),
+        "gru": lambda: recurrent.gru(H),
+        "convlstm": lambda: recurrent.conv_lstm(H, (3, 3)),
+    }[kind]()
+
+
+def ours(kind, B, T, F, H, layers, xs, **rnn_options):
+    one_scan = rnn_options.pop("one_scan", False)
+    if kind == "bidirectional":
+        layer = recurrent.bidirectional(recurrent.rnn(_our_cell(kind, H), **rnn_options), one_scan=one_scan)
+    elif layers > 1:
+        layer = recurrent.rnn(recurrent.stacked([_our_cell(kind, H) for _ in range(layers)]), **rnn_options)
+    else:
+        layer = recurrent.rnn(_our_cell(kind, H), **rnn_options)
+    params = layer.init(jax.random.key(0), xs.shape[2:])
+    return _jax_contender(lambda p, x: layer.apply(p, x)[1], params, xs)
+
+
+def flax_rnn(kind, B, T, F, H, layers, xs):
+    import flax.linen as nn
+
+    make = {
+        "lstm": lambda: nn.OptimizedLSTMCell(H),
+        "gru": lambda: nn.GRUCell(H),
+        "bidirectional": lambda: nn.OptimizedLSTMCell(H),
+        "convlstm": lambda: nn.ConvLSTMCell(H, (3, 3)),
+    }[kind]
+    if kind == "bidirectional":
+        model = nn.Bidirectional(nn.RNN(make()), nn.RNN(make()))
+    else:
+        model = nn.Sequential([nn.RNN(make()) for _ in range(layers)]) if layers > 1 else nn.RNN(make())
+    variables = model.init(jax.random.key(0), xs)
+    return _jax_contender(model.apply, variables, xs)
+
+
+def keras_rnn(kind, B, T, F, H, layers, xs):
+    import keras
+
+    make = {
+        "lstm": lambda: keras.layers.LSTM(H, return_sequences=True),
+        "gru": lambda: keras.layers.GRU(H, return_sequences=True),
+        "bidirectional": lambda: keras.layers.Bidirectional(keras.layers.LSTM(H, return_sequences=True)),
+        "convlstm": lambda: keras.layers.ConvLSTM2D(H, 3, padding="same", return_sequences=True),
+    }[kind]
+    model = keras.Sequential([keras.Input(xs.shape[1:])] + [make() for _ in range(layers)])
+    trainable = [v.value for v in model.trainable_variables]
+    other = [v.value for v in model.non_trainable_variables]
+    return _jax_contender(lambda tv, x: model.stateless_call(tv, other, x)[0], trainable, xs)
+
+
+def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES):
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    module = {"lstm": torch.nn.LSTM, "bidirectional": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    model = module(F, H, num_layers=layers, batch_first=True, bidirectional=kind == "bidirectional")
+    x = torch.from_numpy(np.array(xs)).requires_grad_(True)
+
+    def forward():
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            model(x)
+
+    def forward_backward():
+        torch.set_num_threads(threads)
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        model(x)[0].mean().backward()
+
+    return forward, forward_backward, None, None
+
+
+def contenders_for(kind, layers, quick):
+    c = {"ours": ours}
+    if kind in ("lstm", "gru", "bidirectional"):
+        c["torch"] = torch_rnn
+        if CORES > 1:  # on a shared machine OpenMP's spinning threads can suffer; one thread shown too
+            c["torch_1thread"] = lambda *a: torch_rnn(*a, threads=1)
+    if kind in ("lstm", "gru", "bidirectional", "convlstm"):
+        c["flax"], c["keras"] = flax_rnn, keras_rnn
+    if kind in ("lstm", "convlstm") and layers == 1:  # diagnostic: the projection before the loop
+        c["ours_hoisted"] = lambda *a: ours(*a, projection="hoisted")
+    if kind == "bidirectional":  # the same layer with both directions in one scan
+        c["ours_one_scan"] = lambda *a: ours(*a, one_scan=True)
+    return c
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def matmul_throughput(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of one ``(n, n) @ (n, n)`` float32 matmul, by JAX and by PyTorch."""
+    out = {}
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(jnp.dot).lower(a, a).compile()
+    jax.block_until_ready(f(a, a))
+    out["jax"] = 2 * n**3 / min(_timed(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats)) / 1e9
+    try:
+        import torch
+
+        torch.set_num_threads(CORES)
+        t = torch.randn(n, n)
+        torch.mm(t, t)
+        out["torch"] = 2 * n**3 / min(_timed(lambda: torch.mm(t, t)) for _ in range(repeats)) / 1e9
+    except ImportError:
+        pass
+    return out
+
+
+def _timed(fn, number=1):
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
+
+
+def run_case(name, kind, B, T, F, H, layers, *, repeats, peak_gflops, quick):
+    xs = jax.random.normal(jax.random.key(1), _input_shape(kind, B, T, F))
+    built, skipped = {}, {}
+    for label, build in contenders_for(kind, layers, quick).items():
+        try:
+            built[label] = build(kind, B, T, F, H, layers, xs)
+        except Exception as e:  # a missing or failing peer is reported, not fatal
+            skipped[label] = f"{type(e).__name__}: {e}"[:200]
+    labels = list(built)
+    samples = {(label, w): [] for label in labels for w in (0, 1)}
+    number = {}
+    for label in labels:  # warm up, and pick calls per sample so each takes >= ~50 ms
+        for w in (0, 1):
+            built[label][w]()
+            number[label, w] = max(1, min(20, int(0.05 / max(_timed(built[label][w]), 1e-6))))
+    for r in range(repeats):
+        for w in (0, 1):
+            for label in labels if r % 2 == 0 else labels[::-1]:
+                samples[label, w].append(_timed(built[label][w], number[label, w]) * 1e3)
+    flops = _gate_flops(kind, B, T, F, H, layers)
+    rows = []
+    base = {w: statistics.median(samples["ours", w]) for w in (0, 1)} if "ours" in built else None
+    for label in labels:
+        fwd, fwdbwd = (statistics.median(samples[label, w]) for w in (0, 1))
+        _, _, compile_s, peak = built[label]
+        rows.append(
+            {
+                "case": name,
+                "contender": label,
+                "fwd_ms": fwd,
+                "fwdbwd_ms": fwdbwd,
+                "ours_over_it_fwd": base[0] / fwd if base else None,
+                "ours_over_it_fwdbwd": base[1] / fwdbwd if base else None,
+                "compile_s": compile_s,
+                "peak_mb": None if peak is None else peak / 2**20,
+                "mm_frac": 3 * flops / (fwdbwd / 1e3) / (peak_gflops * 1e9),
+                "samples_fwd_ms": samples[label, 0],
+                "samples_fwdbwd_ms": samples[label, 1],
+            }
+        )
+    return {
+        "case": name,
+        "kind": kind,
+        "shape": dict(batch=B, steps=T, features=F, hidden=H, layers=layers),
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def compile_depth(depths, B, T, F, H):
+    """Seconds to compile forward+backward of ``rnn(stacked([lstm(H)] * depth))``."""
+    out = {}
+    for depth in depths:
+        xs = jax.random.normal(jax.random.key(1), (B, T, F))
+        out[depth] = ours("lstm", B, T, F, H, depth, xs)[2]
+    return out
+
+
+def compile_options(B, T, F, H):
+    """Forward+backward compile seconds of every combination of the driver's speed options."""
+    out = {}
+    xs = jax.random.normal(jax.random.key(1), (B, T, F))
+    for projection, unroll, remat in itertools.product(("hoisted", "fused"), (1, 4), (False, True)):
+        key = f"projection={projection},unroll={unroll},remat={remat}"
+        out[key] = ours("lstm", B, T, F, H, 1, xs, projection=projection, unroll=unroll, remat=remat)[2]
+    xs = jax.random.normal(jax.random.key(1), (B, T, F))
+    out["bidirectional one scan"] = ours("bidirectional", B, T, F, H, 1, xs)[2]
+    out["stacked 8"] = ours("lstm", B, T, F, H, 8, xs)[2]
+    return out
+
+
+def remat_memory(B, T, F, H):
+    """Compiled forward+backward memory (MB) of an LSTM layer over ``T`` steps, with and
+    without ``remat`` (XLA's memory analysis: arguments + outputs + temporaries)."""
+    xs = jax.ShapeDtypeStruct((B, T, F), jnp.float32)
+    out = {}
+    for remat in (False, True):
+        layer = recurrent.rnn(recurrent.lstm(H), remat=remat)
+        params = layer.init(jax.random.key(0), (F,))
+        grad = jax.grad(lambda p, x: jnp.mean(layer.apply(p, x)[1]), argnums=(0, 1))
+        m = jax.jit(grad).lower(params, xs).compile().memory_analysis()
+        out[f"remat={remat}"] = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**20
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def format_tables(result) -> str:
+    lines = [
+        f"machine: {result['machine']}; matmul GFLOP/s {result['matmul_gflops']}; "
+        f"{result['repeats']} interleaved repeats; load average {result['load_average']}",
+        "",
+    ]
+    lines += [
+        "| case | contender | fwd ms | fwd+bwd ms | ours/it fwd | ours/it fwd+bwd | compile s | peak MB "
+        "| matmul frac |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    for case in result["cases"]:
+        for r in case["rows"]:
+            lines.append(
+                f"| {r['case']} | {r['contender']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} "
+                f"| {fmt(r['ours_over_it_fwd'], '.2f')} | {fmt(r['ours_over_it_fwdbwd'], '.2f')} "
+                f"| {fmt(r['compile_s'], '.2f')} | {fmt(r['peak_mb'], '.0f')} | {r['mm_frac']:.3f} |"
+            )
+        for label, why in case["skipped"].items():
+            lines.append(f"| {case['case']} | {label} | skipped: {why} | | | | | | |")
+    for key in ("compile_depth_s", "compile_options_s", "remat_memory_mb"):
+        if result.get(key):
+            lines += ["", f"{key}: " + ", ".join(f"{k}: {v:.2f}" for k, v in result[key].items())]
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 + 0.45 * sum(len(c["rows"]) for c in cases)))
+    labels = [f"{r['case']}: {r['contender']}" for c in cases for r in c["rows"]]
+    for ax, key, title in zip(axes, ("fwd_ms", "fwdbwd_ms"), ("forward", "forward+backward")):
+        values = [r[key] for c in cases for r in c["rows"]]
+        colors = ["C0" if r["contender"].startswith("ours") else "C7" for c in cases for r in c["rows"]]
+        ax.barh(range(len(values)), values, color=colors)
+        ax.set_yticks(range(len(values)), labels if ax is axes[0] else [""] * len(values), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("ms (median, log scale)")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats: a smoke test")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--extras", default="depth,options,remat", help="extra figures (or 'none')")
+    parser.add_argument("--out", default="runs/benchmarks", help="directory for suite.json and suite.png")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    gflops = matmul_throughput(256 if args.quick else 2048, 2 if args.quick else 5)
+    peak = max(gflops.values())
+    result = {
+        "machine": f"{platform.machine()}, {CORES} CPU cores, {jax.devices()[0]}",
+        "repeats": repeats,
+        "versions": {"jax": jax.__version__},
+        "matmul_gflops": {k: round(v, 1) for k, v in gflops.items()},
+        "command": "python -m benchmarks.suite " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "cases": [],
+    }
+    for name in args.cases.split(","):
+        kind, B, T, F, H, layers = CASES[name]
+        if args.quick:
+            B, T, F, H = (QUICK_SHAPE[k] for k in ("batch", "steps", "features", "hidden"))
+        result["cases"].append(
+            run_case(name, kind, B, T, F, H, layers, repeats=repeats, peak_gflops=peak, quick=args.quick)
+        )
+        print(format_tables({**result, "cases": result["cases"][-1:], "load_average": os.getloadavg()[0]}), flush=True)
+    extras = args.extras.split(",")
+    small = (2, 5, 3, 4) if args.quick else (32, 128, 128, 256)
+    if "depth" in extras:
+        result["compile_depth_s"] = {f"depth {d}": s for d, s in compile_depth((1, 8), *small).items()}
+    if "options" in extras:
+        result["compile_options_s"] = compile_options(*small)
+    if "remat" in extras:
+        result["remat_memory_mb"] = remat_memory(*((2, 50, 3, 4) if args.quick else (32, 10_000, 256, 256)))
+    result["load_average"] = os.getloadavg()[0]
+    try:
+        import torch
+
+        result["versions"]["torch"] = torch.__version__
+    except ImportError:
+        pass
+    table = format_tables(result)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "suite.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(args.out, "suite.png"))
+    print(f"\nwrote {args.out}/suite.json and suite.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
