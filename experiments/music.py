@@ -45,7 +45,10 @@ CELLS = ("lstm", "peephole_lstm", "cifg_lstm", "gru", *(f"greff_{n}" for n in re
 class Config(pipeline.TrainConfig):
     """Polyphonic music settings; ``python -m experiments.music --help`` lists them."""
 
-    data: str = field("jsb", "jsb | nottingham | path to a Boulanger-Lewandowski .mat file")
+    data: str = field(
+        "auto", "auto (jsb if its file is at hand, else music21) | jsb | nottingham | music21 | path to a .mat file"
+    )
+    cache_dir: str = field("", "where the music21 chorales are cached (default: ~/.cache/recurrent)")
     data_dir: str = field("", "folder of JSB_Chorales.mat / Nottingham.mat (default: ../shared/data)")
     cell: str = field("lstm", f"{' | '.join(CELLS)}")
     hidden: int = field(200, "hidden units per layer")
@@ -93,10 +96,15 @@ def check_config(config: Config) -> Config:
 
 
 def data_path(config: Config) -> str:
-    if config.data in DATA_FILES:
-        folder = config.data_dir or os.path.join(REPO_ROOT, "..", "shared", "data")
-        return os.path.normpath(os.path.join(folder, DATA_FILES[config.data]))
-    return config.data
+    """The ``.mat`` file the config names, or ``"music21"``."""
+    name = config.data
+    folder = config.data_dir or os.path.join(REPO_ROOT, "..", "shared", "data")
+    if name == "auto":
+        jsb = os.path.normpath(os.path.join(folder, DATA_FILES["jsb"]))
+        return jsb if os.path.isfile(jsb) else "music21"
+    if name in DATA_FILES:
+        return os.path.normpath(os.path.join(folder, DATA_FILES[name]))
+    return name
 
 
 def load_mat(path: str) -> pipeline.Data:
@@ -141,8 +149,76 @@ def load_mat(path: str) -> pipeline.Data:
     return pipeline.Data(*splits)
 
 
+def chorale_roll(path: str) -> np.ndarray | None:
+    """One chorale of the music21 corpus as a JSB-style ``(T, 88)`` roll, or None if it has not 4 parts.
+
+    The JSB recipe: transposed to C major / C minor (the nearer way), sampled on a
+    quarter-note grid (a key sounds at step ``t`` if a note covers quarter ``t``).
+    """
+    from music21 import converter
+
+    score = converter.parse(path)
+    if len(score.parts) != 4:
+        return None
+    shift = -score.analyze("key").tonic.pitchClass % 12
+    score = score.transpose(shift - 12 if shift > 6 else shift)
+    roll = np.zeros((int(np.ceil(float(score.highestTime))), KEYS), np.uint8)
+    for note in score.flatten().notes:
+        on, off = float(note.offset), float(note.offset + note.quarterLength)
+        steps = np.arange(int(np.ceil(on)), int(np.ceil(off)))
+        for p in note.pitches:
+            if 21 <= p.midi <= 108 and len(steps):
+                roll[steps, p.midi - 21] = 1
+    return roll if len(roll) >= 2 else None
+
+
+def build_music21_chorales(cache_dir: str = "", limit: int = 0, seed: int = 0) -> pipeline.Data:
+    """The Bach chorales of the ``music21`` corpus built to the JSB recipe, split 60/20/20 by a fixed
+    seed, cached as ``music21_chorales[_<limit>].npz`` after the first build (minutes)."""
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "recurrent")
+    path = os.path.join(cache_dir, f"music21_chorales{f'_{limit}' if limit else ''}.npz")
+    if not os.path.isfile(path):
+        try:
+            from music21 import corpus
+        except ImportError:
+            raise DataError(
+                "no music data at hand: the default data set needs the music21 package.\n"
+                "  fix:      pip install music21, or pass --data=PATH/TO/JSB_Chorales.mat."
+            ) from None
+        files = sorted(str(p) for p in corpus.getComposer("bach") if str(p).endswith((".mxl", ".xml", ".krn")))
+        files = files[:limit] if limit else files
+        print(f"building the music21 Bach chorales ({len(files)} files) into {path} ...", flush=True)
+        rolls = [r for r in map(chorale_roll, files) if r is not None]
+        order = np.random.default_rng(seed).permutation(len(rolls))
+        n_train, n_valid = int(0.6 * len(rolls)), int(0.2 * len(rolls))
+        split = {
+            "train": order[:n_train],
+            "valid": order[n_train : n_train + n_valid],
+            "test": order[n_train + n_valid :],
+        }
+        os.makedirs(cache_dir, exist_ok=True)
+        arrays = {}
+        for name, idx in split.items():
+            arrays[f"{name}_rolls"] = np.concatenate([rolls[i] for i in idx]) if len(idx) else np.zeros((0, KEYS))
+            arrays[f"{name}_lengths"] = np.array([len(rolls[i]) for i in idx], np.int64)
+        np.savez_compressed(path + ".tmp.npz", **arrays)
+        os.replace(path + ".tmp.npz", path)
+    with np.load(path) as f:
+        splits = []
+        for name in ("train", "valid", "test"):
+            bounds = np.cumsum(f[f"{name}_lengths"])[:-1]
+            rolls = np.split(f[f"{name}_rolls"].astype(np.float32), bounds)
+            if not len(f[f"{name}_lengths"]):
+                raise DataError(f"{path}: the {name} split is empty.\n  fix:      build with more chorales.")
+            splits.append(rolls)
+    return pipeline.Data(*splits)
+
+
 def load_data(config: Config) -> pipeline.Data:
-    return load_mat(data_path(config))
+    path = data_path(config)
+    if path == "music21":
+        return build_music21_chorales(config.cache_dir)
+    return load_mat(path)
 
 
 # --------------------------------------------------------------------------------------

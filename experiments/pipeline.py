@@ -90,6 +90,7 @@ class TrainConfig:
     checkpoint_every: int = field(100, "steps between checkpoints")
     keep_checkpoints: int = field(3, "latest checkpoints kept (plus the best)")
     log_every: int = field(20, "steps between metric fetches and log lines")
+    ema_decay: float = field(0.0, "evaluate an exponential moving average of the parameters (0: off)")
     num_devices: int = field(0, "devices of the data-parallel mesh (0: all local devices)")
     distributed: bool = field(False, "call jax.distributed.initialize() first (multi-host)")
     progress: bool = field(True, "show a progress bar")
@@ -478,7 +479,7 @@ def write_config(config: Any) -> None:
         f.write(text)
 
 
-def make_steps(task: Task, optimizer: optax.GradientTransformation):
+def make_steps(task: Task, optimizer: optax.GradientTransformation, ema_decay: float = 0.0):
     """The jitted ``train_step(state, batch) -> (state, loss)`` and ``eval_step(params, batch) -> (sum, count)``."""
 
     def train_step(state, batch):
@@ -490,7 +491,10 @@ def make_steps(task: Task, optimizer: optax.GradientTransformation):
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state)
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, params=params, opt_state=opt_state)
+        if "ema" in state:  # Polyak averaging of the iterates
+            new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
         new["step"] = state["step"] + 1
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -517,7 +521,8 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
     """
     optimizer = make_optimizer(config)
     devices = make_devices(config)
-    train_step, eval_step = make_steps(task, optimizer)
+    train_step, eval_step = make_steps(task, optimizer, config.ema_decay)
+    eval_params = lambda state: state["ema"] if config.ema_decay else state["params"]  # noqa: E731
     valid_batches = eval_batches(data.valid, config.batch_size, config.pad_multiple)
     test_batches = eval_batches(data.test, config.batch_size, config.pad_multiple)
     train_lengths = [len(s) for s in data.train]
@@ -534,6 +539,8 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             "opt_state": optimizer.init(params),
             "key": jax.random.key_data(step_key),
         }
+        if config.ema_decay:
+            state["ema"] = jax.tree.map(jnp.array, params)  # a copy: state is donated
         state = jax.device_put(state, devices.replicated)
         ckpt_dir = os.path.join(config.workdir, "checkpoints")
         state, start, latest = restore_latest(ckpt_dir, state, config.keep_checkpoints)
@@ -578,7 +585,7 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     bar.update(done - bar.n)
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-                valid = evaluate(eval_step, state["params"], valid_batches, devices)
+                valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
                 writer.write(done, "valid", {"nll": valid})
                 save_checkpoint(best, done, state, {"valid": valid})
                 if bar is not None:
@@ -588,8 +595,8 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         if bar is not None:
             bar.close()
         steps_per_s = (config.steps - s_start) / max(time.perf_counter() - t_start, 1e-9)
-        valid = evaluate(eval_step, state["params"], valid_batches, devices)
-        test = evaluate(eval_step, state["params"], test_batches, devices)
+        valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
+        test = evaluate(eval_step, eval_params(state), test_batches, devices)
         result = {"step": config.steps, "valid": valid, "test": test}
         best_step = best.best_step()
         if best_step is not None:
@@ -598,8 +605,8 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             best_state = best.restore(best_step, args=ocp.args.StandardRestore(state))
             result.update(
                 best_step=best_step,
-                best_valid=evaluate(eval_step, best_state["params"], valid_batches, devices),
-                best_test=evaluate(eval_step, best_state["params"], test_batches, devices),
+                best_valid=evaluate(eval_step, eval_params(best_state), valid_batches, devices),
+                best_test=evaluate(eval_step, eval_params(best_state), test_batches, devices),
             )
         writer.write(config.steps, "final", result)
         writer.close()
@@ -607,7 +614,7 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         best.close()
         with open(os.path.join(config.workdir, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
-        params = jax.device_get(state["params"])
+        params = jax.device_get(eval_params(state))
         save_params(os.path.join(config.workdir, "final_params.npz"), params)
         return {**result, "params": params, "steps_per_s": steps_per_s}
 

@@ -162,7 +162,9 @@ def test_optimizers_reduce_a_quadratic(name, schedule):
 
 def test_music_smoke_in_process_writes_everything(tmp_path):
     mat = write_mat(tmp_path / "tiny.mat")
-    config = pipeline.parse_args(small_args(mat, tmp_path / "run", "--cell=gru"), music.get_config())
+    config = pipeline.parse_args(
+        small_args(mat, tmp_path / "run", "--cell=gru", "--ema_decay=0.9", "--optimizer=rmsprop"), music.get_config()
+    )
     result = music.make_train(config)(jax.random.key(0))
     assert np.isfinite(result["test"]) and np.isfinite(result["valid"]) and result["best_step"] in (4, 8)
     run = tmp_path / "run"
@@ -267,3 +269,17 @@ def test_data_parallel_on_four_virtual_cpu_devices_matches_one_device(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK")
+
+
+def test_music21_chorales_are_built_to_the_jsb_recipe_and_cached(tmp_path):
+    pytest.importorskip("music21")
+    data = music.build_music21_chorales(str(tmp_path), limit=6)
+    rolls = [r for split in data for r in split]
+    assert sum(map(len, data)) >= 4 and all(len(split) for split in data)
+    for roll in rolls:
+        assert roll.ndim == 2 and roll.shape[1] == 88 and set(np.unique(roll)) <= {0.0, 1.0}
+        assert 2 <= roll.sum(1).max() <= 4  # four voices on a quarter-note grid
+    cached = music.build_music21_chorales(str(tmp_path), limit=6)  # from the cache: same split
+    for a, b in zip(data, cached):
+        assert all((x == y).all() for x, y in zip(a, b))
+    assert os.listdir(tmp_path) == ["music21_chorales_6.npz"]
