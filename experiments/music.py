@@ -59,15 +59,18 @@ class Config(pipeline.TrainConfig):
 
 
 def get_config() -> Config:
-    """The JSB LSTM config (see experiments/README.md for the numbers it reaches)."""
+    """The JSB config: one sequence per Adam step at a constant 1e-3 (the gradient noise of batch 1
+    regularises better than annealing; see experiments/README.md for the numbers it reaches), dropout
+    0.5 before the readout, the checkpoint with the best validation NLL kept. About 5 minutes on a
+    free 2-core CPU; ``--cell=gru`` for the GRU."""
     return Config(
-        steps=3000,
-        batch_size=8,
-        learning_rate=2e-3,
-        schedule="cosine",
-        final_lr_fraction=0.05,
+        steps=4000,
+        batch_size=1,
+        learning_rate=1e-3,
+        schedule="constant",
         eval_every=250,
         checkpoint_every=250,
+        log_every=50,
         workdir="runs/music",
     )
 

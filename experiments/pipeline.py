@@ -357,18 +357,24 @@ class MetricsWriter:
 
         self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
 
+    @staticmethod
+    def _keep(row: dict, resume_step: int) -> bool:
+        return row["step"] < resume_step or (row["step"] == resume_step and row["split"] != "final")
+
     def _truncate(self, resume_step: int) -> None:
         """Drops rows after the restored step, which the resumed run writes again."""
         if os.path.exists(self.jsonl):
             with open(self.jsonl) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                rows = [line for line in f if line.strip() and self._keep(json.loads(line), resume_step)]
             with open(self.jsonl, "w") as f:
                 f.writelines(rows)
         if os.path.exists(self.csv):
             with open(self.csv, newline="") as f:
                 rows = [r for r in csv.reader(f)]
             with open(self.csv, "w", newline="") as f:
-                csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= resume_step])
+                csv.writer(f).writerows(
+                    [rows[0]] + [r for r in rows[1:] if self._keep({"step": int(r[0]), "split": r[1]}, resume_step)]
+                )
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         with open(self.jsonl, "a") as f:
@@ -522,7 +528,14 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
     optimizer = make_optimizer(config)
     devices = make_devices(config)
     train_step, eval_step = make_steps(task, optimizer, config.ema_decay)
-    eval_params = lambda state: state["ema"] if config.ema_decay else state["params"]  # noqa: E731
+
+    def eval_params(state):
+        if not config.ema_decay:
+            return state["params"]
+        # The average starts at zero; dividing by 1 - decay^step removes that bias (as Adam's moments).
+        scale = 1.0 / (1.0 - config.ema_decay ** jnp.maximum(state["step"], 1).astype(jnp.float32))
+        return jax.tree.map(lambda e: e * scale, state["ema"])
+
     valid_batches = eval_batches(data.valid, config.batch_size, config.pad_multiple)
     test_batches = eval_batches(data.test, config.batch_size, config.pad_multiple)
     train_lengths = [len(s) for s in data.train]
@@ -540,7 +553,7 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             "key": jax.random.key_data(step_key),
         }
         if config.ema_decay:
-            state["ema"] = jax.tree.map(jnp.array, params)  # a copy: state is donated
+            state["ema"] = jax.tree.map(jnp.zeros_like, params)
         state = jax.device_put(state, devices.replicated)
         ckpt_dir = os.path.join(config.workdir, "checkpoints")
         state, start, latest = restore_latest(ckpt_dir, state, config.keep_checkpoints)
