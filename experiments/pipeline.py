@@ -267,7 +267,7 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, data_seed: int, epoch
     length before it is cut into batches, and the batches are shuffled again.
 
     >>> [b.tolist() for b in epoch_batches([5, 1, 3], 2, data_seed=0, epoch=0, bucket=1)]
-    [[1, 2], [0, -1]]
+    [[2, 0], [1, -1]]
     """
     rng = np.random.default_rng([data_seed, epoch])
     order = rng.permutation(len(lengths))

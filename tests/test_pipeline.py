@@ -182,7 +182,7 @@ def test_sigkill_then_rerun_gives_bit_identical_params(tmp_path):
     straight = run_music(small_args(mat, tmp_path / "straight"), timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    args = small_args(mat, tmp_path / "killed", "--sleep_per_step=0.5")
+    args = small_args(mat, tmp_path / "killed", "--sleep_per_step=0.25")
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.music", *args], cwd=REPO, env=FAST_ENV,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
