@@ -14,7 +14,7 @@ from jax import lax
 from recurrent import _core
 from recurrent._core import Cell, LSTMState
 from recurrent._gru import GRULayerNormParams
-from recurrent._lstm import LSTM_GATES, Initializer, LayerNormParams, fused_blocks
+from recurrent._lstm import LSTM_GATES, Initializer, LayerNormParams, fused_blocks, project_input
 
 
 class ConvLSTMParams(NamedTuple):
@@ -244,12 +244,8 @@ def conv_lstm(
     def project(params, x):
         spatial = None if params.peephole_forget is None else tuple(params.peephole_forget.shape[:-1])
         sp.check_x(x, params.input_kernel.shape[-2], spatial)
-        cdt, sdt = _dtypes(params)
-        xp = _conv(x.astype(cdt), params.input_kernel.astype(cdt), n)
-        if layer_norm:
-            xp = _normalize(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt), None, n, eps)
-            return (xp + params.bias.astype(sdt)).astype(cdt)
-        return xp + params.bias.astype(cdt)
+        norm = (lambda v, scale: _normalize(v, scale, None, n, eps)) if layer_norm else None
+        return project_input(lambda v, k: _conv(v, k, n), x, params, norm, *_dtypes(params))
 
     def probe(params, carry, xp, noise=None):
         cdt, sdt = _dtypes(params)
@@ -368,12 +364,8 @@ def conv_gru(
 
     def project(params, x):
         sp.check_x(x, params.input_kernel.shape[-2])
-        cdt, sdt = _dtypes(params)
-        xp = _conv(x.astype(cdt), params.input_kernel.astype(cdt), n)
-        if layer_norm:
-            xp = _normalize(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt), None, n, eps)
-            return (xp + params.bias.astype(sdt)).astype(cdt)
-        return xp + params.bias.astype(cdt)
+        norm = (lambda v, scale: _normalize(v, scale, None, n, eps)) if layer_norm else None
+        return project_input(lambda v, k: _conv(v, k, n), x, params, norm, *_dtypes(params))
 
     def probe(params, h_prev, xp, noise=None):
         cdt, sdt = _dtypes(params)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from recurrent import _core
 from recurrent._core import Cell
-from recurrent._lstm import Initializer, fused_blocks, normalize
+from recurrent._lstm import Initializer, fused_blocks, normalize, project_input
 
 #: Order of the fused gate blocks of a GRU (PyTorch's): reset, update, candidate.
 GRU_GATES = ("reset", "update", "candidate")
@@ -145,12 +145,8 @@ def gru(
         _core.check_input(
             x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
         )
-        cdt, sdt = _dtypes(params)
-        xp = x.astype(cdt) @ params.input_kernel.astype(cdt)
-        if layer_norm:
-            xp = normalize(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt), eps=layer_norm_epsilon)
-            return (xp + params.bias.astype(sdt)).astype(cdt)
-        return xp + params.bias.astype(cdt)
+        norm = (lambda v, scale: normalize(v, scale, eps=layer_norm_epsilon)) if layer_norm else None
+        return project_input(jnp.matmul, x, params, norm, *_dtypes(params))
 
     def probe(params, h_prev, xp, noise=None):
         cdt, sdt = _dtypes(params)

@@ -103,6 +103,17 @@ def normalize(x: jax.Array, scale: jax.Array, offset: jax.Array | None = None, e
     return y if offset is None else y + offset
 
 
+def project_input(transform, x, params, norm, cdt, sdt):
+    """The carry-independent part of a step, shared by every cell: ``transform(x, input_kernel)``
+    (a matmul or a convolution), layer-normalised by ``norm(xp, scale)`` when given (in the
+    state dtype), plus the bias."""
+    xp = transform(x.astype(cdt), params.input_kernel.astype(cdt))
+    if norm is not None:
+        xp = norm(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt))
+        return (xp + params.bias.astype(sdt)).astype(cdt)
+    return xp + params.bias.astype(cdt)
+
+
 def _identity(x):
     return x
 
@@ -235,12 +246,8 @@ def _lstm_family(
         _core.check_input(
             x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
         )
-        cdt, sdt = _dtypes(params)
-        xp = x.astype(cdt) @ params.input_kernel.astype(cdt)
-        if layer_norm:
-            xp = normalize(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt), eps=layer_norm_epsilon)
-            return (xp + params.bias.astype(sdt)).astype(cdt)
-        return xp + params.bias.astype(cdt)
+        norm = (lambda v, scale: normalize(v, scale, eps=layer_norm_epsilon)) if layer_norm else None
+        return project_input(jnp.matmul, x, params, norm, *_dtypes(params))
 
     def probe(params, carry, xp, noise=None):
         cdt, sdt = _dtypes(params)
