@@ -23,6 +23,7 @@ from recurrent._combinators import (
 )
 from recurrent._conv import ConvGRUParams, ConvLSTMParams, conv_gru, conv_lstm
 from recurrent._core import Cell, Layer, LSTMState, StepNoise, count_params
+from recurrent._cudnn import FallbackWarning
 from recurrent._gru import GRU_GATES, GRULayerNormParams, GRUParams, gru
 from recurrent._lstm import (
     CIFG_GATES,
@@ -45,6 +46,7 @@ __all__ = [
     "BidirectionalState",
     "CIFG_GATES",
     "Cell",
+    "FallbackWarning",
     "ConvGRUParams",
     "ConvLSTMParams",
     "GREFF_VARIANTS",

@@ -205,6 +205,7 @@ def conv_lstm(
     >>> y.shape
     (4, 16, 16, 8)
     """
+    options = dict(locals())
     sp = _spatial("recurrent.conv_lstm", hidden_channels, kernel_size)
     where, H, kernel_size, n = sp
     forget = LSTM_GATES.index("forget")
@@ -280,6 +281,7 @@ def conv_lstm(
         output_shape=output_shape,
         input_rank=n + 1,
         name="conv_lstm",
+        options=options,
     )
 
 
@@ -332,6 +334,7 @@ def conv_gru(
     >>> ys.shape, carry.shape
     ((5, 7, 10, 4), (5, 10, 4))
     """
+    options = dict(locals())
     sp = _spatial("recurrent.conv_gru", hidden_channels, kernel_size)
     where, H, kernel_size, n = sp
     eps = layer_norm_epsilon
@@ -400,4 +403,5 @@ def conv_gru(
         output_shape=output_shape,
         input_rank=n + 1,
         name="conv_gru",
+        options=options,
     )

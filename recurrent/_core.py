@@ -15,7 +15,8 @@ C     input channels of a ConvLSTM step
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -52,6 +53,10 @@ class Cell(NamedTuple):
       probe: ``probe(params, carry, xp, noise=None) -> (carry, y, gates)``: ``recur`` that
         also returns the step's gate activations, a dict from gate name to array (a tuple of
         dicts for a stacked cell), for analysis and plots.
+      options: the options the cell was built with (a read-only mapping from argument name
+        to value, e.g. ``{"hidden_size": 128, "peephole": False, ...}``), or ``None`` for
+        cells that do not record them. Converters and fast paths read it to tell a plain
+        cell from one with options that leave no trace in the parameters.
     """
 
     init: Callable[[PRNGKey, Shape], Params]
@@ -63,6 +68,7 @@ class Cell(NamedTuple):
     input_rank: int
     name: str
     probe: Callable[..., tuple[Carry, jax.Array, Any]]
+    options: Mapping[str, Any] | None = None
 
 
 def make_cell(
@@ -74,6 +80,7 @@ def make_cell(
     output_shape: Callable[[Shape], Shape],
     input_rank: int,
     name: str,
+    options: Mapping[str, Any] | None = None,
 ) -> Cell:
     """Builds a :class:`Cell` from its parts; ``recur`` and ``step`` are derived from
     ``probe`` and ``project`` so the step semantics live in one function."""
@@ -85,7 +92,38 @@ def make_cell(
     def step(params, carry, x, noise=None):
         return recur(params, carry, project(params, x), noise)
 
-    return Cell(init, initial_carry, step, project, recur, output_shape, input_rank, name, probe)
+    options = None if options is None else Options(options)
+    return Cell(init, initial_carry, step, project, recur, output_shape, input_rank, name, probe, options)
+
+
+class Options(Mapping):
+    """A read-only record of the options a cell or layer was built with.
+
+    It hashes and compares by identity, like the functions beside it in a :class:`Cell`, so
+    cells and layers stay hashable (usable as static arguments of ``jax.jit``) whatever the
+    option values are; :func:`same_options` compares two records by value."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]):
+        self._items = types.MappingProxyType(dict(items))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return f"Options({dict(self._items)!r})"
 
 
 class StepNoise(NamedTuple):
@@ -149,6 +187,10 @@ class Layer(NamedTuple):
       name: a short human-readable name.
       reversed: ``reversed() -> Layer`` that runs the same parameters over each
         sequence's valid prefix in reverse, outputs aligned with input positions.
+      options: what the layer was built from (for :func:`~recurrent.rnn`: the cell's name
+        and options and the driver's options), or ``None``. Two layers with equal options
+        compute the same function, which lets :func:`~recurrent.stacked` scan a run of
+        equal layers over stacked parameters.
     """
 
     init: Callable[[PRNGKey, Shape], Params]
@@ -158,6 +200,24 @@ class Layer(NamedTuple):
     input_rank: int
     name: str
     reversed: Callable[[], Layer]
+    options: Mapping[str, Any] | None = None
+
+
+def same_options(a: Any, b: Any) -> bool:
+    """Whether two recorded option mappings (see :attr:`Cell.options`) are known to be equal:
+    plain values compare by value, anything else (functions, arrays) by identity."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_options(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(same_options(x, y) for x, y in zip(a, b))
+    plain = (int, float, str, bool, complex, type(None), np.dtype, type)
+    if isinstance(a, plain) and type(a) is type(b):
+        return a == b
+    return False
 
 
 class LSTMState(NamedTuple):

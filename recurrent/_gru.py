@@ -98,6 +98,7 @@ def gru(
     >>> y.shape, recurrent.count_params(params)
     ((16,), 1216)
     """
+    options = dict(locals())
     where = "recurrent.gru"
     H = _core.check_positive_int("hidden_size", hidden_size, where=where)
 
@@ -183,4 +184,5 @@ def gru(
         output_shape=output_shape,
         input_rank=1,
         name="gru",
+        options=options,
     )

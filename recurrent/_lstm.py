@@ -145,6 +145,7 @@ def _lstm_family(
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> Cell:
+    options = {k: v for k, v in locals().items() if k != "name"}
     where = f"recurrent.{name}"
     H = _core.check_positive_int("hidden_size", hidden_size, where=where)
     P = None if proj_size is None else _core.check_positive_int("proj_size", proj_size, where=where)
@@ -306,6 +307,7 @@ def _lstm_family(
         output_shape=output_shape,
         input_rank=1,
         name=name,
+        options=options,
     )
 
 

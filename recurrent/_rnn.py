@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from recurrent import _core
+from recurrent import _core, _cudnn, _lstm
 from recurrent._core import Cell, Layer
 
 
@@ -171,16 +171,21 @@ class Trace(NamedTuple):
 PROJECTIONS = ("auto", "hoisted", "fused")
 
 
-def resolve_projection(projection: str, backend: str | None = None) -> str:
+def resolve_projection(projection: str, backend: str | None = None, *, remat: bool = False) -> str:
     """The projection placement ``projection="auto"`` picks on ``backend`` (default: JAX's).
 
     Measured (``python -m benchmarks.techniques``): on CPU the per-step projection inside the
     loop is faster, since the small ``(B, F) @ (F, G*H)`` matmul runs while the weights are in
     cache and no ``(T, B, G*H)`` buffer is written and read back; on GPU and TPU one large
-    matmul over all steps fills the device, so it is hoisted.
+    matmul over all steps fills the device, so it is hoisted. With ``remat`` the projection
+    stays in the loop everywhere: the hoisted ``(T, B, G*H)`` buffer and its gradient would
+    dominate memory, which is what remat is asked to save (measured on an H200 over 10,000
+    steps: 3.4 GB hoisted; see benchmarks/README.md).
     """
     if projection != "auto":
         return projection
+    if remat:
+        return "fused"
     return "fused" if (backend or jax.default_backend()) == "cpu" else "hoisted"
 
 
@@ -197,6 +202,7 @@ def rnn(
     dropconnect: float | jax.Array = 0.0,
     zoneout: float | jax.Array = 0.0,
     zoneout_cell: float | jax.Array | None = None,
+    implementation: str = "scan",
 ) -> Layer:
     r"""Runs ``cell`` over a sequence with ``lax.scan``: the library's sequence driver.
 
@@ -249,9 +255,16 @@ def rnn(
         backend (:func:`resolve_projection`). The result is the same.
       remat: recompute each step in the backward pass (``jax.checkpoint`` of the scan
         body) rather than storing its intermediates: for long sequences, memory grows with
-        the carry per step only.
+        the carry per step only. With ``projection="auto"`` the projection then stays in
+        the loop on every backend, so no ``(T, B, G*H)`` buffer is kept either.
       input_dropout, variational, recurrent_dropout, dropconnect, zoneout, zoneout_cell:
         the regularisers above.
+      implementation: ``"scan"`` (the default; every cell, every backend) or ``"cudnn"``:
+        run a plain float32 :func:`~recurrent.lstm` layer as one cuDNN call through
+        ``jax.experimental.rnn`` on an NVIDIA GPU, with the same parameters and results.
+        Where that does not apply (another backend or cell, regularisers in training,
+        ``resets``, ``return_trace``, under ``jax.vmap``, which cuDNN cannot batch) the scan
+        runs instead, with a :class:`~recurrent.FallbackWarning` that says why.
 
     Returns:
       A :class:`Layer`.
@@ -285,6 +298,13 @@ def rnn(
             got=repr(projection),
             fix='pass projection="auto" (the measured default per backend), "hoisted" or "fused".',
         )
+    if implementation not in _cudnn.IMPLEMENTATIONS:
+        raise _core.error(
+            f"{where}: unknown `implementation`.",
+            expected=" or ".join(repr(p) for p in _cudnn.IMPLEMENTATIONS),
+            got=repr(implementation),
+            fix='pass implementation="scan" (portable, the default) or "cudnn" (plain LSTM on an NVIDIA GPU).',
+        )
     rates = {
         name: check_rate(name, rate, where=where)
         for name, rate in (
@@ -308,7 +328,10 @@ def rnn(
         dropconnect=dropconnect,
         zoneout=zoneout,
         zoneout_cell=zoneout_cell,
+        implementation=implementation,
     )
+    cudnn_cell_reason = _cudnn.cell_reason(cell) if implementation == "cudnn" else None
+    regularised = not all(_is_off(rates[n]) for n in ("input_dropout", "recurrent_dropout", "dropconnect"))
 
     def zoneout_rate(path):
         name = _leaf_name(path)
@@ -345,7 +368,7 @@ def rnn(
                 noise = noise._replace(recurrent=_map_keys(mask, k_rec, carry))
             if not _is_off(rates["dropconnect"]):
                 step_params = _drop_connect(k_dc, rates["dropconnect"], params)
-        hoist = resolve_projection(projection) == "hoisted"
+        hoist = resolve_projection(projection, remat=remat) == "hoisted"
         # hoisted: all time steps at once (one large matmul); fused: each step in the loop
         xp_TB = cell.project(params, xs_TB) if hoist else xs_TB
 
@@ -410,7 +433,53 @@ def rnn(
 
         return carry, scan_body, (jnp.arange(T), xp_TB), finish
 
+    def cudnn_apply(params, xs, lengths, carry, time_major, key, resets, return_trace):
+        """The cuDNN call, or ``None`` after a :class:`FallbackWarning` where it does not apply."""
+        reason = (
+            _cudnn.backend_reason()
+            or cudnn_cell_reason
+            or ("zoneout is on" if zoning else None)
+            or ("dropout is on in training (a `key` was given)" if key is not None and regularised else None)
+            or ("`resets` were given" if resets is not None else None)
+            or ("`return_trace=True`" if return_trace else None)
+            or (None if isinstance(params, _lstm.LSTMParams) else f"the parameters are a {type(params).__name__}")
+        )
+        if reason is None and (xs.dtype != jnp.float32 or params.input_kernel.dtype != jnp.float32):
+            reason = f"cuDNN runs float32 here, got inputs {xs.dtype}, parameters {params.input_kernel.dtype}"
+        if reason is not None:
+            _cudnn.warn(reason)
+            return None
+        batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
+        lengths = check_lengths(lengths, batch, T, where=where)
+        initial = cell.initial_carry(params, (*batch, *features))
+        if carry is None:
+            carry = initial
+        else:
+            _core.check_carry(carry, initial, where=where)
+        jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct((1, *features), xs.dtype))  # input checks
+        nb, B = len(batch), math.prod(batch)
+        xs_BTF = (jnp.moveaxis(xs, 0, nb) if time_major else xs).reshape((B, T, *features))
+        lengths_B = None if lengths is None else lengths.reshape((B,))
+        carry_B = jax.tree.map(lambda a: a.reshape((B, *a.shape[nb:])), carry)
+        if reverse:
+            xs_BTF = reverse_sequences(xs_BTF, lengths_B, 1)
+        try:
+            carry_B, ys = _cudnn.apply(params, xs_BTF, lengths_B, carry_B)
+        except NotImplementedError as e:  # no batching rule: under jax.vmap
+            _cudnn.warn(f"JAX cannot run the cuDNN call here ({e}); cuDNN has no batching rule for jax.vmap")
+            return None
+        if reverse:
+            ys = reverse_sequences(ys, lengths_B, 1)
+        ys = ys.reshape((*batch, T, *ys.shape[2:]))
+        if time_major:
+            ys = jnp.moveaxis(ys, nb, 0)
+        return jax.tree.map(lambda a: a.reshape((*batch, *a.shape[1:])), carry_B), ys
+
     def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
+        if implementation == "cudnn":
+            out = cudnn_apply(params, xs, lengths, carry, time_major, key, resets, return_trace)
+            if out is not None:
+                return out
         carry, body, inputs, finish = prepare(
             params,
             xs,
@@ -432,8 +501,11 @@ def rnn(
         initial_carry=cell.initial_carry,
         output_shape=cell.output_shape,
         input_rank=rank,
-        name=f"rnn({cell.name})",
+        name=f"rnn({cell.name}{', reverse=True' if reverse else ''})",
         reversed=lambda: rnn(cell, reverse=not reverse, **options),
+        options=None
+        if cell.options is None
+        else _core.Options({"cell": cell.name, "cell_options": cell.options, "reverse": reverse, **options}),
     )
 
 
