@@ -124,11 +124,16 @@ def bidirectional(
         layer (it is reversed here). Defaults to ``forward``, with its own parameters.
       merge: ``"concat"`` (last axis), ``"sum"``, ``"mean"``, ``"mul"`` or a function
         ``merge(y_forward, y_backward) -> y``.
-      one_scan: run both directions in one ``lax.scan`` (at step ``k`` the forward direction
-        takes time ``k`` and the backward one time ``T-1-k``), halving the loop's fixed
-        costs. Used when both directions are layers made by :func:`rnn` (cells are); other
-        layers fall back to two scans. The result is the same either way. Off by default:
-        on a 2-core CPU it was not faster than two scans (``benchmarks/README.md``).
+      one_scan: run both directions in one ``lax.scan``, halving the loop's fixed costs.
+        When both directions are the same :func:`rnn` layer (the default ``backward``), the
+        scan is a ``vmap`` over a direction axis, so each step's two recurrent matmuls are
+        one batched matmul (the backward direction runs over each sequence's reversed valid
+        prefix); with ``resets`` or ``return_trace``, or different directions made by
+        :func:`rnn`, one scan runs both step bodies (at step ``k`` the forward direction takes
+        time ``k`` and the backward one time ``T-1-k``); other layers fall back to two scans.
+        The values are the same either way (in training the dropout masks come from another
+        random stream). Off by default: on a 2-core CPU two independent scans run
+        concurrently and were faster (``benchmarks/README.md``).
 
     Returns:
       A :class:`Layer` with parameters :class:`BidirectionalParams` ``(forward, backward)``
@@ -174,6 +179,15 @@ def bidirectional(
 
     parts = scan_parts(fwd), scan_parts(bwd)
     fused = parts if one_scan and None not in parts and not parts[0].reverse and parts[1].reverse else None
+    # Both directions the same rnn layer (but for the direction): one vmapped scan, so each
+    # step's two recurrent matmuls are one batched matmul.
+    strip = lambda o: None if o is None else {k: v for k, v in o.items() if k != "reverse"}  # noqa: E731
+    batchable = (
+        fused is not None
+        and fwd.options is not None
+        and not fwd.options["reverse"]
+        and _core.same_options(strip(fwd.options), strip(bwd.options))
+    )
 
     def output_shape(input_shape):
         a, b = fwd.output_shape(input_shape), bwd.output_shape(input_shape)
@@ -213,7 +227,10 @@ def bidirectional(
         c_f, c_b = (None, None) if carry is None else carry
         k_f, k_b = (None, None) if key is None else jax.random.split(key)
         kw = dict(lengths=lengths, time_major=time_major, resets=resets, return_trace=return_trace)
-        if fused is not None:
+        same_shapes = batchable and _signature(params.forward) == _signature(params.backward)
+        if same_shapes and resets is None and not return_trace:
+            out_f, out_b = _batched_directions(fwd, params, xs, c_f, c_b, k_f, k_b, lengths, time_major, batch)
+        elif fused is not None:
             out_f, out_b = _one_scan(fused, params, xs, c_f, c_b, k_f, k_b, kw)
         else:
             out_f = fwd.apply(params.forward, xs, carry=c_f, key=k_f, **kw)
@@ -238,6 +255,32 @@ def bidirectional(
         reversed=lambda: None,
     )
     return layer._replace(reversed=lambda: flipped(layer))
+
+
+def _signature(tree):
+    return jax.tree.structure(tree), tuple((a.shape, a.dtype) for a in jax.tree.leaves(tree))
+
+
+def _batched_directions(fwd, params, xs, c_f, c_b, k_f, k_b, lengths, time_major, batch):
+    """Both directions as one ``vmap`` of the forward layer over a direction axis: the
+    backward direction runs forward over each sequence's reversed valid prefix (what a
+    reversed layer computes), so the scan's two recurrent matmuls become one batched matmul.
+    In training the regularisers' masks are drawn per direction as in two scans, but from a
+    different stream."""
+    time_axis = 0 if time_major else len(batch)
+    x_shape = (*batch, *xs.shape[len(batch) + 1 :]) if not time_major else xs.shape[1:]
+    c_f = fwd.initial_carry(params.forward, x_shape) if c_f is None else c_f
+    c_b = fwd.initial_carry(params.backward, x_shape) if c_b is None else c_b
+    stack = lambda a, b: jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)  # noqa: E731
+    keys = None if k_f is None else jnp.stack([k_f, k_b])
+
+    def run(p, x, c, k):
+        return fwd.apply(p, x, lengths=lengths, carry=c, time_major=time_major, key=k)
+
+    xs_both = jnp.stack([xs, reverse_sequences(xs, lengths, time_axis)])
+    carry, ys = jax.vmap(run)(stack(params.forward, params.backward), xs_both, stack(c_f, c_b), keys)
+    pick = lambda i: jax.tree.map(lambda a: a[i], carry)  # noqa: E731
+    return (pick(0), ys[0]), (pick(1), reverse_sequences(ys[1], lengths, time_axis))
 
 
 def _one_scan(parts, params, xs, c_f, c_b, k_f, k_b, kw):
@@ -415,24 +458,52 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: f
         check_tuple("params", params)
         if carry is not None:
             check_tuple("carry", carry)
-        keys = [None] * n if key is None else list(jax.random.split(key, 2 * n))
-        carries, traces = [], []
-        for i, layer in enumerate(layers):
-            if i > 0 and dropping and key is not None:
-                ys = ys * _keep_mask(keys[n + i], dropout, ys.shape, ys.dtype)
-            out = layer.apply(
-                params[i],
-                ys,
-                lengths=lengths,
-                carry=None if carry is None else carry[i],
-                time_major=time_major,
-                key=keys[i],
-                resets=resets,
-                return_trace=return_trace,
+        keys = None if key is None else jax.random.split(key, 2 * n)
+
+        def one(i, p, c, k, k_drop, ys, later=None):
+            """Layer ``i`` with its parameters, carry and keys given, so a scan over equal
+            layers can feed them; there ``later`` is a traced "not the first layer"."""
+            later = i > 0 if later is None else later
+            if dropping and k_drop is not None and later is not False:
+                mask = _keep_mask(k_drop, dropout, ys.shape, ys.dtype)
+                ys = ys * (mask if later is True else jnp.where(later, mask, jnp.ones_like(mask)))
+            out = layers[i].apply(
+                p, ys, lengths=lengths, carry=c, time_major=time_major, key=k, resets=resets, return_trace=return_trace
             )
-            ys = out[1] + ys if residual and i > 0 else out[1]
-            carries.append(out[0])
-            traces.append(out[2] if return_trace else None)
+            if residual and later is not False:
+                ys = out[1] + (ys if later is True else jnp.where(later, ys, jnp.zeros_like(ys)))
+            else:
+                ys = out[1]
+            return ys, (out[0], out[2] if return_trace else None)
+
+        carries, traces = [], []
+        for start, stop in _equal_runs(layers, params, carry):
+            if stop - start == 1:
+                ys, (c, trace) = one(
+                    start,
+                    params[start],
+                    None if carry is None else carry[start],
+                    None if keys is None else keys[start],
+                    None if keys is None else keys[n + start],
+                    ys,
+                )
+                carries.append(c)
+                traces.append(trace)
+                continue
+            # A run of equal layers: one scan over their stacked parameters, so the program
+            # (and its compile time) does not grow with depth.
+            stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+            xs = (
+                stack(params[start:stop]),
+                None if carry is None else stack(carry[start:stop]),
+                None if keys is None else keys[start:stop],
+                None if keys is None else keys[n + start : n + stop],
+                jnp.arange(start, stop) > 0,
+            )
+            ys, (cs, ts) = lax.scan(lambda ys, x: one(start, *x[:4], ys, later=x[4] if start == 0 else True), ys, xs)
+            for j in range(stop - start):
+                carries.append(jax.tree.map(lambda a: a[j], cs))
+                traces.append(None if ts is None else jax.tree.map(lambda a: a[j], ts))
         if return_trace:
             return tuple(carries), ys, tuple(traces)
         return tuple(carries), ys
@@ -449,6 +520,29 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: f
         name="stacked(" + ", ".join(layer.name for layer in layers) + ")",
         reversed=lambda: stacked([layer.reversed() for layer in layers], residual=residual, dropout=dropout),
     )
+
+
+def _equal_runs(layers, params, carry):
+    """``(start, stop)`` index ranges covering ``layers``: runs of consecutive layers known
+    to compute the same function on parameters (and carries) of the same shapes."""
+
+    def signature(tree):
+        return jax.tree.structure(tree), tuple((a.shape, a.dtype) for a in jax.tree.leaves(tree))
+
+    def same(i, j):
+        a, b = layers[i], layers[j]
+        if not (a is b or (a.options is not None and _core.same_options(a.options, b.options))):
+            return False
+        if signature(params[i]) != signature(params[j]):
+            return False
+        return carry is None or signature(carry[i]) == signature(carry[j])
+
+    runs, start = [], 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or not same(start, i):
+            runs.append((start, i))
+            start = i
+    return runs
 
 
 class LearnedCarryParams(NamedTuple):

@@ -31,15 +31,21 @@ def test_projection_and_remat_give_the_same_values_and_gradients(name):
         for p, r in (("hoisted", False), ("fused", False), ("fused", True))
     ]
     loss = lambda layer: lambda p: jnp.sum(layer.apply(p, xs, **kw)[1] ** 2)  # noqa: E731
-    reference = layers[0].apply(params, xs, **kw), jax.grad(loss(layers[0]))(params)
-    for layer in layers[1:]:
-        _close((layer.apply(params, xs, **kw), jax.grad(loss(layer))(params)), reference)
+    # On GPUs the default float32 matmul precision is TF32, whose rounding differs between
+    # one large matmul and many small ones (2e-4 seen on an H200): compare at full precision.
+    with jax.default_matmul_precision("highest"):
+        reference = layers[0].apply(params, xs, **kw), jax.grad(loss(layers[0]))(params)
+        for layer in layers[1:]:
+            _close((layer.apply(params, xs, **kw), jax.grad(loss(layer))(params)), reference)
 
 
 def test_auto_projection_is_chosen_per_backend():
     assert resolve_projection("auto", "cpu") == "fused"
     assert resolve_projection("auto", "gpu") == resolve_projection("auto", "tpu") == "hoisted"
     assert resolve_projection("hoisted", "cpu") == "hoisted"
+    # with remat the (T, B, G*H) buffer of a hoisted projection would dominate memory
+    assert resolve_projection("auto", "gpu", remat=True) == "fused"
+    assert resolve_projection("hoisted", "gpu", remat=True) == "hoisted"
     with pytest.raises(ValueError, match="projection"):
         recurrent.rnn(recurrent.lstm(3), projection="inside")
 
@@ -57,3 +63,34 @@ def test_bidirectional_in_one_scan_equals_two_scans(name):
         _close(grad(one), grad(two))
     tm = jnp.moveaxis(xs, 1, 0)
     _close(one.apply(params, tm, time_major=True), two.apply(params, tm, time_major=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_bidirectional_batched_directions_equal_two_scans(monkeypatch, time_major):
+    """``one_scan=True`` with the same rnn layer in both directions: one vmapped scan whose
+    two recurrent matmuls per step are one batched matmul; same values and gradients."""
+    from recurrent import _combinators
+
+    taken = []
+    original = _combinators._batched_directions
+    monkeypatch.setattr(_combinators, "_batched_directions", lambda *a: taken.append(1) or original(*a))
+    make = lambda one_scan: recurrent.bidirectional(  # noqa: E731
+        recurrent.rnn(recurrent.lstm(6), recurrent_dropout=0.3), one_scan=one_scan
+    )
+    one, two = make(True), make(False)
+    params = one.init(jax.random.key(0), (4,))
+    xs = jax.random.normal(jax.random.key(1), (3, 6, 4))
+    lengths = jnp.array([6, 3, 0])
+    carry = jax.tree.map(lambda a: a + 0.5, one.initial_carry(params, (3, 4)))
+    if time_major:
+        xs = jnp.moveaxis(xs, 1, 0)
+    kw = dict(lengths=lengths, carry=carry, time_major=time_major)
+    loss = lambda layer: lambda p, x: jnp.sum(layer.apply(p, x, **kw)[1] ** 2)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        _close(one.apply(params, xs, **kw), two.apply(params, xs, **kw), atol=1e-6)
+        _close(jax.grad(loss(one), argnums=(0, 1))(params, xs), jax.grad(loss(two), argnums=(0, 1))(params, xs))
+    assert taken, "the batched path was not taken"
+    # training: the dropout masks are drawn (per direction), so the outputs move
+    _, trained = one.apply(params, xs, key=jax.random.key(5), **kw)
+    _, evaluated = one.apply(params, xs, **kw)
+    assert not np.allclose(trained, evaluated)

@@ -1,0 +1,83 @@
+"""Stacks of equal layers run as one scan over stacked parameters (``recurrent.stacked`` of
+layers): the same values and gradients as running them one by one, and a program whose size
+does not grow with depth."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recurrent
+from recurrent import _combinators
+
+H = 8
+
+
+def _one_by_one(monkeypatch):
+    monkeypatch.setattr(
+        _combinators, "_equal_runs", lambda layers, params, carry: [(i, i + 1) for i in range(len(layers))]
+    )
+
+
+def _layers(n, **rnn_options):
+    return [recurrent.rnn(recurrent.lstm(H), **rnn_options) for _ in range(n)]
+
+
+def test_equal_runs_are_found():
+    runs = _combinators._equal_runs
+    params = lambda layer, *shapes: tuple(layer.init(jax.random.key(0), s) for s in shapes)  # noqa: E731
+    a = recurrent.rnn(recurrent.lstm(H))
+    # the first layer sees 5 features, the rest H: two runs
+    assert runs([a] * 4, params(a, (5,), (H,), (H,), (H,)), None) == [(0, 1), (1, 4)]
+    # separately built but equal layers are recognised from their recorded options
+    layers = _layers(3)
+    assert runs(layers, params(a, (H,), (H,), (H,)), None) == [(0, 3)]
+    # different options or cells break a run
+    odd = [a, recurrent.rnn(recurrent.lstm(H), zoneout=0.1), a]
+    assert runs(odd, params(a, (H,), (H,), (H,)), None) == [(0, 1), (1, 2), (2, 3)]
+    g = recurrent.rnn(recurrent.gru(H))
+    mixed = [a, a, g]
+    ps = params(a, (H,), (H,)) + (g.init(jax.random.key(0), (H,)),)
+    assert runs(mixed, ps, None) == [(0, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("features", [5, H])
+@pytest.mark.parametrize("options", [{}, {"residual": True, "dropout": 0.3}])
+def test_scanned_stack_equals_layer_by_layer(monkeypatch, features, options):
+    stack = recurrent.stacked(_layers(4, recurrent_dropout=0.2), **options)
+    params = stack.init(jax.random.key(0), (features,))
+    xs = jax.random.normal(jax.random.key(1), (3, 6, features))
+    lengths = jnp.array([6, 2, 0])
+    carry = stack.initial_carry(params, (3, features))
+    carry = jax.tree.map(lambda a: a + 0.1, carry)
+
+    def loss(params, xs, key):
+        carry_out, ys, trace = stack.apply(params, xs, lengths=lengths, carry=carry, key=key, return_trace=True)
+        return jnp.sum(ys**2) + sum(jnp.sum(a) for a in jax.tree.leaves((carry_out, trace))), (carry_out, ys, trace)
+
+    for key in (None, jax.random.key(2)):
+        got = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs, key)
+        with monkeypatch.context() as m:
+            _one_by_one(m)
+            want = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs, key)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _program_size(depth):
+    stack = recurrent.stacked(_layers(depth))
+    params = stack.init(jax.random.key(0), (5,))
+    grad = jax.grad(lambda p, x: jnp.sum(stack.apply(p, x)[1]))
+    text = jax.jit(grad).lower(params, jnp.ones((2, 4, 5))).as_text()
+    return len(text.splitlines())
+
+
+def test_program_size_is_flat_in_depth():
+    # The first layer (5 inputs) and one scanned body for the rest: from depth 3 to 12 the
+    # program grows only by the stacking of parameters and unstacking of carries, a few
+    # lines per layer, not by a layer's program (the size of a 1-layer program) per layer.
+    one, three, twelve = _program_size(1), _program_size(3), _program_size(12)
+    assert (twelve - three) / 9 < 0.1 * one, (one, three, twelve)
