@@ -97,25 +97,29 @@ def _jax_contender(forward: Callable, params, xs):
     )
 
 
-def _our_cell(kind, H):
+def _our_cell(kind, H, **options):
     return {
-        "lstm": lambda: recurrent.lstm(H),
-        "bidirectional": lambda: recurrent.lstm(H),
-        "peephole": lambda: recurrent.peephole_lstm(H),
-        "cifg": lambda: recurrent.cifg_lstm(H),
-        "gru": lambda: recurrent.gru(H),
-        "convlstm": lambda: recurrent.conv_lstm(H, (3, 3)),
-    }[kind]()
+        "lstm": recurrent.lstm,
+        "bidirectional": recurrent.lstm,
+        "peephole": recurrent.peephole_lstm,
+        "cifg": recurrent.cifg_lstm,
+        "gru": recurrent.gru,
+        "convlstm": lambda H, **o: recurrent.conv_lstm(H, (3, 3), **o),
+    }[kind](H, **options)
 
 
 def ours(kind, B, T, F, H, layers, xs, **rnn_options):
     one_scan = rnn_options.pop("one_scan", False)
+    layerwise = rnn_options.pop("layerwise", False)
+    cell_options = {"dtype": rnn_options.pop("dtype")} if "dtype" in rnn_options else {}
     if kind == "bidirectional":
         layer = recurrent.bidirectional(recurrent.rnn(_our_cell(kind, H), **rnn_options), one_scan=one_scan)
+    elif layers > 1 and layerwise:  # one scan per layer, each over the whole sequence
+        layer = recurrent.stacked([recurrent.rnn(_our_cell(kind, H), **rnn_options) for _ in range(layers)])
     elif layers > 1:
         layer = recurrent.rnn(recurrent.stacked([_our_cell(kind, H) for _ in range(layers)]), **rnn_options)
     else:
-        layer = recurrent.rnn(_our_cell(kind, H), **rnn_options)
+        layer = recurrent.rnn(_our_cell(kind, H, **cell_options), **rnn_options)
     params = layer.init(jax.random.key(0), xs.shape[2:])
     return _jax_contender(lambda p, x: layer.apply(p, x)[1], params, xs)
 
@@ -152,25 +156,34 @@ def keras_rnn(kind, B, T, F, H, layers, xs):
     return _jax_contender(lambda tv, x: model.stateless_call(tv, other, x)[0], trainable, xs)
 
 
+def _on_gpu():
+    return jax.default_backend() == "gpu"
+
+
 def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES):
+    """PyTorch's ``nn.LSTM``/``nn.GRU``: oneDNN on CPU, cuDNN when JAX runs on a GPU."""
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
+    device = "cuda" if _on_gpu() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     module = {"lstm": torch.nn.LSTM, "bidirectional": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
-    model = module(F, H, num_layers=layers, batch_first=True, bidirectional=kind == "bidirectional")
-    x = torch.from_numpy(np.array(xs)).requires_grad_(True)
+    model = module(F, H, num_layers=layers, batch_first=True, bidirectional=kind == "bidirectional").to(device)
+    x = torch.from_numpy(np.array(xs)).to(device).requires_grad_(True)
 
     def forward():
         torch.set_num_threads(threads)
         with torch.no_grad():
             model(x)
+        sync()
 
     def forward_backward():
         torch.set_num_threads(threads)
         model.zero_grad(set_to_none=True)
         x.grad = None
         model(x)[0].mean().backward()
+        sync()
 
     return forward, forward_backward, None, None
 
@@ -179,8 +192,17 @@ def contenders_for(kind, layers, quick):
     c = {"ours": ours}
     if kind in ("lstm", "gru", "bidirectional"):
         c["torch"] = torch_rnn
-        if CORES > 1:  # on a shared machine OpenMP's spinning threads can suffer; one thread shown too
+        if CORES > 1 and not _on_gpu():  # on a shared machine OpenMP's spinning threads can suffer
             c["torch_1thread"] = lambda *a: torch_rnn(*a, threads=1)
+    if layers > 1:  # the stack layer by layer: one scan per layer
+        c["ours_layerwise"] = lambda *a: ours(*a, layerwise=True)
+    if kind in ("lstm", "gru") and layers == 1:  # bfloat16 compute, float32 state
+        c["ours_bf16"] = lambda *a: ours(*a, dtype=jnp.bfloat16)
+    if kind == "lstm" and _on_gpu():  # the optional cuDNN path (jax.experimental.rnn)
+        if layers == 1:
+            c["ours_cudnn"] = lambda *a: ours(*a, implementation="cudnn")
+        else:
+            c["ours_layerwise_cudnn"] = lambda *a: ours(*a, layerwise=True, implementation="cudnn")
     if kind in ("lstm", "gru", "bidirectional", "convlstm"):
         c["flax"], c["keras"] = flax_rnn, keras_rnn
     if kind in ("lstm", "convlstm") and layers == 1:  # diagnostic: the projection before the loop
@@ -204,9 +226,12 @@ def matmul_throughput(n: int = 2048, repeats: int = 5) -> dict[str, float]:
         import torch
 
         torch.set_num_threads(CORES)
-        t = torch.randn(n, n)
+        gpu = _on_gpu() and torch.cuda.is_available()
+        t = torch.randn(n, n, device="cuda" if gpu else "cpu")
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
         torch.mm(t, t)
-        out["torch"] = 2 * n**3 / min(_timed(lambda: torch.mm(t, t)) for _ in range(repeats)) / 1e9
+        sync()
+        out["torch"] = 2 * n**3 / min(_timed(lambda: (torch.mm(t, t), sync())) for _ in range(repeats)) / 1e9
     except ImportError:
         pass
     return out
