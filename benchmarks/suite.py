@@ -109,7 +109,7 @@ def _our_cell(kind, H, **options):
 
 
 def ours(kind, B, T, F, H, layers, xs, **rnn_options):
-    one_scan = rnn_options.pop("one_scan", False)
+    one_scan = rnn_options.pop("one_scan", "auto")
     layerwise = rnn_options.pop("layerwise", False)
     cell_options = {"dtype": rnn_options.pop("dtype")} if "dtype" in rnn_options else {}
     if kind == "bidirectional":
@@ -207,8 +207,9 @@ def contenders_for(kind, layers, quick):
         c["flax"], c["keras"] = flax_rnn, keras_rnn
     if kind in ("lstm", "convlstm") and layers == 1:  # diagnostic: the projection before the loop
         c["ours_hoisted"] = lambda *a: ours(*a, projection="hoisted")
-    if kind == "bidirectional":  # the same layer with both directions in one scan
+    if kind == "bidirectional":  # both directions in one (batched) scan, and in two
         c["ours_one_scan"] = lambda *a: ours(*a, one_scan=True)
+        c["ours_two_scans"] = lambda *a: ours(*a, one_scan=False)
     return c
 
 

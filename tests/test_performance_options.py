@@ -94,3 +94,20 @@ def test_bidirectional_batched_directions_equal_two_scans(monkeypatch, time_majo
     _, trained = one.apply(params, xs, key=jax.random.key(5), **kw)
     _, evaluated = one.apply(params, xs, **kw)
     assert not np.allclose(trained, evaluated)
+
+
+def test_one_scan_auto_and_bad_values(monkeypatch):
+    from recurrent import _combinators
+
+    taken = []
+    original = _combinators._batched_directions
+    monkeypatch.setattr(_combinators, "_batched_directions", lambda *a: taken.append(1) or original(*a))
+    layer = recurrent.bidirectional(recurrent.lstm(4))  # one_scan="auto"
+    params = layer.init(jax.random.key(0), (3,))
+    layer.apply(params, jnp.ones((2, 5, 3)))
+    assert bool(taken) == (jax.default_backend() != "cpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    layer.apply(params, jnp.ones((2, 5, 3)))
+    assert taken, "auto takes one batched scan on an accelerator"
+    with pytest.raises(ValueError, match="one_scan"):
+        recurrent.bidirectional(recurrent.lstm(4), one_scan="yes")
