@@ -1,13 +1,15 @@
 """A griffe extension: turns the reST bits of the library's docstrings into Markdown for mkdocstrings.
 
 The docstrings are Google style (Args/Returns/Example) with a few reST constructs that Sphinx users
-expect: ``:class:`X``` roles, ``:math:`x``` and ``.. math::`` blocks, and simple ``====`` tables.
+expect: ``:class:`X``` roles, ``:math:`x``` and ``.. math::`` blocks, simple ``====`` tables, and ``#:``
+comments documenting constants.
 Here roles become links to the API reference (or code), math becomes arithmatex ``$...$`` and
 ``$$...$$``, and simple tables become Markdown tables, so the rendered reference shows the equations.
 """
 
 from __future__ import annotations
 
+import pathlib
 import re
 import textwrap
 
@@ -122,8 +124,24 @@ def convert(text: str, *, bare_is_public: bool = True) -> str:
     return _ROLE.sub(lambda m: _role(m, bare_is_public=bare_is_public), text)
 
 
+def _comment_docstring(obj: griffe.Object) -> str | None:
+    """The ``#:`` comment lines just above an attribute (Sphinx's docstring for constants)."""
+    if obj.filepath is None or obj.lineno is None or isinstance(obj.filepath, list):
+        return None
+    lines = pathlib.Path(obj.filepath).read_text().splitlines()
+    comment, i = [], obj.lineno - 2
+    while i >= 0 and lines[i].lstrip().startswith("#:"):
+        comment.insert(0, lines[i].lstrip()[2:].strip())
+        i -= 1
+    return "\n".join(comment) or None
+
+
 class ReSTToMarkdown(griffe.Extension):
     def on_object(self, *, obj: griffe.Object, **kwargs) -> None:
+        if obj.docstring is None and obj.is_attribute:
+            text = _comment_docstring(obj)
+            if text:
+                obj.docstring = griffe.Docstring(text, parent=obj)
         if obj.docstring is not None:
             submodule = obj.path.startswith(("recurrent.nnx", "recurrent.interop"))
             obj.docstring.value = convert(obj.docstring.value, bare_is_public=not submodule)
