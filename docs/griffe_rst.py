@@ -68,7 +68,7 @@ def _table(lines: list[str], start: int) -> tuple[list[str], int]:
         if re.fullmatch(r"\s*[= ]+", line) and "=" in line:
             rules += 1
         elif line.strip():
-            cells = [line[a:b if k + 1 < len(spans) else None].strip() for k, (a, b) in enumerate(spans)]
+            cells = [line[a : b if k + 1 < len(spans) else None].strip() for k, (a, b) in enumerate(spans)]
             rows.append(cells)
         i += 1
     if not rows:

@@ -17,7 +17,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-SETUP = '''\
+SETUP = """\
 import os
 
 SIZE = os.environ.get("RECURRENT_NOTEBOOK_SIZE", "full")  # "small": the seconds-long CI size
@@ -31,7 +31,7 @@ except ImportError:  # e.g. on Colab: install the package from its repository, o
     import sys
 
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
-    import recurrent'''
+    import recurrent"""
 
 
 def md(text: str):
@@ -329,7 +329,8 @@ print("by hand == cell.step:", bool(jnp.allclose(h, y, atol=1e-6) and jnp.allclo
 $$
 \\begin{aligned}
 r_t &= \\sigma(W_r x_t + U_r h_{t-1} + b_r), \\quad z_t = \\sigma(W_z x_t + U_z h_{t-1} + b_z) \\\\
-n_t &= \\tanh(W_n x_t + b_n + r_t \\odot (U_n h_{t-1} + b_{hn})), \\qquad h_t = (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}
+n_t &= \\tanh(W_n x_t + b_n + r_t \\odot (U_n h_{t-1} + b_{hn})) \\\\
+h_t &= (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}
 \\end{aligned}
 $$
 """),
@@ -658,10 +659,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-SIZE_PX = 12 if SMALL else 20  # frame height = width
-FRAMES = 8 if SMALL else 16
-HIDDEN = 4 if SMALL else 16
-STEPS = 20 if SMALL else 800
+SIZE_PX = 12 if SMALL else 16  # frame height = width
+FRAMES = 8 if SMALL else 12
+HIDDEN = 4 if SMALL else 8
+STEPS = 20 if SMALL else 500
 BATCH = 8 if SMALL else 16
 SQUARE = 3
 
@@ -767,6 +768,8 @@ for t in range(FRAMES):
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
+    if not ax.images:  # no prediction for this frame (the first one, the rollout's warm-up)
+        ax.set_frame_on(False)
 for row, label in enumerate(["truth", "one step", "rollout"]):
     axes[row, 0].set_ylabel(label)
 plt.tight_layout()
