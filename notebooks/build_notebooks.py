@@ -448,7 +448,7 @@ for name, cell in variants.items():
     code("""
 xs, target = timing_batch(jax.random.key(123), n=1)
 fig, axes = plt.subplots(3, len(trained), figsize=(4 * len(trained), 7.5), sharex=True)
-for col, (name, (layer, params, losses, logits)) in enumerate(trained.items()):
+for col, (name, (layer, params, _, logits)) in enumerate(trained.items()):
     _, _, trace = layer.apply(params["rnn"], xs, return_trace=True)
     prediction = jax.nn.sigmoid(logits(params, xs))[0]
     ax = axes[0, col]
@@ -579,8 +579,10 @@ final = losses[:, -max(1, STEPS // 10) :].mean(1)  # mean loss over the last 10 
 diverged = ~np.isfinite(final)
 print(f"{int(diverged.sum())} of {POPULATION} members diverged (NaN loss)")
 best = int(np.nanargmin(final))
-print(f"losses {losses.shape}; best: lr {learning_rates[best]:.2e}, forget bias {forget_biases[best]:.2f}, "
-      f"final loss {final[best]:.4f} (baseline 1/6 = {1 / 6:.4f})")
+print(
+    f"losses {losses.shape}; best: lr {learning_rates[best]:.2e}, forget bias {forget_biases[best]:.2f}, "
+    f"final loss {final[best]:.4f} (baseline 1/6 = {1 / 6:.4f})"
+)
 """),
     code("""
 fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -604,13 +606,25 @@ plt.show()
 fANOVA fits a random forest to (hyperparameters -> final loss) and splits the variance of its
 prediction into the share explained by each hyperparameter alone (Hutter, Hoos & Leyton-Brown 2014).
 Optuna implements it (`optuna.importance.FanovaImportanceEvaluator`); we hand it the population as
-finished trials. Where optuna is not installed, a cruder estimate stands in: the variance of the
-binned mean loss per hyperparameter over the total variance (a first-order sensitivity index).
-With few members either estimate is rough; `SIZE = "full"` samples more.
+finished trials. Beside it, a cruder cross-check that needs nothing: the variance of the mean loss
+within quantile bins of one hyperparameter over the total variance (a first-order sensitivity index).
+With a few dozen members both estimates are rough; `SIZE = "full"` samples more.
 """),
     code("""
 # Losses span decades: compare them on a log scale. A diverged member counts as the worst one seen.
 log_final = np.log(np.where(diverged, np.nanmax(final), final))
+hyperparameters = {"learning_rate": np.log10(learning_rates), "forget_bias": forget_biases}
+
+
+def main_effect(values, bins=4):
+    # Variance of the mean log loss within quantile bins of one hyperparameter, over the total variance.
+    edges = np.quantile(values, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+    means = np.array([log_final[which == b].mean() for b in range(bins) if (which == b).any()])
+    return float(means.var() / log_final.var())
+
+
+importance = {"binned main effect": {name: main_effect(v) for name, v in hyperparameters.items()}}
 try:
     import optuna
     from optuna.distributions import FloatDistribution
@@ -619,28 +633,22 @@ try:
     study = optuna.create_study()
     space = {"learning_rate": FloatDistribution(1e-4, 1e-1, log=True), "forget_bias": FloatDistribution(-2, 4)}
     for lr, fb, value in zip(learning_rates, forget_biases, log_final):
-        params = {"learning_rate": float(lr), "forget_bias": float(fb)}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=float(value)))
+        trial_params = {"learning_rate": float(lr), "forget_bias": float(fb)}
+        study.add_trial(optuna.trial.create_trial(params=trial_params, distributions=space, value=float(value)))
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    importance = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    method = "fANOVA (optuna)"
+    importance["fANOVA (optuna)"] = optuna.importance.get_param_importances(study, evaluator=evaluator)
 except ImportError:
-    def main_effect(values, bins=4):
-        edges = np.quantile(values, np.linspace(0, 1, bins + 1))
-        which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
-        means = np.array([log_final[which == b].mean() for b in range(bins) if (which == b).any()])
-        return float(means.var() / log_final.var())
+    print("optuna is not installed (pip install optuna scikit-learn): showing the binned estimate only")
 
-    importance = {"learning_rate": main_effect(np.log(learning_rates)), "forget_bias": main_effect(forget_biases)}
-    method = "binned main effects (optuna not installed)"
-
-print(method)
-for name, value in importance.items():
-    print(f"  {name:14s} {float(value):.2f}")
-plt.figure(figsize=(4, 2.5))
-plt.barh(list(importance), [float(v) for v in importance.values()])
-plt.xlabel("share of variance")
-plt.title(method)
+for method, values in importance.items():
+    print(f"{method:20s}", "  ".join(f"{name} {float(v):.2f}" for name, v in values.items()))
+fig, ax = plt.subplots(figsize=(5, 2.5))
+for k, (method, values) in enumerate(importance.items()):
+    names = list(hyperparameters)
+    ax.barh(np.arange(len(names)) + 0.4 * k, [float(values[n]) for n in names], height=0.4, label=method)
+ax.set_yticks(np.arange(len(hyperparameters)) + 0.2, list(hyperparameters))
+ax.set_xlabel("share of the variance of log loss")
+ax.legend(fontsize=8)
 plt.show()
 """),
 ]
@@ -735,7 +743,7 @@ opt_state = optimizer.init(params)
 print(recurrent.count_params(params), "parameters")
 rng = np.random.default_rng(0)
 losses = []
-for step in range(STEPS):
+for _ in range(STEPS):
     batch = train_videos[rng.choice(len(train_videos), BATCH, replace=False)]
     params, opt_state, loss = train_step(params, opt_state, jnp.asarray(batch))
     losses.append(float(loss))
@@ -757,7 +765,7 @@ warmup = FRAMES // 2
 carry, hs = layer.apply(params["rnn"], video[:, :warmup])
 frame = jax.nn.sigmoid(readout(params, hs[:, -1]))  # prediction of frame `warmup`
 rollout = [frame[0, ..., 0]]
-for t in range(warmup + 1, FRAMES):
+for _ in range(warmup + 1, FRAMES):
     carry, h = cell.step(params["rnn"], carry, frame)
     frame = jax.nn.sigmoid(readout(params, h))
     rollout.append(frame[0, ..., 0])
@@ -881,8 +889,10 @@ losses = compiled(keys, learning_rates)
 losses.block_until_ready()
 run_s = time.perf_counter() - start
 
-print(f"{POPULATION} models x {STEPS} steps: compile {compile_s:.1f} s, run {run_s:.1f} s "
-      f"({1e3 * run_s / STEPS:.1f} ms per step of the whole population)")
+print(
+    f"{POPULATION} models x {STEPS} steps: compile {compile_s:.1f} s, run {run_s:.1f} s "
+    f"({1e3 * run_s / STEPS:.1f} ms per step of the whole population)"
+)
 print("losses", losses.shape, "sharded as", losses.sharding.spec)
 for shard in losses.addressable_shards:
     members = range(POPULATION)[shard.index[0]]

@@ -46,7 +46,7 @@ def test_notebooks_use_only_the_public_api():
 EXPECTED = {
     "01_quickstart.ipynb": ["padded outputs are zero: True", "two chunks == one pass: True", "loss: first"],
     "02_variants.ipynb": ["by hand == cell.step: True"] * 4 + ["stacked lstm x2"],
-    "03_hyperparameter_search.ipynb": ["losses (8, 30)", "learning_rate"],
+    "03_hyperparameter_search.ipynb": ["losses (8, 30)", "binned main effect", "fANOVA (optuna)"],
     "04_video_prediction.ipynb": ["loss: first"],
     # Two simulated CPU devices, so the sharding of the population is exercised.
     "05_colab_tpu.ipynb": ["2 cpu device(s)", "cpu:0: members 0..1", "cpu:1: members 2..3"],
