@@ -375,6 +375,13 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: f
     (3, 5, 8)
     """
     where = "recurrent.stacked"
+    if isinstance(items, (Cell, Layer)):  # a NamedTuple, which would pass for a list below
+        raise _core.error(
+            f"{where}: expected a list of cells or layers, got a single {type(items).__name__}.",
+            expected="e.g. [recurrent.lstm(64), recurrent.lstm(64)]",
+            got=f"{type(items).__name__} {items.name!r}",
+            fix=f"pass a list: recurrent.stacked([{items.name}, ...]), one entry per layer.",
+        )
     items = tuple(items) if isinstance(items, (list, tuple)) else items
     if not isinstance(items, tuple) or not items:
         raise _core.error(

@@ -343,6 +343,8 @@ def rnn(
         The body takes the true time index, so a combinator may scan several of them in
         one loop (both directions of ``bidirectional``)."""
         batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
+        # the cell's input checks, on the caller's own shape (not the driver's internal one)
+        jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct(xs.shape, xs.dtype))
         lengths = check_lengths(lengths, batch, T, where=where)
         resets = check_resets(resets, batch, T, time_major, where=where)
         nb, B = len(batch), math.prod(batch)
@@ -456,7 +458,7 @@ def rnn(
             carry = initial
         else:
             _core.check_carry(carry, initial, where=where)
-        jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct((1, *features), xs.dtype))  # input checks
+        jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct(xs.shape, xs.dtype))  # input checks
         nb, B = len(batch), math.prod(batch)
         xs_BTF = (jnp.moveaxis(xs, 0, nb) if time_major else xs).reshape((B, T, *features))
         lengths_B = None if lengths is None else lengths.reshape((B,))

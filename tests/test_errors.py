@@ -373,3 +373,20 @@ def test_initial_carry_of_wrong_rank():
     params = cell.init(KEY, (4, 4, 1))
     with clear_error("x_shape"):
         cell.initial_carry(params, (4, 1))
+
+
+def test_wrong_feature_size_error_shows_the_callers_shape():
+    layer = recurrent.rnn(recurrent.lstm(3))
+    params = layer.init(jax.random.key(0), (4,))
+    with pytest.raises(ValueError, match=r"got:\s+shape \(2, 7, 5\)"):
+        layer.apply(params, jnp.ones((2, 7, 5)))
+    with pytest.raises(ValueError, match=r"got:\s+shape \(7, 2, 5\)"):
+        layer.apply(params, jnp.ones((7, 2, 5)), time_major=True)
+
+
+def test_stacked_given_a_single_cell_says_so():
+    with pytest.raises(ValueError, match="got a single Cell") as info:
+        recurrent.stacked(recurrent.lstm(3))
+    assert "pass a list" in str(info.value)
+    with pytest.raises(ValueError, match="got a single Layer"):
+        recurrent.stacked(recurrent.rnn(recurrent.gru(3)))
