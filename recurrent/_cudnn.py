@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from recurrent._core import Cell, LSTMState
 
-IMPLEMENTATIONS = ("scan", "cudnn")
+IMPLEMENTATIONS = ("scan", "cudnn", "vjp")
 
 
 class FallbackWarning(UserWarning):
@@ -45,18 +45,23 @@ _PLAIN = {
 }
 
 
-def cell_reason(cell: Cell) -> str | None:
-    """Why ``cell`` cannot run on cuDNN (``None`` if it can), from its recorded options."""
+def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
+    """Why ``cell`` cannot run with ``implementation`` (``None`` if it can), from its recorded
+    options: both fast paths compute the plain LSTM only (cuDNN in float32)."""
+    what = "cuDNN runs" if implementation == "cudnn" else f'implementation="{implementation}" covers'
     options = cell.options
     if options is None or "peephole" not in options:
-        return f"cuDNN runs the plain LSTM only, and {cell.name!r} is not one"
+        return f"{what} the plain LSTM only, and {cell.name!r} is not one"
     odd = {k: options[k] for k, v in _PLAIN.items() if options[k] is not v and options[k] != v}
     if options["input_activation"] is not jnp.tanh or options["output_activation"] is not jnp.tanh:
         odd["activations"] = "not tanh"
-    if options["dtype"] not in (None, jnp.float32) or options["param_dtype"] not in (jnp.float32, "float32"):
-        odd["dtype"] = f"{options['dtype']}/{options['param_dtype']}"
+    if implementation == "cudnn":
+        if options["dtype"] not in (None, jnp.float32) or options["param_dtype"] not in (jnp.float32, "float32"):
+            odd["dtype"] = f"{options['dtype']}/{options['param_dtype']}"
+    elif options["dtype"] is not None:
+        odd["dtype"] = f"compute dtype {options['dtype']}"
     if odd:
-        return f"cuDNN runs the plain float32 LSTM only; this cell has {odd}"
+        return f"{what} the plain {'float32 ' if implementation == 'cudnn' else ''}LSTM only; this cell has {odd}"
     return None
 
 
@@ -74,9 +79,9 @@ def backend_reason() -> str | None:
     return None
 
 
-def warn(reason: str) -> None:
+def warn(reason: str, implementation: str = "cudnn") -> None:
     warnings.warn(
-        f'rnn(..., implementation="cudnn") fell back to the lax.scan implementation: {reason}. '
+        f'rnn(..., implementation="{implementation}") fell back to the lax.scan implementation: {reason}. '
         "The results are the same; only the speed differs.",
         FallbackWarning,
         stacklevel=4,

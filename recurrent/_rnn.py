@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from recurrent import _core, _cudnn, _lstm
+from recurrent import _core, _cudnn, _fastlstm, _lstm
 from recurrent._core import Cell, Layer
 
 
@@ -264,7 +264,10 @@ def rnn(
         ``jax.experimental.rnn`` on an NVIDIA GPU, with the same parameters and results.
         Where that does not apply (another backend or cell, regularisers in training,
         ``resets``, ``return_trace``, under ``jax.vmap``, which cuDNN cannot batch) the scan
-        runs instead, with a :class:`~recurrent.FallbackWarning` that says why.
+        runs instead, with a :class:`~recurrent.FallbackWarning` that says why. ``"vjp"``:
+        the plain LSTM with a hand-written backward pass whose weight gradients are
+        computed outside the loop, as large matmuls over all steps (any backend; not
+        differentiable in forward mode, ``jax.jvp``); same fallbacks but the GPU one.
 
     Returns:
       A :class:`Layer`.
@@ -303,7 +306,7 @@ def rnn(
             f"{where}: unknown `implementation`.",
             expected=" or ".join(repr(p) for p in _cudnn.IMPLEMENTATIONS),
             got=repr(implementation),
-            fix='pass implementation="scan" (portable, the default) or "cudnn" (plain LSTM on an NVIDIA GPU).',
+            fix='pass implementation="scan" (portable, the default), "cudnn" (plain LSTM on an NVIDIA GPU) or "vjp".',
         )
     rates = {
         name: check_rate(name, rate, where=where)
@@ -330,7 +333,7 @@ def rnn(
         zoneout_cell=zoneout_cell,
         implementation=implementation,
     )
-    cudnn_cell_reason = _cudnn.cell_reason(cell) if implementation == "cudnn" else None
+    fast_cell_reason = _cudnn.cell_reason(cell, implementation) if implementation != "scan" else None
     regularised = not all(_is_off(rates[n]) for n in ("input_dropout", "recurrent_dropout", "dropconnect"))
 
     def zoneout_rate(path):
@@ -435,21 +438,27 @@ def rnn(
 
         return carry, scan_body, (jnp.arange(T), xp_TB), finish
 
-    def cudnn_apply(params, xs, lengths, carry, time_major, key, resets, return_trace):
-        """The cuDNN call, or ``None`` after a :class:`FallbackWarning` where it does not apply."""
+    def fast_apply(params, xs, lengths, carry, time_major, key, resets, return_trace):
+        """The cuDNN call or the hand-written backward pass, or ``None`` after a
+        :class:`FallbackWarning` where it does not apply."""
+        cudnn = implementation == "cudnn"
+        warn = lambda reason: _cudnn.warn(reason, implementation)  # noqa: E731
         reason = (
-            _cudnn.backend_reason()
-            or cudnn_cell_reason
+            (_cudnn.backend_reason() if cudnn else None)
+            or fast_cell_reason
             or ("zoneout is on" if zoning else None)
             or ("dropout is on in training (a `key` was given)" if key is not None and regularised else None)
             or ("`resets` were given" if resets is not None else None)
             or ("`return_trace=True`" if return_trace else None)
+            or ("remat=True (this backward pass stores every step's gates)" if remat and not cudnn else None)
             or (None if isinstance(params, _lstm.LSTMParams) else f"the parameters are a {type(params).__name__}")
         )
-        if reason is None and (xs.dtype != jnp.float32 or params.input_kernel.dtype != jnp.float32):
+        if reason is None and cudnn and (xs.dtype != jnp.float32 or params.input_kernel.dtype != jnp.float32):
             reason = f"cuDNN runs float32 here, got inputs {xs.dtype}, parameters {params.input_kernel.dtype}"
+        if reason is None and not cudnn and xs.dtype != params.input_kernel.dtype:
+            reason = f"inputs {xs.dtype} and parameters {params.input_kernel.dtype} differ"
         if reason is not None:
-            _cudnn.warn(reason)
+            warn(reason)
             return None
         batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
         lengths = check_lengths(lengths, batch, T, where=where)
@@ -465,11 +474,15 @@ def rnn(
         carry_B = jax.tree.map(lambda a: a.reshape((B, *a.shape[nb:])), carry)
         if reverse:
             xs_BTF = reverse_sequences(xs_BTF, lengths_B, 1)
-        try:
-            carry_B, ys = _cudnn.apply(params, xs_BTF, lengths_B, carry_B)
-        except NotImplementedError as e:  # no batching rule: under jax.vmap
-            _cudnn.warn(f"JAX cannot run the cuDNN call here ({e}); cuDNN has no batching rule for jax.vmap")
-            return None
+        if not cudnn:
+            hoist = resolve_projection(projection, remat=remat) == "hoisted"
+            carry_B, ys = _fastlstm.apply(params, xs_BTF, lengths_B, carry_B, hoist)
+        else:
+            try:
+                carry_B, ys = _cudnn.apply(params, xs_BTF, lengths_B, carry_B)
+            except NotImplementedError as e:  # no batching rule: under jax.vmap
+                warn(f"JAX cannot run the cuDNN call here ({e}); cuDNN has no batching rule for jax.vmap")
+                return None
         if reverse:
             ys = reverse_sequences(ys, lengths_B, 1)
         ys = ys.reshape((*batch, T, *ys.shape[2:]))
@@ -478,8 +491,8 @@ def rnn(
         return jax.tree.map(lambda a: a.reshape((*batch, *a.shape[1:])), carry_B), ys
 
     def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
-        if implementation == "cudnn":
-            out = cudnn_apply(params, xs, lengths, carry, time_major, key, resets, return_trace)
+        if implementation != "scan":
+            out = fast_apply(params, xs, lengths, carry, time_major, key, resets, return_trace)
             if out is not None:
                 return out
         carry, body, inputs, finish = prepare(

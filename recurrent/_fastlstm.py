@@ -1,0 +1,123 @@
+"""A plain LSTM layer with a hand-written backward pass (``rnn(..., implementation="vjp")``).
+
+Reverse-mode AD of a ``lax.scan`` accumulates the weight gradients inside the backward loop:
+every step adds ``h_{t-1}^T dz_t`` and ``x_t^T dz_t`` into ``(H, 4H)`` and ``(F, 4H)``
+accumulators and computes ``dz_t W_x^T``, four matmuls per step. Here the backward loop
+computes only what the recurrence needs, ``dz_t`` and ``dh_{t-1} = dz_t U^T`` (one matmul
+per step), and stores ``dz``; the weight and input gradients are then three large matmuls
+over all steps at once (as cuDNN does):
+
+.. math::
+
+    \\partial W = \\sum_t x_t^\\top dz_t, \\quad \\partial U = \\sum_t h_{t-1}^\\top dz_t,
+    \\quad \\partial b = \\sum_t dz_t, \\quad \\partial x_t = dz_t W^\\top
+
+It covers the plain LSTM (gates i, f, g, o; tanh; no peepholes, projection, layer norm or
+clipping) with ``lengths`` and an initial carry. It is a ``jax.custom_vjp``, so forward-mode
+AD (``jax.jvp``, ``jax.jacfwd``) does not go through it; the default ``"scan"`` does.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _gates(z, H):
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist):
+    H = U.shape[0]
+    xp = xs_TBF @ W + b if hoist else xs_TBF
+
+    def step(carry, inputs):
+        h, c = carry
+        x, valid = inputs
+        z = (x if hoist else x @ W + b) + h @ U
+        i, f, g, o = _gates(z, H)
+        c_new = f * c + i * g
+        tc = jnp.tanh(c_new)
+        h_new = o * tc
+        v = valid[:, None]
+        h_out, c_out = jnp.where(v, h_new, h), jnp.where(v, c_new, c)
+        y = jnp.where(v, h_new, 0)
+        return (h_out, c_out), (y, h, c, jnp.concatenate([i, f, g, o], -1), tc)
+
+    (h, c), (ys, hs, cs, gates, tcs) = lax.scan(step, (h0, c0), (xp, valid_TB))
+    return (h, c), ys, (hs, cs, gates, tcs)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def lstm_layer(W, U, b, xs_TBF, h0, c0, valid_TB, hoist):
+    """``((h, c), ys)`` of a plain LSTM over time-major ``xs``; ``valid_TB`` masks padding."""
+    carry, ys, _ = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist)
+    return carry, ys
+
+
+def _fwd(W, U, b, xs_TBF, h0, c0, valid_TB, hoist):
+    carry, ys, saved = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist)
+    return (carry, ys), (W, U, xs_TBF, valid_TB, saved)
+
+
+def _bwd(hoist, res, cotangents):
+    W, U, xs_TBF, valid_TB, (hs, cs, gates, tcs) = res
+    (dh_T, dc_T), dys = cotangents
+    H = U.shape[0]
+    Ut = U.T
+
+    def step(carry, inputs):
+        dh, dc = carry
+        dy, h_prev, c_prev, gate, tc, valid = inputs
+        i, f, g, o = jnp.split(gate, 4, axis=-1)
+        v = valid[:, None]
+        dh_all = dh + jnp.where(v, dy, 0)
+        dc_new = dc + dh_all * o * (1 - tc * tc)
+        dz = jnp.concatenate(
+            [
+                dc_new * g * i * (1 - i),
+                dc_new * c_prev * f * (1 - f),
+                dc_new * i * (1 - g * g),
+                dh_all * tc * o * (1 - o),
+            ],
+            -1,
+        )
+        dz = jnp.where(v, dz, 0)
+        dh_prev = jnp.where(v, dz @ Ut, dh_all)
+        dc_prev = jnp.where(v, dc_new * f, dc)
+        return (dh_prev, dc_prev), dz
+
+    (dh0, dc0), dz = lax.scan(step, (dh_T, dc_T), (dys, hs, cs, gates, tcs, valid_TB), reverse=True)
+    T, B = dz.shape[:2]
+    dz2 = dz.reshape(T * B, 4 * H)
+    dW = xs_TBF.reshape(T * B, -1).T @ dz2
+    dU = hs.reshape(T * B, H).T @ dz2
+    db = dz2.sum(0)
+    dxs = (dz2 @ W.T).reshape(xs_TBF.shape)
+    return dW, dU, db, dxs, dh0, dc0, None
+
+
+lstm_layer.defvjp(_fwd, _bwd)
+
+
+def apply(params, xs_BTF, lengths_B, carry, hoist: bool):
+    """One plain LSTM layer with this backward pass: ``(carry, ys)``, batch-major, our semantics."""
+    from recurrent._core import LSTMState
+
+    B, T = xs_BTF.shape[:2]
+    valid = jnp.ones((T, B), bool) if lengths_B is None else jnp.arange(T)[:, None] < lengths_B[None, :]
+    (h, c), ys = lstm_layer(
+        params.input_kernel,
+        params.recurrent_kernel,
+        params.bias,
+        jnp.moveaxis(xs_BTF, 1, 0),
+        carry.h,
+        carry.c,
+        valid,
+        hoist,
+    )
+    return LSTMState(h, c), jnp.moveaxis(ys, 0, 1)

@@ -1,0 +1,95 @@
+"""``rnn(lstm(H), implementation="vjp")``: the plain LSTM with a hand-written backward pass
+(weight gradients outside the loop) equals the scan's autodiff, exactly in float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recurrent
+
+B, T, F, H = 3, 7, 4, 5
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _rand(shape, seed, dtype=jnp.float64):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+@pytest.mark.parametrize("projection", ["fused", "hoisted"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("time_major", [False, True])
+def test_vjp_equals_scan_autodiff_in_float64(x64, projection, reverse, time_major):
+    make = lambda implementation: recurrent.rnn(  # noqa: E731
+        recurrent.lstm(H, param_dtype=jnp.float64), projection=projection, reverse=reverse, implementation=implementation
+    )
+    scan, fast = make("scan"), make("vjp")
+    params = scan.init(jax.random.key(0), (F,))
+    params = params._replace(bias=_rand(params.bias.shape, 5))
+    xs = _rand((2, B, T, F), 1)  # two batch axes
+    if time_major:
+        xs = jnp.moveaxis(xs, 2, 0)
+    lengths = jnp.array([[7, 4, 0], [1, 7, 3]])
+    carry = recurrent.LSTMState(_rand((2, B, H), 2), _rand((2, B, H), 3))
+
+    def loss(layer, params, xs, carry):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", recurrent.FallbackWarning)  # the fast path must be taken
+            c, ys = layer.apply(params, xs, lengths=lengths, carry=carry, time_major=time_major)
+        return jnp.sum(jnp.sin(3 * ys)) + jnp.sum(jnp.sin(c.h)) + jnp.sum(c.c**2), (c, ys)
+
+    got = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
+    want = jax.value_and_grad(lambda *a: loss(scan, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_vjp_vmaps_and_jits():
+    fast = recurrent.rnn(recurrent.lstm(H), implementation="vjp")
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = jax.vmap(lambda k: fast.init(k, (F,)))(keys)
+    xs = _rand((B, T, F), 1, jnp.float32)
+    grad = jax.jit(jax.vmap(jax.grad(lambda p: jnp.sum(fast.apply(p, xs)[1] ** 2))))(params)
+    scan = recurrent.rnn(recurrent.lstm(H))
+    for m in range(3):
+        p = jax.tree.map(lambda a: a[m], params)
+        want = jax.grad(lambda p: jnp.sum(scan.apply(p, xs)[1] ** 2))(p)
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda a: a[m], grad)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, options, match",
+    [
+        (lambda: recurrent.peephole_lstm(H), {}, "peephole"),
+        (lambda: recurrent.gru(H), {}, "plain LSTM only"),
+        (lambda: recurrent.lstm(H), {"remat": True}, "remat"),
+        (lambda: recurrent.lstm(H), {"zoneout": 0.1}, "zoneout"),
+    ],
+)
+def test_vjp_fallbacks_say_why(make, options, match):
+    fast = recurrent.rnn(make(), implementation="vjp", **options)
+    params = fast.init(jax.random.key(0), (F,))
+    xs = _rand((B, T, F), 1, jnp.float32)
+    with pytest.warns(recurrent.FallbackWarning, match=rf'implementation="vjp".*{match}'):
+        got = fast.apply(params, xs)
+    want = recurrent.rnn(make(), **options).apply(params, xs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_vjp_is_reverse_mode_only():
+    fast = recurrent.rnn(recurrent.lstm(H), implementation="vjp")
+    params = fast.init(jax.random.key(0), (F,))
+    xs = _rand((B, T, F), 1, jnp.float32)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: fast.apply(params, x)[1], (xs,), (xs,))
