@@ -57,6 +57,7 @@ class Config(pipeline.TrainConfig):
     input_dropout: float = field(0.0, "dropout on the input rolls")
     dropout: float = field(0.5, "dropout on the recurrent outputs (before the readout) and between layers")
     zoneout: float = field(0.0, "zoneout on the carry")
+    recurrent_dropout: float = field(0.0, "variational dropout on the recurrent input h (one mask per sequence)")
 
 
 def get_config() -> Config:
@@ -89,7 +90,7 @@ def check_config(config: Config) -> Config:
     for name in ("hidden", "layers"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config field {name!r} must be >= 1; got {getattr(config, name)}.")
-    for name in ("input_dropout", "dropout", "zoneout"):
+    for name in ("input_dropout", "dropout", "zoneout", "recurrent_dropout"):
         if not 0 <= getattr(config, name) < 1:
             raise ConfigError(f"config field {name!r} must be in [0, 1); got {getattr(config, name)}.")
     return config
@@ -240,7 +241,9 @@ def make_cell(config: Config) -> recurrent.Cell:
 def make_task(config: Config) -> pipeline.Task:
     cells = [make_cell(config) for _ in range(config.layers)]
     cell = cells[0] if config.layers == 1 else recurrent.stacked(cells, dropout=config.dropout)
-    layer = recurrent.rnn(cell, input_dropout=config.input_dropout, zoneout=config.zoneout)
+    layer = recurrent.rnn(
+        cell, input_dropout=config.input_dropout, zoneout=config.zoneout, recurrent_dropout=config.recurrent_dropout
+    )
     return next_step_task(layer, config.dropout)
 
 
