@@ -65,8 +65,9 @@ class Config(pipeline.TrainConfig):
 
 def get_config() -> Config:
     """A 2 x 256 LSTM on 128-character windows, batch 32, 500 Adam steps at 3e-3 on a cosine (about
-    2 million characters, under half an epoch); about 9 minutes on a busy 2-core CPU. See
-    experiments/README.md for what it reaches; more ``--steps`` keep improving it."""
+    2 million characters, under half an epoch): about 5 minutes of CPU time (it took 13.6 minutes
+    on a 2-core machine shared with other jobs). See experiments/README.md for what it reaches
+    (2.48 test bpc); more ``--steps`` keep improving it."""
     return Config(
         steps=500,
         batch_size=32,

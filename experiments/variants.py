@@ -85,8 +85,8 @@ class Config(pipeline.TrainConfig):
 
 def get_config() -> Config:
     """The default budget: 500 Adam steps of 8 chorales each (about 18 epochs of the music21
-    chorales) at 3e-3 on a cosine, for every variant; about 5 minutes for all seven on a busy
-    2-core CPU (experiments/README.md has the measured time)."""
+    chorales) at 3e-3 on a cosine, for every variant: about 5 minutes of CPU time for all seven
+    (experiments/README.md has the measured run)."""
     return Config(
         steps=500,
         batch_size=8,
