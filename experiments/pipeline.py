@@ -522,8 +522,9 @@ def evaluate(eval_step, params, batches: Sequence[Batch], devices: Devices) -> f
 def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Array], dict[str, Any]]:
     """``train(key) -> {"params", "valid", "test", "best_valid", "steps_per_s", "ms_per_step", ...}``: the whole run.
 
-    ``ms_per_step`` is the wall time of the train steps alone (without the first step, which
-    compiles: ``first_step_s``, nor evaluations and checkpoints).
+    ``ms_per_step`` is the wall time per train step alone: without the steps that compile (the first
+    of each batch shape, ``compiled_shapes`` of them, ``compile_s`` seconds in all), evaluations and
+    checkpoints.
 
     Resumes from ``config.workdir`` when it holds checkpoints. ``key`` seeds the init, the
     per-step PRNG keys (``fold_in(key, step)``) and the data order.
@@ -577,8 +578,16 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         epoch_cache: dict[int, list[np.ndarray]] = {}
         pending: list[dict] = []
         t_start, s_start = time.perf_counter(), start
-        # Time in train steps alone (not the first, which compiles; not evaluations or checkpoints).
-        step_seconds, first_step_s, t_mark = 0.0, float("nan"), time.perf_counter()
+        # Wall time of the train steps alone: steps that compile (each new batch shape) are timed
+        # apart, evaluations and checkpoints not at all.
+        step_seconds, compile_seconds, shapes, t_mark = 0.0, 0.0, set(), time.perf_counter()
+
+        def lap() -> float:
+            nonlocal t_mark
+            jax.block_until_ready(state)
+            now = time.perf_counter()
+            seconds, t_mark = now - t_mark, now
+            return seconds
 
         def batch_at(step: int) -> Batch:
             epoch, i = divmod(step, steps_per_epoch)
@@ -588,12 +597,16 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             return pad_batch(data.train, epoch_cache[epoch][i], config.pad_multiple)
 
         for step in range(start, config.steps):
-            state, metrics = train_step(state, shard_batch(batch_at(step), devices))
+            batch = batch_at(step)
+            compiles = batch.xs.shape not in shapes
+            if compiles:
+                shapes.add(batch.xs.shape)
+                step_seconds += lap()
+            state, metrics = train_step(state, shard_batch(batch, devices))
             pending.append(metrics)
             done = step + 1
-            if step == start:
-                jax.block_until_ready(state)
-                first_step_s, t_mark = time.perf_counter() - t_mark, time.perf_counter()
+            if compiles:
+                compile_seconds += lap()
             if config.sleep_per_step:
                 time.sleep(config.sleep_per_step)
             if done % config.log_every == 0 or done == config.steps:
@@ -609,8 +622,7 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
                     bar.update(done - bar.n)
             evaluating = (config.eval_every and done % config.eval_every == 0) or done == config.steps
             if evaluating or done % config.checkpoint_every == 0:
-                jax.block_until_ready(state)
-                step_seconds += time.perf_counter() - t_mark if step > start else 0.0
+                step_seconds += lap()
             if evaluating:
                 valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
                 writer.write(done, "valid", {"nll": valid})
@@ -620,12 +632,12 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             if done % config.checkpoint_every == 0 or done == config.steps:
                 save_checkpoint(latest, done, state)
             if evaluating or done % config.checkpoint_every == 0:
-                t_mark = time.perf_counter()
+                lap()
         if bar is not None:
             bar.close()
-        timed_steps = config.steps - start - 1
+        timed_steps = config.steps - start - len(shapes)
         ms_per_step = step_seconds / timed_steps * 1e3 if timed_steps > 0 else float("nan")
-        timing = {"first_step_s": first_step_s, "ms_per_step": ms_per_step}
+        timing = {"compile_s": compile_seconds, "compiled_shapes": len(shapes), "ms_per_step": ms_per_step}
         result_path = os.path.join(config.workdir, "result.json")
         if start == config.steps and os.path.exists(result_path):  # nothing ran now: keep the earlier timing
             with open(result_path) as f:

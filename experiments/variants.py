@@ -30,11 +30,12 @@ a recurrent layer and a linear readout to 88 logits, dropout ``dropout`` before 
   it shows the cost and the training behaviour of the bidirectional layer on the same data and
   budget.
 
-**Columns.** ``compile (s)``: wall time of the first train step (tracing and compiling);
-``ms/step``: wall time per train step after it, without evaluations and checkpoints (on a shared
-CPU this depends on the load); ``valid``/``test NLL``: the checkpoint with the best validation
-NLL (evaluated every ``eval_every`` steps), ``best step`` when that was. One seed's ranking of
-close variants is anecdote, not evidence (try ``--seed=1``).
+**Columns.** ``compile (s)``: wall time of the train steps that compiled (the first one of each
+padded batch shape: up to 9 with the chorales); ``ms/step``: wall time per train step without
+those, evaluations and checkpoints (on a shared CPU this depends on the load);
+``valid``/``test NLL``: the checkpoint with the best validation NLL (evaluated every
+``eval_every`` steps), ``best step`` when that was. One seed's ranking of close variants is
+anecdote, not evidence (try ``--seed=1``).
 
 Example:
 
@@ -277,7 +278,7 @@ def run_variant(config: Config, variant: str, data: pipeline.Data) -> tuple[dict
         "cell_state": "yes" if spec.cell_state else "no",
         "rnn_params": recurrent.count_params(result["params"]["rnn"]),
         "params": recurrent.count_params(result["params"]),
-        "compile_s": result["first_step_s"],
+        "compile_s": result["compile_s"],
         "ms_per_step": result["ms_per_step"],
         "train_loss": curves["train"][-1][1],
         "valid_nll": result.get("best_valid", result["valid"]),
