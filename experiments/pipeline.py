@@ -520,7 +520,11 @@ def evaluate(eval_step, params, batches: Sequence[Batch], devices: Devices) -> f
 
 
 def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Array], dict[str, Any]]:
-    """``train(key) -> {"params", "valid", "test", "best_valid", "steps_per_s"}``: the whole run.
+    """``train(key) -> {"params", "valid", "test", "best_valid", "steps_per_s", "ms_per_step", ...}``: the whole run.
+
+    ``ms_per_step`` is the wall time per train step alone: without the steps that compile (the first
+    of each batch shape, ``compiled_shapes`` of them, ``compile_s`` seconds in all), evaluations and
+    checkpoints.
 
     Resumes from ``config.workdir`` when it holds checkpoints. ``key`` seeds the init, the
     per-step PRNG keys (``fold_in(key, step)``) and the data order.
@@ -545,7 +549,9 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         write_config(config)
         init_key, step_key, data_key = jax.random.split(key, 3)
         data_seed = int(jax.random.randint(data_key, (), 0, 2**31 - 1))
-        params = task.init(init_key)
+        # Strong dtypes: a weakly typed leaf (e.g. jnp.full(n, -3.0)) would turn strong after one
+        # update and compile the train step a second time.
+        params = jax.tree.map(lambda p: jnp.asarray(p, dtype=p.dtype), task.init(init_key))
         state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -572,6 +578,16 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         epoch_cache: dict[int, list[np.ndarray]] = {}
         pending: list[dict] = []
         t_start, s_start = time.perf_counter(), start
+        # Wall time of the train steps alone: steps that compile (each new batch shape) are timed
+        # apart, evaluations and checkpoints not at all.
+        step_seconds, compile_seconds, shapes, t_mark = 0.0, 0.0, set(), time.perf_counter()
+
+        def lap() -> float:
+            nonlocal t_mark
+            jax.block_until_ready(state)
+            now = time.perf_counter()
+            seconds, t_mark = now - t_mark, now
+            return seconds
 
         def batch_at(step: int) -> Batch:
             epoch, i = divmod(step, steps_per_epoch)
@@ -581,9 +597,16 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             return pad_batch(data.train, epoch_cache[epoch][i], config.pad_multiple)
 
         for step in range(start, config.steps):
-            state, metrics = train_step(state, shard_batch(batch_at(step), devices))
+            batch = batch_at(step)
+            compiles = batch.xs.shape not in shapes
+            if compiles:
+                shapes.add(batch.xs.shape)
+                step_seconds += lap()
+            state, metrics = train_step(state, shard_batch(batch, devices))
             pending.append(metrics)
             done = step + 1
+            if compiles:
+                compile_seconds += lap()
             if config.sleep_per_step:
                 time.sleep(config.sleep_per_step)
             if done % config.log_every == 0 or done == config.steps:
@@ -597,7 +620,10 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     bar.update(done - bar.n)
-            if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+            evaluating = (config.eval_every and done % config.eval_every == 0) or done == config.steps
+            if evaluating or done % config.checkpoint_every == 0:
+                step_seconds += lap()
+            if evaluating:
                 valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
                 writer.write(done, "valid", {"nll": valid})
                 save_checkpoint(best, done, state, {"valid": valid})
@@ -605,12 +631,22 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
                     bar.write(f"step {done}: valid {valid:.4f}")
             if done % config.checkpoint_every == 0 or done == config.steps:
                 save_checkpoint(latest, done, state)
+            if evaluating or done % config.checkpoint_every == 0:
+                lap()
         if bar is not None:
             bar.close()
+        timed_steps = config.steps - start - len(shapes)
+        ms_per_step = step_seconds / timed_steps * 1e3 if timed_steps > 0 else float("nan")
+        timing = {"compile_s": compile_seconds, "compiled_shapes": len(shapes), "ms_per_step": ms_per_step}
+        result_path = os.path.join(config.workdir, "result.json")
+        if start == config.steps and os.path.exists(result_path):  # nothing ran now: keep the earlier timing
+            with open(result_path) as f:
+                earlier = json.load(f)
+            timing = {k: earlier.get(k, float("nan")) for k in timing}
         steps_per_s = (config.steps - s_start) / max(time.perf_counter() - t_start, 1e-9)
         valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
         test = evaluate(eval_step, eval_params(state), test_batches, devices)
-        result = {"step": config.steps, "valid": valid, "test": test}
+        result = {"step": config.steps, "valid": valid, "test": test, **timing}
         best_step = best.best_step()
         if best_step is not None:
             import orbax.checkpoint as ocp
@@ -625,7 +661,7 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         writer.close()
         latest.close()
         best.close()
-        with open(os.path.join(config.workdir, "result.json"), "w") as f:
+        with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
         params = jax.device_get(eval_params(state))
         save_params(os.path.join(config.workdir, "final_params.npz"), params)
