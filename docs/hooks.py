@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MARKER = "<!-- generated: {} -->"
 #: Generated images the pages may show: site path -> path under the runs directory.
 IMAGES = {
-    "generated/variants_loss_curves.png": "variants/loss_curves.png",
+    "generated/variants_loss_curves.png": "variants/curves.png",
     "generated/benchmarks_suite.png": "benchmarks/suite.png",
 }
 

@@ -104,9 +104,10 @@ def test_mkdocs_build_strict_includes_generated_results(tmp_path):
     from experiments import variants
 
     runs = tmp_path / "runs"
-    config = variants.override(variants.quick_config(), out=str(runs / "variants"), steps=4)
-    row = {k: 0 for k in variants.COLUMNS} | {"variant": "made_up_variant_row", "gates": "ifgo", "cell_state": "yes"}
-    variants.write_outputs(config, [row], {"made_up_variant_row": np.linspace(1.0, 0.5, 4)})
+    config = variants.pipeline.override(variants.quick_config(), workdir=str(runs / "variants"), steps=4)
+    row = {k: 0 for k in variants.COLUMNS} | {"variant": "lstm", "task": "made_up_variant_row", "gates": "ifgo"}
+    curve = [(s, float(v)) for s, v in zip(range(4), np.linspace(1.0, 0.5, 4))]
+    variants.write_outputs(config, [row], {"lstm": {"train": curve, "valid": curve}}, "made-up data")
     assert (runs / "variants" / "summary.md").is_file()
 
     site = tmp_path / "site"
