@@ -290,6 +290,7 @@ class Config(pipeline.TrainConfig):
     halving: str = field("", "steps (multiples of eval_every) at which the worst members are frozen")
     halving_keep: float = field(0.5, "fraction of the active members kept at each halving step")
     plots: bool = field(True, "write the plots")
+    compile_cache: str = field("", "folder of a persistent XLA compilation cache (a rerun skips compiling)")
     stop_after: int = field(0, "testing: exit after this many steps (after the checkpoint), as if killed")
 
 
@@ -570,10 +571,11 @@ def crop_batches(data: pipeline.Data, config: Config, data_seed: int, start: int
     return xs, lengths
 
 
-def split_batches(sequences: Sequence[np.ndarray], batch: int):
-    """A whole split as fixed batches ``xs (N, batch, T, F)``, ``lengths (N, batch)`` (T a multiple of 16)."""
-    T = math.ceil(max(len(s) for s in sequences) / 16) * 16
-    N = math.ceil(len(sequences) / batch)
+def split_batches(sequences: Sequence[np.ndarray], batch: int, T: int = 0, N: int = 0):
+    """A whole split as fixed batches ``xs (N, batch, T, F)``, ``lengths (N, batch)``; by default ``T`` is the
+    longest sequence rounded up to a multiple of 16 and ``N`` the fewest batches (zero-length rows fill)."""
+    T = T or math.ceil(max(len(s) for s in sequences) / 16) * 16
+    N = N or math.ceil(len(sequences) / batch)
     xs = np.zeros((N * batch, T, sequences[0].shape[1]), np.float32)
     lengths = np.zeros((N * batch,), np.int32)
     for i, s in enumerate(sequences):
@@ -635,6 +637,9 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
     and writes the tables and plots to ``config.workdir``. Resumes from its checkpoints."""
     check_config(config)
     data = load_data(config) if data is None else data
+    if config.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     members = sample_members(config)
     mesh = make_mesh(config.num_devices)
     n_dev = mesh.devices.size
@@ -646,7 +651,10 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
     P = len(members)
     n_evals = config.steps // config.eval_every
     data_seed = int(np.random.default_rng(config.seed).integers(2**31 - 1))
-    valid = jax.device_put(split_batches(data.valid, config.eval_batch), replicated)
+    # validation and test share one padded shape, so the evaluation compiles once per group
+    T_eval = math.ceil(max(len(s) for s in [*data.valid, *data.test]) / 16) * 16
+    N_eval = math.ceil(max(len(data.valid), len(data.test)) / config.eval_batch)
+    valid = jax.device_put(split_batches(data.valid, config.eval_batch, T_eval, N_eval), replicated)
     t0 = time.perf_counter()
 
     def active_of(run, active):
@@ -702,7 +710,7 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
             log(f"stopping after step {done} (--stop_after)")
             raise SystemExit(3)
     manager.close()
-    test = jax.device_put(split_batches(data.test, config.eval_batch), replicated)
+    test = jax.device_put(split_batches(data.test, config.eval_batch, T_eval, N_eval), replicated)
     test_nll = np.full(P, np.nan)
     for r in runs:
         nll = population_evaluate(r.group, search["groups"][r.group.name]["params"], hypers[r.group.name], *test)
