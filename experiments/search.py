@@ -237,19 +237,7 @@ def evaluate_member(group: Group, params, hypers: Hypers, xs_NBTF, lengths_NB) -
 # The population versions: vmapped over the members, compiled once per group (and shape).
 
 
-@functools.cache
-def _population_init():
-    # The init runs once per group: on CPU it is compiled without XLA's backend optimisations
-    # (several times faster to compile, and its run time does not matter).
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return jax.jit(jax.vmap(init_member, in_axes=(None, 0, 0)), static_argnums=0, compiler_options=options)
-
-
-def population_init(group: Group, hypers: Hypers, key_data: jax.Array) -> dict[str, Any]:
-    """``init_member`` vmapped over the population (``hypers`` and ``key_data`` have its axis)."""
-    return _population_init()(group, hypers, key_data)
-
-
+population_init = jax.jit(jax.vmap(init_member, in_axes=(None, 0, 0)), static_argnums=0)
 population_train = jax.jit(jax.vmap(train_steps, in_axes=(None, 0, 0, 0, None, None)), static_argnums=0)
 population_evaluate = jax.jit(jax.vmap(evaluate_member, in_axes=(None, 0, 0, None, None)), static_argnums=0)
 
@@ -290,7 +278,6 @@ class Config(pipeline.TrainConfig):
     halving: str = field("", "steps (multiples of eval_every) at which the worst members are frozen")
     halving_keep: float = field(0.5, "fraction of the active members kept at each halving step")
     plots: bool = field(True, "write the plots")
-    compile_cache: str = field("", "folder of a persistent XLA compilation cache (a rerun skips compiling)")
     stop_after: int = field(0, "testing: exit after this many steps (after the checkpoint), as if killed")
 
 
@@ -637,9 +624,6 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
     and writes the tables and plots to ``config.workdir``. Resumes from its checkpoints."""
     check_config(config)
     data = load_data(config) if data is None else data
-    if config.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compile_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     members = sample_members(config)
     mesh = make_mesh(config.num_devices)
     n_dev = mesh.devices.size
@@ -663,9 +647,13 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
         return jax.device_put(a, pop)
 
     hypers = {r.group.name: jax.device_put(r.hypers, pop) for r in runs}
+    # One group at a time (fewer executions in flight on a small CPU).
     search = {
         "groups": {
-            r.group.name: population_init(r.group, hypers[r.group.name], jax.device_put(r.keys, pop)) for r in runs
+            r.group.name: jax.block_until_ready(
+                population_init(r.group, hypers[r.group.name], jax.device_put(r.keys, pop))
+            )
+            for r in runs
         },
         "active": np.ones(P, bool),
         "stopped_at": np.full(P, config.steps, np.int32),
