@@ -237,7 +237,24 @@ def evaluate_member(group: Group, params, hypers: Hypers, xs_NBTF, lengths_NB) -
 # The population versions: vmapped over the members, compiled once per group (and shape).
 
 
-population_init = jax.jit(jax.vmap(init_member, in_axes=(None, 0, 0)), static_argnums=0)
+_init_member = jax.jit(init_member, static_argnums=0)
+
+
+def population_init(group: Group, hypers: Hypers, key_data: jax.Array) -> dict[str, Any]:
+    """The members' states stacked along the population axis (of ``hypers`` and ``key_data``), placed with
+    their sharding.
+
+    Each member is initialised by the one jitted ``init_member`` in turn rather than vmapped: on a
+    loaded 2-core CPU the batched QR of the orthogonal initialiser, vmapped, hung XLA's CPU runtime
+    (jax 0.10.2) several times, and the init runs once per search.
+    """
+    hypers_np, keys_np = jax.device_get((hypers, key_data))
+    states = [_init_member(group, jax.tree.map(lambda a: a[m], hypers_np), keys_np[m]) for m in range(len(keys_np))]
+    stacked = jax.tree.map(lambda *leaves: np.stack(jax.device_get(leaves)), *states)
+    sharding = getattr(key_data, "sharding", None)
+    return jax.device_put(stacked, sharding) if isinstance(sharding, jax.sharding.NamedSharding) else stacked
+
+
 population_train = jax.jit(jax.vmap(train_steps, in_axes=(None, 0, 0, 0, None, None)), static_argnums=0)
 population_evaluate = jax.jit(jax.vmap(evaluate_member, in_axes=(None, 0, 0, None, None)), static_argnums=0)
 
