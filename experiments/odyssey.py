@@ -44,10 +44,10 @@ ALPHA = 0.05
 
 def get_config() -> search.Config:
     """The budget protocol we ran on a shared 2-core CPU (see experiments/README.md): 12 draws x 9
-    variants, 150 steps of batch 8, crops of 32 steps. Raise ``--configs`` and ``--steps`` for the
+    variants, 200 steps of batch 8, crops of 32 steps. Raise ``--configs`` and ``--steps`` for the
     paper's scale (200 trials per variant, trained to convergence)."""
     return search.Config(
-        steps=150,
+        steps=200,
         batch_size=8,
         window=32,
         eval_every=50,
