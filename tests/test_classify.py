@@ -61,5 +61,7 @@ def test_quick_run(tmp_path):
     assert set(results) == {"gru", "bilstm"}
     for row in results.values():
         assert 0 <= row["test_accuracy"] <= 100 and np.isfinite(row["test_nll"])
+        # Validated only at the last step: the best checkpoint is the final one.
+        assert row["best_step"] == 3 and row["best_test_accuracy"] == row["test_accuracy"]
     # bilstm reads both directions: twice the LSTM's recurrent parameters plus a wider readout.
     assert results["bilstm"]["params"] > results["gru"]["params"]

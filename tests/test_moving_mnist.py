@@ -68,10 +68,12 @@ def test_bad_options_fail_before_anything_runs(tmp_path, capsys):
 
 def test_quick_run_trains_each_model_and_saves_a_strip(tmp_path):
     results = moving_mnist.main(["--quick", f"--workdir={tmp_path}"])
-    assert set(results) == {"fc_lstm", "conv2"}
+    assert set(results) == {"fc_lstm", "conv1"}
     for model, result in results.items():
         assert np.isfinite(result["test"]) and result["test"] > 0
         assert os.path.isfile(tmp_path / model / "result.json")
     assert os.path.getsize(tmp_path / "strip.png") > 1000
     config = pipeline.override(moving_mnist.quick_config(), models="conv3", channels=4)
     assert moving_mnist.layer_sizes(config, "conv3") == [4, 2, 2]
+    paper = pipeline.override(config, channels=128)
+    assert [moving_mnist.layer_sizes(paper, f"conv{n}") for n in (1, 2, 3)] == [[256], [128, 128], [128, 64, 64]]
