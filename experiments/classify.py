@@ -54,6 +54,8 @@ class Config(pipeline.TrainConfig):
     data: str = field("mnist1d", f"{' | '.join(DATASETS)}")
     models: str = field("gru,lstm,bilstm", f"comma-separated models: {', '.join(MODELS)}")
     hidden: int = field(128, "hidden units (per direction for bilstm)")
+    dropout: float = field(0.0, "dropout on the final state before the readout")
+    zoneout: float = field(0.0, "zoneout on the recurrent carry (Krueger et al. 2017)")
     valid_fraction: float = field(0.1, "training sequences held out for validation")
     mnist1d_seed: int = field(42, "seed of the MNIST-1D generator (42: the published data set)")
     mnist1d_samples: int = field(5000, "MNIST-1D sequences generated (80% train, 20% test)")
@@ -110,6 +112,9 @@ def check_config(config: Config) -> Config:
     model_list(config)
     if config.hidden < 1:
         raise ConfigError(f"config field 'hidden' must be >= 1; got {config.hidden}.")
+    for name in ("dropout", "zoneout"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"config field {name!r} must be in [0, 1); got {getattr(config, name)}.")
     if not 0 < config.valid_fraction < 0.5:
         raise ConfigError(f"config field 'valid_fraction' must be in (0, 0.5); got {config.valid_fraction}.")
     if config.mnist1d_samples < 20:
@@ -183,11 +188,11 @@ def _final_state(carry: Any) -> jax.Array:
 
 
 def make_model(config: Config, model: str, features: int):
-    H = config.hidden
+    H, z = config.hidden, config.zoneout
     layer = {
-        "lstm": lambda: recurrent.rnn(recurrent.lstm(H)),
-        "gru": lambda: recurrent.rnn(recurrent.gru(H)),
-        "bilstm": lambda: recurrent.bidirectional(recurrent.lstm(H)),
+        "lstm": lambda: recurrent.rnn(recurrent.lstm(H), zoneout=z),
+        "gru": lambda: recurrent.rnn(recurrent.gru(H), zoneout=z),
+        "bilstm": lambda: recurrent.bidirectional(recurrent.rnn(recurrent.lstm(H), zoneout=z)),
     }[model]()
     width = 2 * H if model == "bilstm" else H
 
@@ -201,9 +206,13 @@ def make_model(config: Config, model: str, features: int):
             },
         }
 
-    def logits(params, xs, lengths):
-        carry, _ = layer.apply(params["rnn"], xs, lengths=lengths)
-        return _final_state(carry) @ params["readout"]["kernel"] + params["readout"]["bias"]
+    def logits(params, xs, lengths, key=None):
+        k_rnn, k_out = jax.random.split(key) if key is not None else (None, None)
+        carry, _ = layer.apply(params["rnn"], xs, lengths=lengths, key=k_rnn)
+        h = _final_state(carry)
+        if k_out is not None and config.dropout > 0:
+            h = h * jax.random.bernoulli(k_out, 1 - config.dropout, h.shape) / (1 - config.dropout)
+        return h @ params["readout"]["kernel"] + params["readout"]["bias"]
 
     return init, logits
 
@@ -214,7 +223,7 @@ def make_task(config: Config, model: str, features: int) -> pipeline.Task:
     def loss(params, batch, key):
         xs, lengths = batch
         labels = xs[:, 0, -1].astype(jnp.int32)
-        z = logits(params, xs[..., :-1], lengths)
+        z = logits(params, xs[..., :-1], lengths, key)
         ce = optax.softmax_cross_entropy_with_integer_labels(z, labels)
         real = (lengths > 0).astype(ce.dtype)
         return jnp.sum(ce * real), jnp.sum(real)
