@@ -173,7 +173,7 @@ def windows(series: np.ndarray, starts: Sequence[int], length: int) -> list[np.n
     return [series[s : s + length, None] for s in starts]
 
 
-def test_origins(p: Prepared, config: Config) -> np.ndarray:
+def held_out_origins(p: Prepared, config: Config) -> np.ndarray:
     """Forecast origins ``o`` (the first predicted index) in the held-out tail whose horizon fits."""
     return np.arange(p.split, len(p.values) - config.horizon + 1)
 
@@ -185,7 +185,7 @@ def make_data(p: Prepared, config: Config) -> pipeline.Data:
     need = config.window + config.horizon
     starts = np.arange(0, p.split - need + 1)
     n_valid = max(1, len(starts) * 15 // 100)
-    test_starts = test_origins(p, config) - config.window
+    test_starts = held_out_origins(p, config) - config.window
     return pipeline.Data(
         windows(s, starts[:-n_valid], need), windows(s, starts[-n_valid:], need), windows(s, test_starts, need)
     )
@@ -236,7 +236,7 @@ def model_forecasts(config: Config, cell_name: str, params: Any, p: Prepared) ->
     """``(origins, horizon)`` forecasts in the series' units."""
     _, forecast = make_model(config, cell_name)
     s = p.scaled()
-    hist = np.stack(windows(s, test_origins(p, config) - config.window, config.window))
+    hist = np.stack(windows(s, held_out_origins(p, config) - config.window, config.window))
     return np.asarray(jax.jit(forecast)(params, jnp.asarray(hist))) * p.std + p.mean
 
 
@@ -244,7 +244,7 @@ def seasonal_naive(p: Prepared, config: Config) -> np.ndarray:
     """The value one season before each target, from the history before the origin."""
     m = SEASON[p.name]
     out = []
-    for o in test_origins(p, config):
+    for o in held_out_origins(p, config):
         h = np.arange(config.horizon)
         out.append(p.values[o - m + (h % m)])
     return np.stack(out)
@@ -257,7 +257,7 @@ def statistical_forecasts(p: Prepared, config: Config) -> dict[str, np.ndarray]:
     from statsmodels.tsa.statespace.sarimax import SARIMAX
 
     train = p.values[: p.split]
-    origins = test_origins(p, config)
+    origins = held_out_origins(p, config)
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -286,7 +286,7 @@ def statistical_forecasts(p: Prepared, config: Config) -> dict[str, np.ndarray]:
 
 
 def truth(p: Prepared, config: Config) -> np.ndarray:
-    return np.stack([p.values[o : o + config.horizon] for o in test_origins(p, config)])
+    return np.stack([p.values[o : o + config.horizon] for o in held_out_origins(p, config)])
 
 
 def scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -301,7 +301,7 @@ def save_plot(path: str, p: Prepared, config: Config, forecasts: dict[str, np.nd
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    origins = test_origins(p, config)
+    origins = held_out_origins(p, config)
     lo = max(0, p.split - 3 * config.horizon)
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.plot(np.arange(lo, len(p.values)), p.values[lo:], color="black", lw=1.5, label="truth")

@@ -9,7 +9,7 @@ needs no memory.
 >>> data = Generated(3, (4, 2), lambda i: np.full((4, 2), i, np.float32))
 >>> len(data), len(data[1]), np.asarray(data[2])[0].tolist()
 (3, 4, [2.0, 2.0])
->>> [np.asarray(x).sum() for x in data]
+>>> [float(np.asarray(x).sum()) for x in data]
 [0.0, 8.0, 16.0]
 """
 

@@ -28,7 +28,7 @@ def test_windows_are_deterministic_and_never_see_the_test_tail():
     # The last training/validation window ends before the held-out tail; test windows end inside it.
     s = p.scaled()
     np.testing.assert_array_equal(a.valid[-1][:, 0], s[p.split - need : p.split])
-    origins = forecast.test_origins(p, config)
+    origins = forecast.held_out_origins(p, config)
     assert origins[0] == p.split and origins[-1] + config.horizon == len(p.values)
     np.testing.assert_array_equal(a.test[0][config.window :, 0], s[p.split : p.split + config.horizon])
 
@@ -37,7 +37,7 @@ def test_seasonal_naive_uses_only_the_past():
     config = pipeline.override(forecast.quick_config(), horizon=6)
     p = forecast.prepare("co2", config)
     naive = forecast.seasonal_naive(p, config)
-    o = forecast.test_origins(p, config)[3]
+    o = forecast.held_out_origins(p, config)[3]
     np.testing.assert_array_equal(naive[3], p.values[o - 12 : o - 6])
     assert naive.shape == forecast.truth(p, config).shape
 
