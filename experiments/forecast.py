@@ -93,20 +93,9 @@ def quick_config() -> Config:
     )
 
 
-def _names(value: str, valid: Sequence[str], field_name: str) -> list[str]:
-    names = [s.strip() for s in value.split(",") if s.strip()]
-    bad = [s for s in names if s not in valid]
-    if bad or not names:
-        raise ConfigError(
-            f"config field {field_name!r}: unknown value(s) {', '.join(map(repr, bad)) or '(none given)'}.\n"
-            f"  valid:    {', '.join(valid)}\n  fix:      e.g. --{field_name}={valid[0]}"
-        )
-    return names
-
-
 def check_config(config: Config) -> Config:
-    _names(config.series, SERIES, "series")
-    _names(config.cells, CELLS, "cells")
+    pipeline.choices(config.series, SERIES, "series")
+    pipeline.choices(config.cells, CELLS, "cells")
     for name in ("window", "horizon", "hidden"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config field {name!r} must be >= 1; got {getattr(config, name)}.")
@@ -328,7 +317,7 @@ def make_train(config: Config, series: str, cell_name: str, data: pipeline.Data 
 def run(config: Config) -> dict[str, dict[str, dict[str, float]]]:
     """Every cell (and baseline) on every series; returns ``{series: {method: {"mae", "rmse"}}}``."""
     check_config(config)
-    prepared = [prepare(s, config) for s in _names(config.series, SERIES, "series")]
+    prepared = [prepare(s, config) for s in pipeline.choices(config.series, SERIES, "series")]
     table: dict[str, dict[str, dict[str, float]]] = {}
     for p in prepared:
         target = truth(p, config)
@@ -337,7 +326,7 @@ def run(config: Config) -> dict[str, dict[str, dict[str, float]]]:
             forecasts["seasonal_naive"] = seasonal_naive(p, config)
             forecasts.update(statistical_forecasts(p, config))
         data = make_data(p, config)
-        for cell_name in _names(config.cells, CELLS, "cells"):
+        for cell_name in pipeline.choices(config.cells, CELLS, "cells"):
             result = make_train(config, p.name, cell_name, data)(jax.random.key(config.seed))
             sub = dataclasses.replace(config, workdir=os.path.join(config.workdir, f"{p.name}_{cell_name}"))
             best = best_params(sub, result["params"])  # early stopping on the validation windows
@@ -360,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, flo
     )
     try:
         check_config(config)
-        for s in _names(config.series, SERIES, "series"):
+        for s in pipeline.choices(config.series, SERIES, "series"):
             prepare(s, config)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

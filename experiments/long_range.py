@@ -108,17 +108,6 @@ def quick_config() -> Config:
     )
 
 
-def _names(value: str, valid: Sequence[str], name: str) -> list[str]:
-    names = [s.strip() for s in value.split(",") if s.strip()]
-    bad = [s for s in names if s not in valid]
-    if bad or not names:
-        raise ConfigError(
-            f"config field {name!r}: unknown value(s) {', '.join(map(repr, bad)) or '(none given)'}.\n"
-            f"  valid:    {', '.join(valid)}\n  fix:      e.g. --{name}={valid[0]}"
-        )
-    return names
-
-
 def adding_lengths(config: Config) -> list[int]:
     try:
         lengths = [int(s) for s in config.lengths.split(",") if s.strip()]
@@ -133,8 +122,8 @@ def adding_lengths(config: Config) -> list[int]:
 
 
 def check_config(config: Config) -> Config:
-    _names(config.tasks, TASKS, "tasks")
-    _names(config.cells, CELLS, "cells")
+    pipeline.choices(config.tasks, TASKS, "tasks")
+    pipeline.choices(config.cells, CELLS, "cells")
     adding_lengths(config)
     for name in ("hidden", "copy_delay", "interval", "period", "spike_count", "train_sequences", "test_sequences"):
         if getattr(config, name) < 1:
@@ -236,7 +225,7 @@ def spikes(period: int, count: int) -> Spec:
 
 def task_specs(config: Config) -> list[Spec]:
     specs = []
-    for name in _names(config.tasks, TASKS, "tasks"):
+    for name in pipeline.choices(config.tasks, TASKS, "tasks"):
         if name == "adding":
             specs += [adding(T) for T in adding_lengths(config)]
         elif name == "temporal_order":
@@ -351,7 +340,7 @@ def run(config: Config) -> dict[str, dict[str, dict[str, Any]]]:
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for spec in task_specs(config):
         data = make_data(spec, config)
-        for cell_name in _names(config.cells, CELLS, "cells"):
+        for cell_name in pipeline.choices(config.cells, CELLS, "cells"):
             result = make_train(config, spec, cell_name, data)(jax.random.key(config.seed))
             metrics = evaluate(config, spec, cell_name, result["params"], data.test)
             metrics["test_loss"] = result["test"]

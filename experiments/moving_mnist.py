@@ -112,14 +112,7 @@ def quick_config() -> Config:
 
 
 def model_list(config: Config) -> list[str]:
-    models = [m.strip() for m in config.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS]
-    if bad or not models:
-        raise ConfigError(
-            f"unknown model(s) {', '.join(map(repr, bad)) or '(none given)'}.\n"
-            f"  valid:    {', '.join(MODELS)}\n  fix:      e.g. --models=fc_lstm,conv2"
-        )
-    return models
+    return pipeline.choices(config.models, MODELS, "models", what="model", example="fc_lstm,conv2")
 
 
 def check_config(config: Config) -> Config:

@@ -193,6 +193,19 @@ def parse_args(argv: Sequence[str], config: Any, quick: Any = None) -> Any:
     return override(config, **values)
 
 
+def choices(value: str, valid: Sequence[str], field_name: str, *, what: str = "value", example: str = "") -> list[str]:
+    """The comma-separated names of a config field, each checked against ``valid``; a
+    :class:`ConfigError` that lists the valid ones otherwise (also when none is given)."""
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in names if s not in valid]
+    if bad or not names:
+        raise ConfigError(
+            f"config field {field_name!r}: unknown {what}(s) {', '.join(map(repr, bad)) or '(none given)'}.\n"
+            f"  valid:    {', '.join(valid)}\n  fix:      e.g. --{field_name}={example or valid[0]}"
+        )
+    return names
+
+
 def cli_config(argv: Sequence[str] | None, config: Any, quick: Any, prog: str, description: str) -> Any:
     """``parse_args`` for a ``main``: ``--help`` prints the fields, a bad config exits with code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
