@@ -268,6 +268,7 @@ def bidirectional(
 
 
 def _signature(tree):
+    """The tree structure, shapes and dtypes of a pytree: equal signatures can be stacked."""
     return jax.tree.structure(tree), tuple((a.shape, a.dtype) for a in jax.tree.leaves(tree))
 
 
@@ -543,16 +544,13 @@ def _equal_runs(layers, params, carry):
     """``(start, stop)`` index ranges covering ``layers``: runs of consecutive layers known
     to compute the same function on parameters (and carries) of the same shapes."""
 
-    def signature(tree):
-        return jax.tree.structure(tree), tuple((a.shape, a.dtype) for a in jax.tree.leaves(tree))
-
     def same(i, j):
         a, b = layers[i], layers[j]
         if not (a is b or (a.options is not None and _core.same_options(a.options, b.options))):
             return False
-        if signature(params[i]) != signature(params[j]):
+        if _signature(params[i]) != _signature(params[j]):
             return False
-        return carry is None or signature(carry[i]) == signature(carry[j])
+        return carry is None or _signature(carry[i]) == _signature(carry[j])
 
     runs, start = [], 0
     for i in range(1, len(layers) + 1):
