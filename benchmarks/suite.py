@@ -160,8 +160,9 @@ def _on_gpu():
     return jax.default_backend() == "gpu"
 
 
-def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES):
-    """PyTorch's ``nn.LSTM``/``nn.GRU``: oneDNN on CPU, cuDNN when JAX runs on a GPU."""
+def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES, dtype="float32"):
+    """PyTorch's ``nn.LSTM``/``nn.GRU``: oneDNN on CPU, cuDNN when JAX runs on a GPU; in
+    ``dtype`` (module and input; ``"bfloat16"`` is the peer of our bfloat16 compute)."""
     import numpy as np
     import torch
 
@@ -169,8 +170,10 @@ def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES):
     device = "cuda" if _on_gpu() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     module = {"lstm": torch.nn.LSTM, "bidirectional": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
-    model = module(F, H, num_layers=layers, batch_first=True, bidirectional=kind == "bidirectional").to(device)
-    x = torch.from_numpy(np.array(xs)).to(device).requires_grad_(True)
+    tdt = getattr(torch, dtype)
+    model = module(F, H, num_layers=layers, batch_first=True, bidirectional=kind == "bidirectional")
+    model = model.to(device=device, dtype=tdt)
+    x = torch.from_numpy(np.array(xs)).to(device=device, dtype=tdt).requires_grad_(True)
 
     def forward():
         torch.set_num_threads(threads)
@@ -182,7 +185,7 @@ def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES):
         torch.set_num_threads(threads)
         model.zero_grad(set_to_none=True)
         x.grad = None
-        model(x)[0].mean().backward()
+        model(x)[0].float().mean().backward()
         sync()
 
     return forward, forward_backward, None, None
@@ -198,8 +201,11 @@ def contenders_for(kind, layers, quick):
         c["ours_layerwise"] = lambda *a: ours(*a, layerwise=True)
     if kind == "lstm" and layers == 1:  # hand-written backward, weight gradients outside the loop
         c["ours_vjp"] = lambda *a: ours(*a, implementation="vjp")
-    if kind in ("lstm", "gru") and layers == 1:  # bfloat16 compute, float32 state
+    if kind in ("lstm", "gru") and layers == 1:  # bfloat16 compute, float32 state, and PyTorch in bfloat16
         c["ours_bf16"] = lambda *a: ours(*a, dtype=jnp.bfloat16)
+        c["torch_bf16"] = lambda *a: torch_rnn(*a, dtype="bfloat16")
+    if kind == "lstm" and layers == 1:
+        c["ours_vjp_bf16"] = lambda *a: ours(*a, dtype=jnp.bfloat16, implementation="vjp")
     if kind == "lstm" and _on_gpu():  # the optional cuDNN path (jax.experimental.rnn)
         if layers == 1:
             c["ours_cudnn"] = lambda *a: ours(*a, implementation="cudnn")

@@ -60,8 +60,9 @@ class ConvGRUParams(NamedTuple):
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 
 
-def _conv(x, kernel, n):
-    """'Same' convolution of ``x (*lead, *S, C)`` with ``kernel (*K, C, O)``; any leading axes."""
+def _conv(x, kernel, n, out_dtype=None):
+    """'Same' convolution of ``x (*lead, *S, C)`` with ``kernel (*K, C, O)``; any leading axes;
+    accumulated and returned in ``out_dtype`` (see ``_core.matmul``)."""
     lead, rest = x.shape[: x.ndim - n - 1], x.shape[x.ndim - n - 1 :]
     s = _SPATIAL[n]
     y = lax.conv_general_dilated(
@@ -70,6 +71,7 @@ def _conv(x, kernel, n):
         window_strides=(1,) * n,
         padding="SAME",
         dimension_numbers=(f"N{s}C", f"{s}IO", f"N{s}C"),
+        preferred_element_type=out_dtype,
     )
     return y.reshape((*lead, *y.shape[1:]))
 
@@ -246,12 +248,12 @@ def conv_lstm(
         spatial = None if params.peephole_forget is None else tuple(params.peephole_forget.shape[:-1])
         sp.check_x(x, params.input_kernel.shape[-2], spatial)
         norm = (lambda v, scale: _normalize(v, scale, None, n, eps)) if layer_norm else None
-        return project_input(lambda v, k: _conv(v, k, n), x, params, norm, *_dtypes(params))
+        return project_input(lambda v, k, out: _conv(v, k, n, out), x, params, norm, *_dtypes(params))
 
     def probe(params, carry, xp, noise=None):
         cdt, sdt = _dtypes(params)
         h, c = _core.noisy_input(noise, carry.h), carry.c
-        rec = _conv(h.astype(cdt), params.recurrent_kernel.astype(cdt), n).astype(sdt)
+        rec = _conv(h.astype(cdt), params.recurrent_kernel.astype(cdt), n, sdt)
         if layer_norm:
             rec = _normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), None, n, eps)
         i, f, g, o = jnp.split(xp.astype(sdt) + rec, 4, axis=-1)
@@ -368,7 +370,7 @@ def conv_gru(
     def project(params, x):
         sp.check_x(x, params.input_kernel.shape[-2])
         norm = (lambda v, scale: _normalize(v, scale, None, n, eps)) if layer_norm else None
-        return project_input(lambda v, k: _conv(v, k, n), x, params, norm, *_dtypes(params))
+        return project_input(lambda v, k, out: _conv(v, k, n, out), x, params, norm, *_dtypes(params))
 
     def probe(params, h_prev, xp, noise=None):
         cdt, sdt = _dtypes(params)
@@ -377,17 +379,17 @@ def conv_gru(
         norm = lambda v, sl: _normalize(v, params.layer_norm.recurrent_scale[sl].astype(sdt), None, n, eps)  # noqa: E731
         x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
         if reset_after:
-            rec = _conv(h.astype(cdt), U, n).astype(sdt)
+            rec = _conv(h.astype(cdt), U, n, sdt)
             rec = norm(rec, slice(None)) if layer_norm else rec
             h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
             r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
             cand = jnp.tanh(x_n + r * (h_n + params.recurrent_bias.astype(sdt)))
         else:
-            rec = _conv(h.astype(cdt), U[..., : 2 * H], n).astype(sdt)
+            rec = _conv(h.astype(cdt), U[..., : 2 * H], n, sdt)
             rec = norm(rec, slice(0, 2 * H)) if layer_norm else rec
             h_r, h_z = jnp.split(rec, 2, axis=-1)
             r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
-            rec_n = _conv((r * h).astype(cdt), U[..., 2 * H :], n).astype(sdt)
+            rec_n = _conv((r * h).astype(cdt), U[..., 2 * H :], n, sdt)
             cand = jnp.tanh(x_n + (norm(rec_n, slice(2 * H, None)) if layer_norm else rec_n))
         h = _core.zoneout(noise, h_prev, (1.0 - z) * cand + z * h_prev)
         return h, h.astype(cdt), {"reset": r, "update": z, "candidate": cand}

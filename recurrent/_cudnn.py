@@ -47,7 +47,8 @@ _PLAIN = {
 
 def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
     """Why ``cell`` cannot run with ``implementation`` (``None`` if it can), from its recorded
-    options: both fast paths compute the plain LSTM only (cuDNN in float32)."""
+    options: both fast paths compute the plain LSTM only (cuDNN in float32; ``"vjp"`` in any
+    compute dtype)."""
     what = "cuDNN runs" if implementation == "cudnn" else f'implementation="{implementation}" covers'
     options = cell.options
     if options is None or "peephole" not in options:
@@ -58,8 +59,6 @@ def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
     if implementation == "cudnn":
         if options["dtype"] not in (None, jnp.float32) or options["param_dtype"] not in (jnp.float32, "float32"):
             odd["dtype"] = f"{options['dtype']}/{options['param_dtype']}"
-    elif options["dtype"] is not None:
-        odd["dtype"] = f"compute dtype {options['dtype']}"
     if odd:
         return f"{what} the plain {'float32 ' if implementation == 'cudnn' else ''}LSTM only; this cell has {odd}"
     return None

@@ -13,7 +13,9 @@ over all steps at once (as cuDNN does):
     \\quad \\partial b = \\sum_t dz_t, \\quad \\partial x_t = dz_t W^\\top
 
 It covers the plain LSTM (gates i, f, g, o; tanh; no peepholes, projection, layer norm or
-clipping) with ``lengths`` and an initial carry. It is a ``jax.custom_vjp``, so forward-mode
+clipping) with ``lengths`` and an initial carry, in any compute dtype with the cell's rounding
+(with ``dtype=jnp.bfloat16`` every matmul, the three large ones included, takes bfloat16
+operands and accumulates in float32). It is a ``jax.custom_vjp``, so forward-mode
 AD (``jax.jvp``, ``jax.jacfwd``) does not go through it; the default ``"scan"`` does.
 """
 
@@ -31,18 +33,32 @@ def _gates(z, H):
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist):
+def _mm(a, b, cdt, sdt):
+    """``a @ b`` with operands in the compute dtype, accumulated in the state dtype (as the cells)."""
+    return jnp.matmul(a.astype(cdt), b.astype(cdt), preferred_element_type=sdt)
+
+
+def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
+    """The cell's arithmetic exactly (``recurrent.lstm(H, dtype=cdt)``): matmuls of ``cdt``
+    operands accumulated in the state dtype, the projection rounded to ``cdt``, gates and
+    ``c`` in the state dtype, ``h`` rounded to ``cdt``."""
     H = U.shape[0]
-    xp = xs_TBF @ W + b if hoist else xs_TBF
+    sdt = c0.dtype
+    Wc, Uc = W.astype(cdt), U.astype(cdt)
+
+    def project(x):
+        return (_mm(x, Wc, cdt, sdt) + b.astype(sdt)).astype(cdt)
+
+    xp = project(xs_TBF) if hoist else xs_TBF
 
     def step(carry, inputs):
         h, c = carry
         x, valid = inputs
-        z = (x if hoist else x @ W + b) + h @ U
+        z = (x if hoist else project(x)).astype(sdt) + _mm(h, Uc, cdt, sdt)
         i, f, g, o = _gates(z, H)
         c_new = f * c + i * g
         tc = jnp.tanh(c_new)
-        h_new = o * tc
+        h_new = (o * tc).astype(h.dtype)
         v = valid[:, None]
         h_out, c_out = jnp.where(v, h_new, h), jnp.where(v, c_new, c)
         y = jnp.where(v, h_new, 0)
@@ -52,30 +68,32 @@ def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist):
     return (h, c), ys, (hs, cs, gates, tcs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7,))
-def lstm_layer(W, U, b, xs_TBF, h0, c0, valid_TB, hoist):
-    """``((h, c), ys)`` of a plain LSTM over time-major ``xs``; ``valid_TB`` masks padding."""
-    carry, ys, _ = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist)
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def lstm_layer(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
+    """``((h, c), ys)`` of a plain LSTM over time-major ``xs``; ``valid_TB`` masks padding;
+    ``cdt`` is the compute dtype (``h0``'s), ``c0``'s dtype the state dtype."""
+    carry, ys, _ = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt)
     return carry, ys
 
 
-def _fwd(W, U, b, xs_TBF, h0, c0, valid_TB, hoist):
-    carry, ys, saved = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist)
-    return (carry, ys), (W, U, xs_TBF, valid_TB, saved)
+def _fwd(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
+    carry, ys, saved = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt)
+    return (carry, ys), (W, U, b, xs_TBF, h0, valid_TB, saved)
 
 
-def _bwd(hoist, res, cotangents):
-    W, U, xs_TBF, valid_TB, (hs, cs, gates, tcs) = res
+def _bwd(hoist, cdt, res, cotangents):
+    W, U, b, xs_TBF, h0, valid_TB, (hs, cs, gates, tcs) = res
     (dh_T, dc_T), dys = cotangents
     H = U.shape[0]
-    Ut = U.T
+    sdt = cs.dtype
+    Ut = U.T.astype(cdt)
 
     def step(carry, inputs):
         dh, dc = carry
         dy, h_prev, c_prev, gate, tc, valid = inputs
         i, f, g, o = jnp.split(gate, 4, axis=-1)
         v = valid[:, None]
-        dh_all = dh + jnp.where(v, dy, 0)
+        dh_all = dh + jnp.where(v, dy, 0).astype(sdt)
         dc_new = dc + dh_all * o * (1 - tc * tc)
         dz = jnp.concatenate(
             [
@@ -87,25 +105,27 @@ def _bwd(hoist, res, cotangents):
             -1,
         )
         dz = jnp.where(v, dz, 0)
-        dh_prev = jnp.where(v, dz @ Ut, dh_all)
+        dh_prev = jnp.where(v, _mm(dz, Ut, cdt, sdt), dh_all)
         dc_prev = jnp.where(v, dc_new * f, dc)
         return (dh_prev, dc_prev), dz
 
-    (dh0, dc0), dz = lax.scan(step, (dh_T, dc_T), (dys, hs, cs, gates, tcs, valid_TB), reverse=True)
+    carry = (dh_T.astype(sdt), dc_T)
+    (dh0, dc0), dz = lax.scan(step, carry, (dys, hs, cs, gates, tcs, valid_TB), reverse=True)
     T, B = dz.shape[:2]
     dz2 = dz.reshape(T * B, 4 * H)
-    dW = xs_TBF.reshape(T * B, -1).T @ dz2
-    dU = hs.reshape(T * B, H).T @ dz2
-    db = dz2.sum(0)
-    dxs = (dz2 @ W.T).reshape(xs_TBF.shape)
-    return dW, dU, db, dxs, dh0, dc0, None
+    dW = _mm(xs_TBF.reshape(T * B, -1).T, dz2, cdt, sdt).astype(W.dtype)
+    dU = _mm(hs.reshape(T * B, H).T, dz2, cdt, sdt).astype(U.dtype)
+    db = dz2.sum(0).astype(b.dtype)
+    dxs = _mm(dz2, W.T, cdt, sdt).reshape(xs_TBF.shape).astype(xs_TBF.dtype)
+    return dW, dU, db, dxs, dh0.astype(h0.dtype), dc0, None
 
 
 lstm_layer.defvjp(_fwd, _bwd)
 
 
-def apply(params, xs_BTF, lengths_B, carry, hoist: bool):
-    """One plain LSTM layer with this backward pass: ``(carry, ys)``, batch-major, our semantics."""
+def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
+    """One plain LSTM layer with this backward pass: ``(carry, ys)``, batch-major, our
+    semantics, computing in ``cdt`` as ``recurrent.lstm(H, dtype=cdt)`` does."""
     from recurrent._core import LSTMState
 
     B, T = xs_BTF.shape[:2]
@@ -119,5 +139,6 @@ def apply(params, xs_BTF, lengths_B, carry, hoist: bool):
         carry.c,
         valid,
         hoist,
+        jnp.dtype(cdt),
     )
     return LSTMState(h, c), jnp.moveaxis(ys, 0, 1)

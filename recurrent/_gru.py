@@ -147,7 +147,7 @@ def gru(
             x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
         )
         norm = (lambda v, scale: normalize(v, scale, eps=layer_norm_epsilon)) if layer_norm else None
-        return project_input(jnp.matmul, x, params, norm, *_dtypes(params))
+        return project_input(_core.matmul, x, params, norm, *_dtypes(params))
 
     def probe(params, h_prev, xp, noise=None):
         cdt, sdt = _dtypes(params)
@@ -158,17 +158,17 @@ def gru(
         ln = params.layer_norm
         norm = lambda v, scale: normalize(v, scale.astype(sdt), eps=layer_norm_epsilon) if layer_norm else v  # noqa: E731
         if reset_after:
-            rec = norm((h_c @ U).astype(sdt), ln.recurrent_scale if layer_norm else None)
+            rec = norm(_core.matmul(h_c, U, sdt), ln.recurrent_scale if layer_norm else None)
             h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
             r = jax.nn.sigmoid(x_r + h_r)
             z = jax.nn.sigmoid(x_z + h_z)
             n = jnp.tanh(x_n + r * (h_n + params.recurrent_bias.astype(sdt)))
         else:
-            rec = norm((h_c @ U[:, : 2 * H]).astype(sdt), ln.recurrent_scale[: 2 * H] if layer_norm else None)
+            rec = norm(_core.matmul(h_c, U[:, : 2 * H], sdt), ln.recurrent_scale[: 2 * H] if layer_norm else None)
             h_r, h_z = jnp.split(rec, 2, axis=-1)
             r = jax.nn.sigmoid(x_r + h_r)
             z = jax.nn.sigmoid(x_z + h_z)
-            rec_n = ((r * h).astype(cdt) @ U[:, 2 * H :]).astype(sdt)
+            rec_n = _core.matmul((r * h).astype(cdt), U[:, 2 * H :], sdt)
             n = jnp.tanh(x_n + norm(rec_n, ln.recurrent_scale[2 * H :] if layer_norm else None))
         h = _core.zoneout(noise, h_prev, (1.0 - z) * n + z * h_prev)
         return h, h.astype(cdt), {"reset": r, "update": z, "candidate": n}

@@ -104,14 +104,14 @@ def normalize(x: jax.Array, scale: jax.Array, offset: jax.Array | None = None, e
 
 
 def project_input(transform, x, params, norm, cdt, sdt):
-    """The carry-independent part of a step, shared by every cell: ``transform(x, input_kernel)``
-    (a matmul or a convolution), layer-normalised by ``norm(xp, scale)`` when given (in the
-    state dtype), plus the bias."""
-    xp = transform(x.astype(cdt), params.input_kernel.astype(cdt))
+    """The carry-independent part of a step, shared by every cell: ``transform(x, input_kernel,
+    sdt)`` (a matmul or a convolution of compute-dtype operands, accumulated in the state dtype
+    ``sdt``), layer-normalised by ``norm(xp, scale)`` when given, plus the bias; returned in the
+    compute dtype."""
+    xp = transform(x.astype(cdt), params.input_kernel.astype(cdt), sdt)
     if norm is not None:
-        xp = norm(xp.astype(sdt), params.layer_norm.input_scale.astype(sdt))
-        return (xp + params.bias.astype(sdt)).astype(cdt)
-    return xp + params.bias.astype(cdt)
+        xp = norm(xp, params.layer_norm.input_scale.astype(sdt))
+    return (xp + params.bias.astype(sdt)).astype(cdt)
 
 
 def _identity(x):
@@ -248,12 +248,12 @@ def _lstm_family(
             x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
         )
         norm = (lambda v, scale: normalize(v, scale, eps=layer_norm_epsilon)) if layer_norm else None
-        return project_input(jnp.matmul, x, params, norm, *_dtypes(params))
+        return project_input(_core.matmul, x, params, norm, *_dtypes(params))
 
     def probe(params, carry, xp, noise=None):
         cdt, sdt = _dtypes(params)
         h, c = _core.noisy_input(noise, carry[0]), carry[1]
-        rec = (h.astype(cdt) @ params.recurrent_kernel.astype(cdt)).astype(sdt)
+        rec = _core.matmul(h.astype(cdt), params.recurrent_kernel.astype(cdt), sdt)
         if layer_norm:
             rec = normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), eps=layer_norm_epsilon)
         z = xp.astype(sdt) + rec
@@ -284,7 +284,7 @@ def _lstm_family(
         if o is not None:
             m = o * m
         if P is not None:
-            m = m.astype(cdt) @ params.projection.astype(cdt)
+            m = _core.matmul(m.astype(cdt), params.projection.astype(cdt), sdt)
             if proj_clip is not None:
                 m = jnp.clip(m, -proj_clip, proj_clip)
         h = m.astype(cdt)

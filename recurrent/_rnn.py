@@ -476,7 +476,8 @@ def rnn(
             xs_BTF = reverse_sequences(xs_BTF, lengths_B, 1)
         if not cudnn:
             hoist = resolve_projection(projection, remat=remat) == "hoisted"
-            carry_B, ys = _fastlstm.apply(params, xs_BTF, lengths_B, carry_B, hoist)
+            cdt = _core.compute_dtype(cell.options["dtype"], params.input_kernel)
+            carry_B, ys = _fastlstm.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt)
         else:
             try:
                 carry_B, ys = _cudnn.apply(params, xs_BTF, lengths_B, carry_B)

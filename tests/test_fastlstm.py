@@ -93,3 +93,46 @@ def test_vjp_is_reverse_mode_only():
     xs = _rand((B, T, F), 1, jnp.float32)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda x: fast.apply(params, x)[1], (xs,), (xs,))
+
+
+def test_vjp_in_bfloat16_follows_the_cells_rounding():
+    """With ``dtype=jnp.bfloat16`` the fast path computes what the cell computes (bfloat16
+    matmul operands accumulated in float32, ``h`` rounded to bfloat16, ``c`` in float32), and
+    its gradients agree with the scan's autodiff to bfloat16 precision."""
+    make = lambda implementation: recurrent.rnn(recurrent.lstm(H, dtype=jnp.bfloat16), implementation=implementation)  # noqa: E731
+    scan, fast = make("scan"), make("vjp")
+    params = scan.init(jax.random.key(0), (F,))
+    xs = _rand((B, T, F), 1, jnp.float32)
+    lengths = jnp.array([7, 4, 0])
+
+    def loss(layer, params, xs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", recurrent.FallbackWarning)
+            c, ys = layer.apply(params, xs, lengths=lengths)
+        return jnp.sum(jnp.sin(3 * ys.astype(jnp.float32))) + jnp.sum(c.c**2), (c, ys)
+
+    (got_loss, (got_c, got_ys)), got_g = jax.value_and_grad(lambda *a: loss(fast, *a), (0, 1), has_aux=True)(params, xs)
+    (want_loss, (want_c, want_ys)), want_g = jax.value_and_grad(lambda *a: loss(scan, *a), (0, 1), has_aux=True)(params, xs)
+    assert got_ys.dtype == want_ys.dtype == jnp.bfloat16
+    assert (got_c.h.dtype, got_c.c.dtype) == (jnp.bfloat16, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got_ys, np.float32), np.asarray(want_ys, np.float32), atol=2**-8)
+    np.testing.assert_allclose(got_c.c, want_c.c, rtol=1e-2, atol=1e-2)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=2e-2 * float(jnp.abs(b).max()))
+    # and both are close to the float32 gradients (bfloat16 is not a silent wrong answer)
+    f32 = recurrent.rnn(recurrent.lstm(H))
+    ref = jax.grad(lambda p, x: jnp.sum(jnp.sin(3 * f32.apply(p, x, lengths=lengths)[1])) + 0.0, (0, 1))(params, xs)
+    ref_c = jax.grad(lambda p, x: jnp.sum(f32.apply(p, x, lengths=lengths)[0].c ** 2), (0, 1))(params, xs)
+    ref = jax.tree.map(jnp.add, ref, ref_c)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(jnp.abs(b).max()))
+
+
+def test_vjp_bfloat16_matmuls_take_bfloat16_operands_and_accumulate_in_float32():
+    fast = recurrent.rnn(recurrent.lstm(H, dtype=jnp.bfloat16), implementation="vjp")
+    params = fast.init(jax.random.key(0), (F,))
+    xs = _rand((B, T, F), 1, jnp.float32)
+    text = jax.jit(jax.grad(lambda p: jnp.sum(fast.apply(p, xs)[1].astype(jnp.float32)))).lower(params).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert dots and all("bf16>" in line.split("->")[0] and "xf32>" in line.split("->")[-1] for line in dots), dots

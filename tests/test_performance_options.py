@@ -111,3 +111,31 @@ def test_one_scan_auto_and_bad_values(monkeypatch):
     assert taken, "auto takes one batched scan on an accelerator"
     with pytest.raises(ValueError, match="one_scan"):
         recurrent.bidirectional(recurrent.lstm(4), one_scan="yes")
+
+
+@pytest.mark.parametrize(
+    "make, step_shape",
+    [
+        (lambda: recurrent.lstm(6, dtype=jnp.bfloat16), (3, 4)),
+        (lambda: recurrent.lstm(6, proj_size=3, dtype=jnp.bfloat16), (3, 4)),
+        (lambda: recurrent.gru(6, dtype=jnp.bfloat16), (3, 4)),
+        (lambda: recurrent.gru(6, reset_after=False, dtype=jnp.bfloat16), (3, 4)),
+        (lambda: recurrent.conv_lstm(6, (3, 3), dtype=jnp.bfloat16), (3, 5, 5, 4)),
+        (lambda: recurrent.conv_gru(6, (3, 3), dtype=jnp.bfloat16), (3, 5, 5, 4)),
+    ],
+)
+def test_bfloat16_cells_multiply_bfloat16_and_accumulate_in_float32(make, step_shape):
+    """Every matmul and convolution of a bfloat16 cell step takes bfloat16 operands and
+    returns float32 (``preferred_element_type``): more accurate than a bfloat16 product and,
+    on CPUs, the fast kernel (a bfloat16 -> bfloat16 product is upcast and runs at float32
+    speed; ``python -m benchmarks.techniques``)."""
+    cell = make()
+    params = cell.init(jax.random.key(0), step_shape[1:])
+    x = jnp.ones(step_shape)
+    carry = cell.initial_carry(params, step_shape)
+    text = jax.jit(cell.step).lower(params, carry, x).as_text()
+    ops = [line for line in text.splitlines() if "dot_general" in line or "convolution" in line]
+    assert ops, text
+    for line in ops:
+        inputs, output = line.rsplit("->", 1)
+        assert "bf16>" in inputs and "f32>" in output and "bf16>" not in output, line
