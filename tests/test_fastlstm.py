@@ -30,7 +30,10 @@ def _rand(shape, seed, dtype=jnp.float64):
 @pytest.mark.parametrize("time_major", [False, True])
 def test_vjp_equals_scan_autodiff_in_float64(x64, projection, reverse, time_major):
     make = lambda implementation: recurrent.rnn(  # noqa: E731
-        recurrent.lstm(H, param_dtype=jnp.float64), projection=projection, reverse=reverse, implementation=implementation
+        recurrent.lstm(H, param_dtype=jnp.float64),
+        projection=projection,
+        reverse=reverse,
+        implementation=implementation,
     )
     scan, fast = make("scan"), make("vjp")
     params = scan.init(jax.random.key(0), (F,))
@@ -112,7 +115,9 @@ def test_vjp_in_bfloat16_follows_the_cells_rounding():
         return jnp.sum(jnp.sin(3 * ys.astype(jnp.float32))) + jnp.sum(c.c**2), (c, ys)
 
     (got_loss, (got_c, got_ys)), got_g = jax.value_and_grad(lambda *a: loss(fast, *a), (0, 1), has_aux=True)(params, xs)
-    (want_loss, (want_c, want_ys)), want_g = jax.value_and_grad(lambda *a: loss(scan, *a), (0, 1), has_aux=True)(params, xs)
+    (want_loss, (want_c, want_ys)), want_g = jax.value_and_grad(lambda *a: loss(scan, *a), (0, 1), has_aux=True)(
+        params, xs
+    )
     assert got_ys.dtype == want_ys.dtype == jnp.bfloat16
     assert (got_c.h.dtype, got_c.c.dtype) == (jnp.bfloat16, jnp.float32)
     np.testing.assert_allclose(np.asarray(got_ys, np.float32), np.asarray(want_ys, np.float32), atol=2**-8)
