@@ -202,17 +202,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 def selected_variants(config: Config) -> list[str]:
-    if config.variants.strip() == "all":
-        return list(VARIANTS)
-    names = [n.strip() for n in config.variants.split(",") if n.strip()]
-    bad = [n for n in names if n not in VARIANTS]
-    if bad or not names:
-        raise ConfigError(
-            f"unknown variant(s) {bad or config.variants!r}.\n"
-            f"  valid:    all, or a comma-separated subset of {', '.join(VARIANTS)}\n"
-            "  fix:      e.g. --variants=lstm,gru"
-        )
-    return names
+    """The variants of ``--variants``: ``all`` or a comma-separated subset of ``VARIANTS``."""
+    names = pipeline.choices(config.variants, ["all", *VARIANTS], "variants", what="variant", example="lstm,gru")
+    return list(VARIANTS) if "all" in names else names
 
 
 def check_config(config: Config) -> Config:
