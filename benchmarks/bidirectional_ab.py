@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import recurrent
+from benchmarks._timing import interleaved
 
 
 def main(argv=None, shape=(32, 128, 128, 256)):
@@ -29,20 +29,15 @@ def main(argv=None, shape=(32, 128, 128, 256)):
         forward = lambda p, x, layer=layer: layer.apply(p, x)[1]  # noqa: E731
         grad = jax.grad(lambda p, x, f=forward: jnp.mean(f(p, x)))
         fns[name] = [jax.jit(f).lower(params, xs).compile() for f in (forward, grad)], params
-    samples = {(n, w): [] for n in fns for w in (0, 1)}
-    for r in range(args.repeats):
-        for n in ("one", "two") if r % 2 == 0 else ("two", "one"):
-            for w in (0, 1):
-                compiled, params = fns[n]
-                jax.block_until_ready(compiled[w](params, xs))
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled[w](params, xs))
-                samples[n, w].append(time.perf_counter() - t0)
+    calls = {(n, w): lambda f=fns[n][0][w], p=fns[n][1]: jax.block_until_ready(f(p, xs)) for n in fns for w in (0, 1)}
+    for fn in calls.values():  # warm up
+        fn()
+    samples = interleaved(calls, args.repeats)
     result = {}
     for w, workload in enumerate(("forward", "forward+backward")):
         one, two = statistics.median(samples["one", w]), statistics.median(samples["two", w])
-        result[workload] = {"one_scan_ms": one * 1e3, "two_scans_ms": two * 1e3, "two_over_one": two / one}
-        print(f"{workload}: one scan {one * 1e3:.1f} ms, two scans {two * 1e3:.1f} ms, two/one {two / one:.2f}")
+        result[workload] = {"one_scan_ms": one, "two_scans_ms": two, "two_over_one": two / one}
+        print(f"{workload}: one scan {one:.1f} ms, two scans {two:.1f} ms, two/one {two / one:.2f}")
     return result
 
 

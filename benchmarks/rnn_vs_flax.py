@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import recurrent
+from benchmarks._timing import interleaved
 
 FULL = {"batch": 32, "steps": 128, "features": 128, "hidden": 256}
 QUICK = {"batch": 2, "steps": 5, "features": 3, "hidden": 4}
@@ -118,14 +119,6 @@ def check_agreement(compiled: dict, args: dict) -> float:
     return worst
 
 
-def _time_calls(fn: Callable, args: tuple, number: int) -> float:
-    """Seconds per call over ``number`` back-to-back calls."""
-    t0 = time.perf_counter()
-    for _ in range(number):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - t0) / number
-
-
 def benchmark(
     batch: int, steps: int, features: int, hidden: int, *, repeats: int = 7, number: int = 3, seed: int = 0
 ) -> dict[str, Any]:
@@ -146,12 +139,12 @@ def benchmark(
     if not max_abs_diff <= tolerance:
         raise RuntimeError(f"contenders disagree by {max_abs_diff:.3g} (> {tolerance:.3g}); timings would be moot")
 
-    samples: dict[tuple[str, str], list[float]] = {key: [] for key in compiled}
-    for r in range(repeats):
-        order = IMPLS if r % 2 == 0 else IMPLS[::-1]
-        for workload in WORKLOADS:
-            for impl in order:
-                samples[impl, workload].append(_time_calls(compiled[impl, workload], args[impl], number))
+    calls = {
+        (impl, workload): lambda f=compiled[impl, workload], a=args[impl]: jax.block_until_ready(f(*a))
+        for impl in IMPLS
+        for workload in WORKLOADS
+    }
+    samples = {key: [ms / 1e3 for ms in v] for key, v in interleaved(calls, repeats, number).items()}
 
     rows = []
     for workload in WORKLOADS:

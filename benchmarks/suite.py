@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import recurrent  # noqa: E402
+from benchmarks._timing import calls_per_sample, interleaved, timed  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -230,7 +231,7 @@ def matmul_throughput(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     a = jax.random.normal(jax.random.key(0), (n, n))
     f = jax.jit(jnp.dot).lower(a, a).compile()
     jax.block_until_ready(f(a, a))
-    out["jax"] = 2 * n**3 / min(_timed(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats)) / 1e9
+    out["jax"] = 2 * n**3 / min(timed(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats)) / 1e9
     try:
         import torch
 
@@ -240,17 +241,10 @@ def matmul_throughput(n: int = 2048, repeats: int = 5) -> dict[str, float]:
         sync = torch.cuda.synchronize if gpu else (lambda: None)
         torch.mm(t, t)
         sync()
-        out["torch"] = 2 * n**3 / min(_timed(lambda: (torch.mm(t, t), sync())) for _ in range(repeats)) / 1e9
+        out["torch"] = 2 * n**3 / min(timed(lambda: (torch.mm(t, t), sync())) for _ in range(repeats)) / 1e9
     except ImportError:
         pass
     return out
-
-
-def _timed(fn, number=1):
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - t0) / number
 
 
 def run_case(name, kind, B, T, F, H, layers, *, repeats, peak_gflops, quick):
@@ -262,16 +256,11 @@ def run_case(name, kind, B, T, F, H, layers, *, repeats, peak_gflops, quick):
         except Exception as e:  # a missing or failing peer is reported, not fatal
             skipped[label] = f"{type(e).__name__}: {e}"[:200]
     labels = list(built)
-    samples = {(label, w): [] for label in labels for w in (0, 1)}
-    number = {}
-    for label in labels:  # warm up, and pick calls per sample so each takes >= ~50 ms
-        for w in (0, 1):
-            built[label][w]()
-            number[label, w] = max(1, min(20, int(0.05 / max(_timed(built[label][w]), 1e-6))))
-    for r in range(repeats):
-        for w in (0, 1):
-            for label in labels if r % 2 == 0 else labels[::-1]:
-                samples[label, w].append(_timed(built[label][w], number[label, w]) * 1e3)
+    calls = {(label, w): built[label][w] for label in labels for w in (0, 1)}
+    for fn in calls.values():  # warm up
+        fn()
+    # calls per sample so that each takes >= ~50 ms
+    samples = interleaved(calls, repeats, {key: calls_per_sample(fn) for key, fn in calls.items()})
     flops = _gate_flops(kind, B, T, F, H, layers)
     rows = []
     base = {w: statistics.median(samples["ours", w]) for w in (0, 1)} if "ours" in built else None

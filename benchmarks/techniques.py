@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import recurrent
+from benchmarks._timing import interleaved
 
 FULL = {"batch": 32, "steps": 128, "features": 128, "hidden": 256}
 QUICK = {"batch": 2, "steps": 5, "features": 3, "hidden": 4}
@@ -130,15 +131,9 @@ def run(batch, steps, features, hidden, *, repeats=7, number=3):
         diff = float(jnp.max(jnp.abs(compiled[name, "forward"](params, xs) - ref)))
         assert diff < (3e-2 if name.startswith("bf16") else 1e-4), (name, diff)
         jax.block_until_ready(compiled[name, "forward+backward"](params, xs))
-    samples = {k: [] for k in compiled}
     names = list(forwards)
-    for r in range(repeats):
-        for wl in ("forward", "forward+backward"):
-            for name in names if r % 2 == 0 else names[::-1]:
-                t0 = time.perf_counter()
-                for _ in range(number):
-                    jax.block_until_ready(compiled[name, wl](params, xs))
-                samples[name, wl].append((time.perf_counter() - t0) / number * 1e3)
+    calls = {key: lambda f=f: jax.block_until_ready(f(params, xs)) for key, f in compiled.items()}
+    samples = interleaved(calls, repeats, number)
     rows = []
     for wl in ("forward", "forward+backward"):
         base = statistics.median(samples["hoisted", wl])

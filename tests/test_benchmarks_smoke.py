@@ -67,3 +67,28 @@ def test_suite_quick_run_writes_json_and_plot(tmp_path):
         assert math.isfinite(row["fwdbwd_ms"]) and row["fwdbwd_ms"] > 0
     assert set(saved["remat_memory_mb"]) == {"remat=False", "remat=True"}
     assert result["cases"][0]["rows"] == case["rows"]
+
+
+def test_interleaved_timer_alternates_the_order_and_keeps_every_sample():
+    from benchmarks._timing import interleaved
+
+    order = []
+    calls = {(c, w): (lambda c=c, w=w: order.append((c, w))) for c in ("a", "b", "c") for w in ("fwd", "bwd")}
+    del calls["b", "bwd"]  # a contender may lack a workload
+    samples = interleaved(calls, repeats=2, number={k: 2 if k[0] == "a" else 1 for k in calls})
+    assert {k: len(v) for k, v in samples.items()} == {k: 2 for k in calls}
+    assert all(ms >= 0 for v in samples.values() for ms in v)
+    first = [("a", "fwd")] * 2 + [("b", "fwd"), ("c", "fwd")] + [("a", "bwd")] * 2 + [("c", "bwd")]
+    second = [("c", "fwd"), ("b", "fwd")] + [("a", "fwd")] * 2 + [("c", "bwd")] + [("a", "bwd")] * 2
+    assert order == first + second
+
+
+def test_techniques_and_bidirectional_ab_quick_runs():
+    from benchmarks import bidirectional_ab, techniques
+
+    result = techniques.main(["--quick"])
+    names = {r["technique"] for r in result["rows"]}
+    assert {"hoisted", "fused", "vjp", "bf16", "bf16_vjp", "bf16_product", "flax"} <= names
+    assert all(r["ms"] > 0 and math.isfinite(r["ratio_to_hoisted"]) for r in result["rows"])
+    ab = bidirectional_ab.main(["--repeats", "2"], shape=(2, 5, 3, 4))
+    assert all(v["one_scan_ms"] > 0 and v["two_scans_ms"] > 0 for v in ab.values())

@@ -1,0 +1,46 @@
+"""The one interleaved timer every benchmark here uses.
+
+On a shared machine the load drifts during a run; timing every contender once per repeat, in
+an order that alternates between repeats, exposes them all to the same drift, so that the
+ratios of their medians mean something even when the absolute times do not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+
+def timed(fn: Callable[[], Any], number: int = 1) -> float:
+    """Seconds per call of ``fn`` over ``number`` back-to-back calls (``fn`` must block)."""
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
+
+
+def calls_per_sample(fn: Callable[[], Any], seconds: float = 0.05, most: int = 20) -> int:
+    """How many back-to-back calls of ``fn`` make one sample of at least ``seconds``."""
+    return max(1, min(most, int(seconds / max(timed(fn), 1e-6))))
+
+
+def interleaved(
+    calls: Mapping[tuple[Hashable, Hashable], Callable[[], Any]],
+    repeats: int,
+    number: int | Mapping[tuple[Hashable, Hashable], int] = 1,
+) -> dict[tuple[Hashable, Hashable], list[float]]:
+    """Milliseconds per call of each ``calls[contender, workload]`` (a blocking function), one
+    sample per repeat: each repeat times every workload's contenders in turn, in insertion
+    order on even repeats and reversed on odd ones. ``number`` is calls per sample (one for
+    all, or per key)."""
+    contenders = list(dict.fromkeys(c for c, _ in calls))
+    workloads = list(dict.fromkeys(w for _, w in calls))
+    samples: dict[tuple[Hashable, Hashable], list[float]] = {key: [] for key in calls}
+    for r in range(repeats):
+        for w in workloads:
+            for c in contenders if r % 2 == 0 else contenders[::-1]:
+                if (c, w) in calls:
+                    n = number if isinstance(number, int) else number[c, w]
+                    samples[c, w].append(timed(calls[c, w], n) * 1e3)
+    return samples
