@@ -200,7 +200,7 @@ def contenders_for(kind, layers, quick):
             c["torch_1thread"] = lambda *a: torch_rnn(*a, threads=1)
     if layers > 1:  # the stack layer by layer: one scan per layer
         c["ours_layerwise"] = lambda *a: ours(*a, layerwise=True)
-    if kind == "lstm" and layers == 1:  # hand-written backward, weight gradients outside the loop
+    if kind in ("lstm", "gru") and layers == 1:  # hand-written backward, weight gradients outside the loop
         c["ours_vjp"] = lambda *a: ours(*a, implementation="vjp")
     if kind in ("lstm", "gru") and layers == 1:  # bfloat16 compute, float32 state, and PyTorch in bfloat16
         c["ours_bf16"] = lambda *a: ours(*a, dtype=jnp.bfloat16)

@@ -47,12 +47,16 @@ _PLAIN = {
 
 def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
     """Why ``cell`` cannot run with ``implementation`` (``None`` if it can), from its recorded
-    options: both fast paths compute the plain LSTM only (cuDNN in float32; ``"vjp"`` in any
-    compute dtype)."""
+    options: both fast paths compute the plain LSTM (cuDNN in float32; ``"vjp"`` in any
+    compute dtype), and ``"vjp"`` also the default GRU (``reset_after=True``, no layer norm)."""
     what = "cuDNN runs" if implementation == "cudnn" else f'implementation="{implementation}" covers'
     options = cell.options
-    if options is None or "peephole" not in options:
-        return f"{what} the plain LSTM only, and {cell.name!r} is not one"
+    if implementation == "vjp" and cell.name == "gru" and options is not None:
+        odd = {k: options[k] for k in ("reset_after", "layer_norm") if options[k] != (k == "reset_after")}
+        return f"{what} the GRU with reset_after=True and no layer norm only; this cell has {odd}" if odd else None
+    if options is None or not all(k in options for k in _PLAIN):  # not the LSTM family (e.g. conv_lstm)
+        plain = "plain LSTM and the GRU" if implementation == "vjp" else "plain LSTM"
+        return f"{what} the {plain} only, and {cell.name!r} is not one"
     odd = {k: options[k] for k, v in _PLAIN.items() if options[k] is not v and options[k] != v}
     if options["input_activation"] is not jnp.tanh or options["output_activation"] is not jnp.tanh:
         odd["activations"] = "not tanh"

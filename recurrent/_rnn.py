@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from recurrent import _core, _cudnn, _fastlstm, _lstm
+from recurrent import _core, _cudnn, _fastgru, _fastlstm, _gru, _lstm
 from recurrent._core import Cell, Layer
 
 
@@ -265,9 +265,10 @@ def rnn(
         Where that does not apply (another backend or cell, regularisers in training,
         ``resets``, ``return_trace``, under ``jax.vmap``, which cuDNN cannot batch) the scan
         runs instead, with a :class:`~recurrent.FallbackWarning` that says why. ``"vjp"``:
-        the plain LSTM with a hand-written backward pass whose weight gradients are
-        computed outside the loop, as large matmuls over all steps (any backend; not
-        differentiable in forward mode, ``jax.jvp``); same fallbacks but the GPU one.
+        the plain LSTM and the default GRU (``reset_after=True``, no layer norm) with a
+        hand-written backward pass whose weight gradients are computed outside the loop, as
+        large matmuls over all steps (any backend and compute dtype; not differentiable in
+        forward mode, ``jax.jvp``); same fallbacks but the GPU one.
 
     Returns:
       A :class:`Layer`.
@@ -334,6 +335,7 @@ def rnn(
         implementation=implementation,
     )
     fast_cell_reason = _cudnn.cell_reason(cell, implementation) if implementation != "scan" else None
+    fast_params = _gru.GRUParams if cell.name == "gru" and implementation == "vjp" else _lstm.LSTMParams
     regularised = not all(_is_off(rates[n]) for n in ("input_dropout", "recurrent_dropout", "dropconnect"))
 
     def zoneout_rate(path):
@@ -451,7 +453,7 @@ def rnn(
             or ("`resets` were given" if resets is not None else None)
             or ("`return_trace=True`" if return_trace else None)
             or ("remat=True (this backward pass stores every step's gates)" if remat and not cudnn else None)
-            or (None if isinstance(params, _lstm.LSTMParams) else f"the parameters are a {type(params).__name__}")
+            or (None if isinstance(params, fast_params) else f"the parameters are a {type(params).__name__}")
         )
         if reason is None and cudnn and (xs.dtype != jnp.float32 or params.input_kernel.dtype != jnp.float32):
             reason = f"cuDNN runs float32 here, got inputs {xs.dtype}, parameters {params.input_kernel.dtype}"
@@ -477,7 +479,8 @@ def rnn(
         if not cudnn:
             hoist = resolve_projection(projection, remat=remat) == "hoisted"
             cdt = _core.compute_dtype(cell.options["dtype"], params.input_kernel)
-            carry_B, ys = _fastlstm.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt)
+            fast = _fastgru if isinstance(params, _gru.GRUParams) else _fastlstm
+            carry_B, ys = fast.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt)
         else:
             try:
                 carry_B, ys = _cudnn.apply(params, xs_BTF, lengths_B, carry_B)

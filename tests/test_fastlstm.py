@@ -1,5 +1,6 @@
-"""``rnn(lstm(H), implementation="vjp")``: the plain LSTM with a hand-written backward pass
-(weight gradients outside the loop) equals the scan's autodiff, exactly in float64."""
+"""``rnn(lstm(H) or gru(H), implementation="vjp")``: the plain LSTM and the GRU with a
+hand-written backward pass (weight gradients outside the loop) equal the scan's autodiff,
+exactly in float64."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def test_vjp_vmaps_and_jits():
     "make, options, match",
     [
         (lambda: recurrent.peephole_lstm(H), {}, "peephole"),
-        (lambda: recurrent.gru(H), {}, "plain LSTM only"),
+        (lambda: recurrent.gru(H, layer_norm=True), {}, "layer_norm"),
+        (lambda: recurrent.gru(H, reset_after=False), {}, "reset_after"),
         (lambda: recurrent.lstm(H), {"remat": True}, "remat"),
         (lambda: recurrent.lstm(H), {"zoneout": 0.1}, "zoneout"),
     ],
@@ -141,3 +143,59 @@ def test_vjp_bfloat16_matmuls_take_bfloat16_operands_and_accumulate_in_float32()
     text = jax.jit(jax.grad(lambda p: jnp.sum(fast.apply(p, xs)[1].astype(jnp.float32)))).lower(params).as_text()
     dots = [line for line in text.splitlines() if "dot_general" in line]
     assert dots and all("bf16>" in line.split("->")[0] and "xf32>" in line.split("->")[-1] for line in dots), dots
+
+
+def test_vjp_names_what_it_covers_for_other_cells():
+    from recurrent._cudnn import cell_reason
+
+    assert "plain LSTM and the GRU only" in cell_reason(recurrent.conv_lstm(H, (3,)), "vjp")
+    assert "plain LSTM only" in cell_reason(recurrent.conv_lstm(H, (3,)), "cudnn")  # was a KeyError
+    assert "plain LSTM only" in cell_reason(recurrent.gru(H), "cudnn")
+    assert cell_reason(recurrent.gru(H), "vjp") is None and cell_reason(recurrent.lstm(H), "vjp") is None
+
+
+@pytest.mark.parametrize("projection", ["fused", "hoisted"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gru_vjp_equals_scan_autodiff_in_float64(x64, projection, reverse):
+    make = lambda implementation: recurrent.rnn(  # noqa: E731
+        recurrent.gru(H, param_dtype=jnp.float64), projection=projection, reverse=reverse, implementation=implementation
+    )
+    scan, fast = make("scan"), make("vjp")
+    params = scan.init(jax.random.key(0), (F,))
+    params = params._replace(bias=_rand(params.bias.shape, 5), recurrent_bias=_rand(params.recurrent_bias.shape, 6))
+    xs = _rand((2, B, T, F), 1)
+    lengths = jnp.array([[7, 4, 0], [1, 7, 3]])
+    carry = _rand((2, B, H), 2)
+
+    def loss(layer, params, xs, carry):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", recurrent.FallbackWarning)
+            h, ys = layer.apply(params, xs, lengths=lengths, carry=carry)
+        return jnp.sum(jnp.sin(3 * ys)) + jnp.sum(h**2), (h, ys)
+
+    got = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
+    want = jax.value_and_grad(lambda *a: loss(scan, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_gru_vjp_in_bfloat16_follows_the_cells_rounding():
+    make = lambda implementation: recurrent.rnn(recurrent.gru(H, dtype=jnp.bfloat16), implementation=implementation)  # noqa: E731
+    scan, fast = make("scan"), make("vjp")
+    params = scan.init(jax.random.key(0), (F,))
+    xs = _rand((B, T, F), 1, jnp.float32)
+    lengths = jnp.array([7, 4, 0])
+
+    def loss(layer, params, xs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", recurrent.FallbackWarning)
+            h, ys = layer.apply(params, xs, lengths=lengths)
+        return jnp.sum(jnp.sin(3 * ys.astype(jnp.float32))) + jnp.sum(h**2), (h, ys)
+
+    (_, (got_h, got_ys)), got_g = jax.value_and_grad(lambda *a: loss(fast, *a), (0, 1), has_aux=True)(params, xs)
+    (_, (want_h, want_ys)), want_g = jax.value_and_grad(lambda *a: loss(scan, *a), (0, 1), has_aux=True)(params, xs)
+    assert got_ys.dtype == want_ys.dtype == jnp.bfloat16 and got_h.dtype == want_h.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got_ys, np.float32), np.asarray(want_ys, np.float32), atol=2**-8)
+    np.testing.assert_allclose(got_h, want_h, atol=1e-2)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=2e-2 * float(jnp.abs(b).max()))
