@@ -413,7 +413,7 @@ def main(argv=None):
     extras = args.extras.split(",")
     small = (2, 5, 3, 4) if args.quick else (32, 128, 128, 256)
     if "depth" in extras:
-        result["compile_depth_s"] = compile_depth((1, 8), *small)
+        result["compile_depth_s"] = compile_depth((1, 2, 8), *small)
     if "options" in extras:
         result["compile_options_s"] = compile_options(*small)
     if "remat" in extras:
