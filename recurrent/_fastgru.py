@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from recurrent._fastlstm import _mm
+from recurrent._fastlstm import _mm, _projection, _valid
 
 
 def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt):
@@ -25,16 +25,12 @@ def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt):
     operands accumulated in the state dtype, the projection rounded to ``cdt``, the state ``h``
     in the state dtype and the outputs rounded to ``cdt``."""
     sdt = h0.dtype
-    Wc, Uc = W.astype(cdt), U.astype(cdt)
-
-    def project(x):
-        return (_mm(x, Wc, cdt, sdt) + b.astype(sdt)).astype(cdt)
-
-    xp = project(xs_TBF) if hoist else xs_TBF
+    Uc = U.astype(cdt)
+    xp, at_step = _projection(W, b, xs_TBF, hoist, cdt, sdt)
 
     def step(h, inputs):
         x, valid = inputs
-        x_r, x_z, x_n = jnp.split((x if hoist else project(x)).astype(sdt), 3, axis=-1)
+        x_r, x_z, x_n = jnp.split(at_step(x).astype(sdt), 3, axis=-1)
         h_r, h_z, h_n = jnp.split(_mm(h, Uc, cdt, sdt), 3, axis=-1)
         r = jax.nn.sigmoid(x_r + h_r)
         z = jax.nn.sigmoid(x_z + h_z)
@@ -99,8 +95,7 @@ gru_layer.defvjp(_fwd, _bwd)
 def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
     """One GRU layer with this backward pass: ``(carry, ys)``, batch-major, our semantics,
     computing in ``cdt`` as ``recurrent.gru(H, dtype=cdt)`` does."""
-    B, T = xs_BTF.shape[:2]
-    valid = jnp.ones((T, B), bool) if lengths_B is None else jnp.arange(T)[:, None] < lengths_B[None, :]
+    valid = _valid(lengths_B, *xs_BTF.shape[:2])
     h, ys = gru_layer(
         params.input_kernel,
         params.recurrent_kernel,

@@ -38,23 +38,35 @@ def _mm(a, b, cdt, sdt):
     return jnp.matmul(a.astype(cdt), b.astype(cdt), preferred_element_type=sdt)
 
 
+def _projection(W, b, xs_TBF, hoist, cdt, sdt):
+    """``(xp, at_step)``: the inputs projected before the loop (``hoist``) or as they are, and
+    the function that gives a step's projection from its ``xp`` slice, rounded as the cells'."""
+    Wc = W.astype(cdt)
+
+    def project(x):
+        return (_mm(x, Wc, cdt, sdt) + b.astype(sdt)).astype(cdt)
+
+    return (project(xs_TBF), lambda x: x) if hoist else (xs_TBF, project)
+
+
+def _valid(lengths_B, B, T):
+    """``(T, B)``: which steps of each sequence are real (all of them without ``lengths``)."""
+    return jnp.ones((T, B), bool) if lengths_B is None else jnp.arange(T)[:, None] < lengths_B[None, :]
+
+
 def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
     """The cell's arithmetic exactly (``recurrent.lstm(H, dtype=cdt)``): matmuls of ``cdt``
     operands accumulated in the state dtype, the projection rounded to ``cdt``, gates and
     ``c`` in the state dtype, ``h`` rounded to ``cdt``."""
     H = U.shape[0]
     sdt = c0.dtype
-    Wc, Uc = W.astype(cdt), U.astype(cdt)
-
-    def project(x):
-        return (_mm(x, Wc, cdt, sdt) + b.astype(sdt)).astype(cdt)
-
-    xp = project(xs_TBF) if hoist else xs_TBF
+    Uc = U.astype(cdt)
+    xp, at_step = _projection(W, b, xs_TBF, hoist, cdt, sdt)
 
     def step(carry, inputs):
         h, c = carry
         x, valid = inputs
-        z = (x if hoist else project(x)).astype(sdt) + _mm(h, Uc, cdt, sdt)
+        z = at_step(x).astype(sdt) + _mm(h, Uc, cdt, sdt)
         i, f, g, o = _gates(z, H)
         c_new = f * c + i * g
         tc = jnp.tanh(c_new)
@@ -128,8 +140,7 @@ def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
     semantics, computing in ``cdt`` as ``recurrent.lstm(H, dtype=cdt)`` does."""
     from recurrent._core import LSTMState
 
-    B, T = xs_BTF.shape[:2]
-    valid = jnp.ones((T, B), bool) if lengths_B is None else jnp.arange(T)[:, None] < lengths_B[None, :]
+    valid = _valid(lengths_B, *xs_BTF.shape[:2])
     (h, c), ys = lstm_layer(
         params.input_kernel,
         params.recurrent_kernel,
