@@ -10,8 +10,10 @@ and a linear readout of its outputs answers at the steps the task scores.
 - ``temporal_order`` (ibid., experiment 6a): 100 symbols, ``E`` first and ``B`` last, random
   distractors ``a-d`` elsewhere except an ``X`` or ``Y`` at a step in [10, 20] and another in
   [50, 60]; the class (XX, XY, YX, YY) is asked at the last step.
-- ``copy`` (Hochreiter & Schmidhuber 1997 / Arjovsky et al. 2016): 10 symbols of 8, ``--copy_delay``
-  blanks, a delimiter, then the 10 symbols must be reproduced.
+- ``copy`` (Hochreiter & Schmidhuber 1997 / Arjovsky et al. 2016): 10 symbols of 8,
+  ``--copy_delay - 1`` blanks, a delimiter, then the 10 symbols must be reproduced (Arjovsky et
+  al.'s ``T = copy_delay``: ``T + 20`` steps). Only the 10 answers are scored, so the memoryless
+  baseline (a uniform guess) costs :math:`10 \ln 8 \approx 20.79` nats per sequence.
 - ``interval`` (in the spirit of Gers, Schraudolph & Schmidhuber 2002, "MSD"): two spikes
   ``D`` or ``D + 1`` steps apart (``D = --interval``), the answer (which?) asked at the last step:
   telling apart intervals that differ by one step.
@@ -66,7 +68,7 @@ class Config(pipeline.TrainConfig):
         "chrono init (Tallec & Ollivier 2018) for lstm / peephole_lstm: forget biases log(U(1, chrono - 1)), "
         "input biases their negatives; chrono is the longest dependency expected (0: off, use --forget_bias)",
     )
-    copy_delay: int = field(50, "blank steps between the symbols and the delimiter in the copy task")
+    copy_delay: int = field(50, "copy task: steps from the last symbol to the delimiter (T of Arjovsky et al. 2016)")
     interval: int = field(20, "the shorter of the two intervals (D vs D + 1) of the interval task")
     period: int = field(10, "steps between the spikes to generate")
     spike_count: int = field(3, "spikes to generate")
