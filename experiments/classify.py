@@ -16,6 +16,9 @@ Data (``--data``), nothing downloaded:
 
 ``valid_fraction`` of the training set is held out for validation; the test accuracy is
 reported for the final parameters and for the checkpoint with the best validation loss.
+``--seeds=0,1,2`` trains every model once per seed (the key of the init, dropout masks and data
+order; the data set stays the same) and ends with each seed's row and the mean and sample
+standard deviation over the seeds.
 
 The pipeline batches arrays of ``(T, features)``; a sequence carries its label as one more
 feature column (constant over time), which the loss splits off.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -59,6 +63,7 @@ class Config(pipeline.TrainConfig):
     valid_fraction: float = field(0.1, "training sequences held out for validation")
     mnist1d_seed: int = field(42, "seed of the MNIST-1D generator (42: the published data set)")
     mnist1d_samples: int = field(5000, "MNIST-1D sequences generated (80% train, 20% test)")
+    seeds: str = field("", "comma-separated seeds to repeat every model over (e.g. 0,1,2; empty: --seed alone)")
 
 
 def get_config() -> Config:
@@ -99,10 +104,26 @@ def model_list(config: Config) -> list[str]:
     return pipeline.choices(config.models, MODELS, "models", what="model", example="gru,bilstm")
 
 
+def seed_list(config: Config) -> list[int]:
+    """The seeds of ``--seeds`` (distinct integers >= 0), or ``[config.seed]`` when it is empty."""
+    if not config.seeds.strip():
+        return [config.seed]
+    names = [s.strip() for s in config.seeds.split(",") if s.strip()]
+    bad = [s for s in names if not s.isdigit()]
+    if not names or bad or len({int(s) for s in names}) < len(names):
+        why = f"not an integer >= 0: {', '.join(map(repr, bad))}" if bad else "a seed given twice"
+        raise ConfigError(
+            f"config field 'seeds': {why if names else 'no seed given'}; got {config.seeds!r}.\n"
+            "  valid:    distinct integers >= 0, comma-separated\n  fix:      e.g. --seeds=0,1,2"
+        )
+    return [int(s) for s in names]
+
+
 def check_config(config: Config) -> Config:
     if config.data not in DATASETS:
         raise ConfigError(f"unknown data {config.data!r}.\n  valid:    {', '.join(DATASETS)}\n  fix:  --data=mnist1d")
     model_list(config)
+    seed_list(config)
     if config.hidden < 1:
         raise ConfigError(f"config field 'hidden' must be >= 1; got {config.hidden}.")
     for name in ("dropout", "zoneout"):
@@ -242,28 +263,88 @@ def make_train(config: Config, model: str, data: pipeline.Data | None = None):
     return pipeline.make_train(sub, make_task(config, model, data.train[0].shape[1] - 1), data)
 
 
-def run(config: Config) -> dict[str, dict[str, float]]:
+def train_model(config: Config, model: str, data: pipeline.Data) -> dict[str, Any]:
+    """Train one model with ``config.seed``; its row of the results table."""
+    result = make_train(config, model, data)(jax.random.key(config.seed))
+    row = {"test_accuracy": accuracy(config, model, result["params"], data.test), "test_nll": result["test"]}
+    sub = dataclasses.replace(config, workdir=os.path.join(config.workdir, f"{config.data}_{model}"))
+    best = best_params(sub, result["params"])
+    if best is not None:
+        row["best_step"], row["best_test_accuracy"] = best[1], accuracy(config, model, best[0], data.test)
+    row["params"] = recurrent.count_params(result["params"])
+    return row
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def aggregate(rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One model's row over seeds: ``<metric>`` the mean, ``<metric>_sd`` the sample sd, ``seeds`` the rows."""
+    out: dict[str, Any] = {"params": next(iter(rows.values()))["params"], "seeds": rows}
+    for name in ("test_accuracy", "test_nll", "best_test_accuracy"):
+        if all(name in row for row in rows.values()):
+            out[name], out[f"{name}_sd"] = mean_sd([row[name] for row in rows.values()])
+    return out
+
+
+def _pm(mean: float, sd: float, fmt: str, unit: str = "") -> str:
+    return f"{mean:{fmt}}{unit}" if np.isnan(sd) else f"{mean:{fmt}} ± {sd:{fmt}}{unit}"
+
+
+def run(config: Config) -> dict[str, dict[str, Any]]:
+    """Every model (with ``--seeds``, once per seed, each in ``<workdir>/seed<k>``); ``{model: row}``.
+
+    With ``--seeds`` a model's row holds the mean over the seeds of each metric, its sample
+    standard deviation (``<metric>_sd``) and each seed's row (``seeds``).
+    """
     models = model_list(check_config(config))
     data = make_data(config)
-    results = {}
-    for model in models:
-        result = make_train(config, model, data)(jax.random.key(config.seed))
-        row = {"test_accuracy": accuracy(config, model, result["params"], data.test), "test_nll": result["test"]}
-        sub = dataclasses.replace(config, workdir=os.path.join(config.workdir, f"{config.data}_{model}"))
-        best = best_params(sub, result["params"])
-        if best is not None:
-            row["best_step"], row["best_test_accuracy"] = best[1], accuracy(config, model, best[0], data.test)
-        row["params"] = recurrent.count_params(result["params"])
-        results[model] = row
-        print(f"{config.data} {model}: test accuracy {row['test_accuracy']:.1f}%", flush=True)
     published = PUBLISHED.get(config.data, {})
-    print("\n| data | model | parameters | test cross-entropy | test accuracy | at best valid (step) | published |")
+    if not config.seeds.strip():
+        results = {}
+        for model in models:
+            results[model] = row = train_model(config, model, data)
+            print(f"{config.data} {model}: test accuracy {row['test_accuracy']:.1f}%", flush=True)
+        print("\n| data | model | parameters | test cross-entropy | test accuracy | at best valid (step) | published |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for model, row in results.items():
+            pub = f"{published[model]:.0f}%" if model in published else "-"
+            best = f"{row['best_test_accuracy']:.1f}% ({row['best_step']})" if "best_step" in row else "-"
+            acc = f"{row['test_accuracy']:.1f}%"
+            print(f"| {config.data} | {model} | {row['params']} | {row['test_nll']:.3f} | {acc} | {best} | {pub} |")
+        return results
+
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {model: {} for model in models}
+    for seed in seed_list(config):
+        sub = dataclasses.replace(config, seed=seed, workdir=os.path.join(config.workdir, f"seed{seed}"))
+        for model in models:
+            per_seed[model][seed] = row = train_model(sub, model, data)
+            print(f"{config.data} {model} seed {seed}: test accuracy {row['test_accuracy']:.1f}%", flush=True)
+    print("\n| data | model | seed | test cross-entropy | test accuracy | at best valid (step) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for model, rows in per_seed.items():
+        for seed, row in rows.items():
+            best = f"{row['best_test_accuracy']:.1f}% ({row['best_step']})" if "best_step" in row else "-"
+            print(
+                f"| {config.data} | {model} | {seed} | {row['test_nll']:.3f} | {row['test_accuracy']:.1f}% | {best} |"
+            )
+    results = {model: aggregate(rows) for model, rows in per_seed.items()}
+    n = len(seed_list(config))
+    print(f"\nmean ± sample sd over {n} seeds ({config.seeds}):\n")
+    print("| data | model | parameters | test cross-entropy | test accuracy | at best valid | published |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for model, row in results.items():
         pub = f"{published[model]:.0f}%" if model in published else "-"
-        best = f"{row['best_test_accuracy']:.1f}% ({row['best_step']})" if "best_step" in row else "-"
-        acc = f"{row['test_accuracy']:.1f}%"
-        print(f"| {config.data} | {model} | {row['params']} | {row['test_nll']:.3f} | {acc} | {best} | {pub} |")
+        nll = _pm(row["test_nll"], row["test_nll_sd"], ".3f")
+        acc = _pm(row["test_accuracy"], row["test_accuracy_sd"], ".1f", "%")
+        best = (
+            _pm(row["best_test_accuracy"], row["best_test_accuracy_sd"], ".1f", "%")
+            if "best_test_accuracy" in row
+            else "-"
+        )
+        print(f"| {config.data} | {model} | {row['params']} | {nll} | {acc} | {best} | {pub} |")
     return results
 
 

@@ -3,6 +3,7 @@ sequential MNIST rows, clear errors, a shrunken run."""
 
 import os
 import random
+import statistics
 
 import numpy as np
 import pytest
@@ -48,6 +49,10 @@ def test_bad_options_fail_before_anything_runs(tmp_path, capsys):
         (["--models=transformer"], "unknown model"),
         (["--valid_fraction=0.7"], "valid_fraction"),
         (["--hiden=3"], "did you mean 'hidden'"),
+        (["--seeds=0,x"], "not an integer >= 0: 'x'"),
+        (["--seeds=-1"], "not an integer >= 0"),
+        (["--seeds=1,2,1"], "a seed given twice"),
+        (["--seeds=,"], "no seed given"),
     ]:
         with pytest.raises(SystemExit) as info:
             classify.main(["--quick", f"--workdir={tmp_path}", *args])
@@ -65,3 +70,16 @@ def test_quick_run(tmp_path):
         assert row["best_step"] == 3 and row["best_test_accuracy"] == row["test_accuracy"]
     # bilstm reads both directions: twice the LSTM's recurrent parameters plus a wider readout.
     assert results["bilstm"]["params"] > results["gru"]["params"]
+
+
+def test_seeds_repeat_each_model_and_aggregate(tmp_path, capsys):
+    results = classify.main(["--quick", f"--workdir={tmp_path}", "--models=gru", "--seeds=0,3"])
+    row = results["gru"]
+    assert set(row["seeds"]) == {0, 3} and sorted(os.listdir(tmp_path)) == ["seed0", "seed3"]
+    nll = [row["seeds"][s]["test_nll"] for s in (0, 3)]
+    assert nll[0] != nll[1]  # another seed, another init
+    assert row["test_nll"] == pytest.approx(np.mean(nll))
+    assert row["test_nll_sd"] == pytest.approx(statistics.stdev(nll))
+    accuracies = [row["seeds"][s]["test_accuracy"] for s in (0, 3)]
+    assert row["test_accuracy"] == pytest.approx(np.mean(accuracies))
+    assert "mean ± sample sd over 2 seeds" in capsys.readouterr().out

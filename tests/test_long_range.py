@@ -67,6 +67,8 @@ def test_bad_options_fail_before_anything_runs(tmp_path, capsys):
         (["--cells=rnn"], "unknown value"),
         (["--lengths=100,x"], "comma-separated integers"),
         (["--period=0"], "'period' must be >= 1"),
+        (["--chrono=2"], "'chrono' must be 0 (off) or >= 3"),
+        (["--chrono=100", "--cells=lstm,gru"], "'chrono' applies to lstm, peephole_lstm; got cells gru"),
     ]:
         with pytest.raises(SystemExit) as info:
             long_range.main(["--quick", f"--workdir={tmp_path}", *args])
@@ -98,3 +100,23 @@ def test_quick_run_of_every_task(tmp_path):
     for rows in table.values():
         assert set(rows) == {"peephole_lstm"}
         assert all(np.isfinite(m["test_loss"]) and 0 <= m["solved_share"] <= 1 for m in rows.values())
+
+
+def test_forget_bias_and_chrono_init():
+    import jax
+
+    spec, H = long_range.adding(24), 4
+    config = pipeline.override(long_range.quick_config(), hidden=H)
+
+    def bias(cell="lstm", **values):
+        init, _ = long_range.make_model(pipeline.override(config, **values), spec, cell)
+        return np.asarray(init(jax.random.key(0))["rnn"].bias).reshape(4, H)  # (input, forget, cell, output)
+
+    np.testing.assert_array_equal(bias()[1], 1.0)
+    np.testing.assert_array_equal(bias(forget_bias=3.0)[1], 3.0)
+    np.testing.assert_array_equal(bias(forget_bias=3.0)[[0, 2, 3]], 0.0)
+    for cell in long_range.CHRONO_CELLS:
+        b = bias(cell, chrono=100)
+        assert (b[1] >= 0).all() and (b[1] <= np.log(99) + 1e-6).all() and np.ptp(b[1]) > 0.1
+        np.testing.assert_allclose(b[0], -b[1])
+        np.testing.assert_array_equal(b[2:], 0.0)
