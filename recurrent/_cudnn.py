@@ -44,6 +44,9 @@ _PLAIN = {
     "proj_clip": None,
 }
 
+# The options of the GRU that implementation="vjp" computes.
+_DEFAULT_GRU = {"reset_after": True, "layer_norm": False}
+
 
 def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
     """Why ``cell`` cannot run with ``implementation`` (``None`` if it can), from its recorded
@@ -52,7 +55,7 @@ def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
     what = "cuDNN runs" if implementation == "cudnn" else f'implementation="{implementation}" covers'
     options = cell.options
     if implementation == "vjp" and cell.name == "gru" and options is not None:
-        odd = {k: options[k] for k in ("reset_after", "layer_norm") if options[k] != (k == "reset_after")}
+        odd = {k: options[k] for k, v in _DEFAULT_GRU.items() if options[k] != v}
         return f"{what} the GRU with reset_after=True and no layer norm only; this cell has {odd}" if odd else None
     if options is None or not all(k in options for k in _PLAIN):  # not the LSTM family (e.g. conv_lstm)
         plain = "plain LSTM and the GRU" if implementation == "vjp" else "plain LSTM"

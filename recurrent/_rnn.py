@@ -335,7 +335,9 @@ def rnn(
         implementation=implementation,
     )
     fast_cell_reason = _cudnn.cell_reason(cell, implementation) if implementation != "scan" else None
-    fast_params = _gru.GRUParams if cell.name == "gru" and implementation == "vjp" else _lstm.LSTMParams
+    # the hand-written backward pass of this cell ("vjp") and the parameters it takes
+    gru_vjp = cell.name == "gru" and implementation == "vjp"
+    fast_params, fast = (_gru.GRUParams, _fastgru) if gru_vjp else (_lstm.LSTMParams, _fastlstm)
     regularised = not all(_is_off(rates[n]) for n in ("input_dropout", "recurrent_dropout", "dropconnect"))
 
     def zoneout_rate(path):
@@ -479,7 +481,6 @@ def rnn(
         if not cudnn:
             hoist = resolve_projection(projection, remat=remat) == "hoisted"
             cdt = _core.compute_dtype(cell.options["dtype"], params.input_kernel)
-            fast = _fastgru if isinstance(params, _gru.GRUParams) else _fastlstm
             carry_B, ys = fast.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt)
         else:
             try:
