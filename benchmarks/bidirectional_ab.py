@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import recurrent
-from benchmarks._timing import interleaved
+from benchmarks._common import interleaved
 
 
 def main(argv=None, shape=(32, 128, 128, 256)):

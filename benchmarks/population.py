@@ -24,7 +24,6 @@ end); compile time is reported apart. The final mean losses are printed as a san
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -37,6 +36,7 @@ import optax
 from jax import lax
 
 import recurrent
+from benchmarks._common import write_json
 
 FULL = dict(members=64, hidden=64, batch=32, length=64, steps=200, features=16)
 QUICK = dict(members=4, hidden=8, batch=4, length=8, steps=3, features=4)
@@ -210,9 +210,7 @@ def main(argv=None) -> dict[str, Any]:
             f", torch {result['torch_final_loss_mean']:.4f}" if "torch_s" in result else "")
     )  # fmt: skip
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return result
 
 

@@ -23,7 +23,6 @@ that outputs and gradients agree before timing anything.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import recurrent
-from benchmarks._timing import interleaved
+from benchmarks._common import interleaved, write_json
 
 FULL = {"batch": 32, "steps": 128, "features": 128, "hidden": 256}
 QUICK = {"batch": 2, "steps": 5, "features": 3, "hidden": 4}
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = benchmark(**shape, repeats=repeats, number=number)
     print(format_table(result))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         print(f"\nwrote {args.out}")
     return result
 

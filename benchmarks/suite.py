@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import recurrent  # noqa: E402
-from benchmarks._timing import calls_per_sample, interleaved, timed  # noqa: E402
+from benchmarks._common import calls_per_sample, interleaved, timed  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 

@@ -26,7 +26,6 @@ The table gives medians over interleaved repeats and each contender's ratio to `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import recurrent
-from benchmarks._timing import interleaved
+from benchmarks._common import interleaved, write_json
 
 FULL = {"batch": 32, "steps": 128, "features": 128, "hidden": 256}
 QUICK = {"batch": 2, "steps": 5, "features": 3, "hidden": 4}
@@ -172,9 +171,7 @@ def main(argv=None):
         cells = (r["workload"], r["technique"], *numbers)
         print("| " + " | ".join(cells) + " |")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return result
 
 

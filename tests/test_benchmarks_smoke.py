@@ -70,7 +70,7 @@ def test_suite_quick_run_writes_json_and_plot(tmp_path):
 
 
 def test_interleaved_timer_alternates_the_order_and_keeps_every_sample():
-    from benchmarks._timing import interleaved
+    from benchmarks._common import interleaved
 
     order = []
     calls = {(c, w): (lambda c=c, w=w: order.append((c, w))) for c in ("a", "b", "c") for w in ("fwd", "bwd")}

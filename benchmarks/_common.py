@@ -1,4 +1,4 @@
-"""The one interleaved timer every benchmark here uses.
+"""What the benchmarks here share: the interleaved timer and the JSON writer of ``--out``.
 
 On a shared machine the load drifts during a run; timing every contender once per repeat, in
 an order that alternates between repeats, exposes them all to the same drift, so that the
@@ -7,6 +7,8 @@ ratios of their medians mean something even when the absolute times do not.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -44,3 +46,10 @@ def interleaved(
                     n = number if isinstance(number, int) else number[c, w]
                     samples[c, w].append(timed(calls[c, w], n) * 1e3)
     return samples
+
+
+def write_json(path: str, result: dict) -> None:
+    """Writes ``result`` to ``path`` as indented JSON, making the folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
