@@ -27,15 +27,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from recurrent import _core
+from recurrent._core import LSTMState
 
-def _gates(z, H):
+
+def _gates(z):
     i, f, g, o = jnp.split(z, 4, axis=-1)
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
 def _mm(a, b, cdt, sdt):
-    """``a @ b`` with operands in the compute dtype, accumulated in the state dtype (as the cells)."""
-    return jnp.matmul(a.astype(cdt), b.astype(cdt), preferred_element_type=sdt)
+    """``a @ b`` with operands cast to the compute dtype, accumulated in the state dtype (as the cells)."""
+    return _core.matmul(a.astype(cdt), b.astype(cdt), sdt)
 
 
 def _projection(W, b, xs_TBF, hoist, cdt, sdt):
@@ -58,7 +61,6 @@ def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
     """The cell's arithmetic exactly (``recurrent.lstm(H, dtype=cdt)``): matmuls of ``cdt``
     operands accumulated in the state dtype, the projection rounded to ``cdt``, gates and
     ``c`` in the state dtype, ``h`` rounded to ``cdt``."""
-    H = U.shape[0]
     sdt = c0.dtype
     Uc = U.astype(cdt)
     xp, at_step = _projection(W, b, xs_TBF, hoist, cdt, sdt)
@@ -67,7 +69,7 @@ def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
         h, c = carry
         x, valid = inputs
         z = at_step(x).astype(sdt) + _mm(h, Uc, cdt, sdt)
-        i, f, g, o = _gates(z, H)
+        i, f, g, o = _gates(z)
         c_new = f * c + i * g
         tc = jnp.tanh(c_new)
         h_new = (o * tc).astype(h.dtype)
@@ -138,8 +140,6 @@ lstm_layer.defvjp(_fwd, _bwd)
 def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
     """One plain LSTM layer with this backward pass: ``(carry, ys)``, batch-major, our
     semantics, computing in ``cdt`` as ``recurrent.lstm(H, dtype=cdt)`` does."""
-    from recurrent._core import LSTMState
-
     valid = _valid(lengths_B, *xs_BTF.shape[:2])
     (h, c), ys = lstm_layer(
         params.input_kernel,
