@@ -20,7 +20,7 @@ from jax import lax
 from recurrent._fastlstm import _mm, _projection, _valid
 
 
-def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt):
+def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll):
     """The cell's arithmetic exactly (``recurrent.gru(H, dtype=cdt)``): matmuls of ``cdt``
     operands accumulated in the state dtype, the projection rounded to ``cdt``, the state ``h``
     in the state dtype and the outputs rounded to ``cdt``."""
@@ -41,24 +41,24 @@ def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt):
         y = jnp.where(v, h_new, 0).astype(cdt)
         return jnp.where(v, h_new, h), (y, h, jnp.concatenate([r, z, n, hn], -1))
 
-    h, (ys, hs, acts) = lax.scan(step, h0, (xp, valid_TB))
+    h, (ys, hs, acts) = lax.scan(step, h0, (xp, valid_TB), unroll=unroll)
     return h, ys, (hs, acts)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def gru_layer(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt):
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def gru_layer(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll):
     """``(h, ys)`` of a GRU over time-major ``xs``; ``valid_TB`` masks padding; ``cdt`` is the
-    compute dtype, ``h0``'s dtype the state dtype."""
-    h, ys, _ = _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt)
+    compute dtype, ``h0``'s dtype the state dtype; ``unroll`` is both loops' ``lax.scan`` unroll."""
+    h, ys, _ = _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll)
     return h, ys
 
 
-def _fwd(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt):
-    h, ys, saved = _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt)
+def _fwd(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll):
+    h, ys, saved = _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll)
     return (h, ys), (W, U, b, b_hn, xs_TBF, valid_TB, saved)
 
 
-def _bwd(hoist, cdt, res, cotangents):
+def _bwd(hoist, cdt, unroll, res, cotangents):
     W, U, b, b_hn, xs_TBF, valid_TB, (hs, acts) = res
     dh_T, dys = cotangents
     H = U.shape[0]
@@ -78,7 +78,7 @@ def _bwd(hoist, cdt, res, cotangents):
         dh_prev = jnp.where(v, dh_all * z + _mm(drec, Ut, cdt, sdt), dh_all)
         return dh_prev, (drec, dxp)
 
-    dh0, (drec, dxp) = lax.scan(step, dh_T, (dys, hs, acts, valid_TB), reverse=True)
+    dh0, (drec, dxp) = lax.scan(step, dh_T, (dys, hs, acts, valid_TB), reverse=True, unroll=unroll)
     T, B = drec.shape[:2]
     drec2, dxp2 = drec.reshape(T * B, 3 * H), dxp.reshape(T * B, 3 * H)
     dW = _mm(xs_TBF.reshape(T * B, -1).T, dxp2, cdt, sdt).astype(W.dtype)
@@ -92,7 +92,7 @@ def _bwd(hoist, cdt, res, cotangents):
 gru_layer.defvjp(_fwd, _bwd)
 
 
-def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
+def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt, unroll: int | bool = 1):
     """One GRU layer with this backward pass: ``(carry, ys)``, batch-major, our semantics,
     computing in ``cdt`` as ``recurrent.gru(H, dtype=cdt)`` does."""
     valid = _valid(lengths_B, *xs_BTF.shape[:2])
@@ -106,5 +106,6 @@ def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
         valid,
         hoist,
         jnp.dtype(cdt),
+        unroll,
     )
     return h, jnp.moveaxis(ys, 0, 1)

@@ -57,7 +57,7 @@ def _valid(lengths_B, B, T):
     return jnp.ones((T, B), bool) if lengths_B is None else jnp.arange(T)[:, None] < lengths_B[None, :]
 
 
-def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
+def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll):
     """The cell's arithmetic exactly (``recurrent.lstm(H, dtype=cdt)``): matmuls of ``cdt``
     operands accumulated in the state dtype, the projection rounded to ``cdt``, gates and
     ``c`` in the state dtype, ``h`` rounded to ``cdt``."""
@@ -78,24 +78,25 @@ def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
         y = jnp.where(v, h_new, 0)
         return (h_out, c_out), (y, h, c, jnp.concatenate([i, f, g, o], -1), tc)
 
-    (h, c), (ys, hs, cs, gates, tcs) = lax.scan(step, (h0, c0), (xp, valid_TB))
+    (h, c), (ys, hs, cs, gates, tcs) = lax.scan(step, (h0, c0), (xp, valid_TB), unroll=unroll)
     return (h, c), ys, (hs, cs, gates, tcs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def lstm_layer(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def lstm_layer(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll):
     """``((h, c), ys)`` of a plain LSTM over time-major ``xs``; ``valid_TB`` masks padding;
-    ``cdt`` is the compute dtype (``h0``'s), ``c0``'s dtype the state dtype."""
-    carry, ys, _ = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt)
+    ``cdt`` is the compute dtype (``h0``'s), ``c0``'s dtype the state dtype; ``unroll`` is
+    both loops' ``lax.scan`` unroll."""
+    carry, ys, _ = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll)
     return carry, ys
 
 
-def _fwd(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt):
-    carry, ys, saved = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt)
+def _fwd(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll):
+    carry, ys, saved = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll)
     return (carry, ys), (W, U, b, xs_TBF, h0, valid_TB, saved)
 
 
-def _bwd(hoist, cdt, res, cotangents):
+def _bwd(hoist, cdt, unroll, res, cotangents):
     W, U, b, xs_TBF, h0, valid_TB, (hs, cs, gates, tcs) = res
     (dh_T, dc_T), dys = cotangents
     H = U.shape[0]
@@ -124,7 +125,7 @@ def _bwd(hoist, cdt, res, cotangents):
         return (dh_prev, dc_prev), dz
 
     carry = (dh_T.astype(sdt), dc_T)
-    (dh0, dc0), dz = lax.scan(step, carry, (dys, hs, cs, gates, tcs, valid_TB), reverse=True)
+    (dh0, dc0), dz = lax.scan(step, carry, (dys, hs, cs, gates, tcs, valid_TB), reverse=True, unroll=unroll)
     T, B = dz.shape[:2]
     dz2 = dz.reshape(T * B, 4 * H)
     dW = _mm(xs_TBF.reshape(T * B, -1).T, dz2, cdt, sdt).astype(W.dtype)
@@ -137,7 +138,7 @@ def _bwd(hoist, cdt, res, cotangents):
 lstm_layer.defvjp(_fwd, _bwd)
 
 
-def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
+def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt, unroll: int | bool = 1):
     """One plain LSTM layer with this backward pass: ``(carry, ys)``, batch-major, our
     semantics, computing in ``cdt`` as ``recurrent.lstm(H, dtype=cdt)`` does."""
     valid = _valid(lengths_B, *xs_BTF.shape[:2])
@@ -151,5 +152,6 @@ def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt):
         valid,
         hoist,
         jnp.dtype(cdt),
+        unroll,
     )
     return LSTMState(h, c), jnp.moveaxis(ys, 0, 1)

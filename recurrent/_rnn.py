@@ -481,7 +481,7 @@ def rnn(
         if not cudnn:
             hoist = resolve_projection(projection, remat=remat) == "hoisted"
             cdt = _core.compute_dtype(cell.options["dtype"], params.input_kernel)
-            carry_B, ys = fast.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt)
+            carry_B, ys = fast.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt, unroll)
         else:
             try:
                 carry_B, ys = _cudnn.apply(params, xs_BTF, lengths_B, carry_B)

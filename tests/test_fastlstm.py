@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -178,4 +179,35 @@ def test_gru_vjp_equals_scan_autodiff_in_float64(x64, projection, reverse):
     got = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
     want = jax.value_and_grad(lambda *a: loss(scan, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _scan_unrolls(jaxpr) -> list:
+    """The ``unroll`` of every ``scan`` in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn.params["unroll"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _scan_unrolls(sub)
+    return found
+
+
+@pytest.mark.parametrize("make", [recurrent.lstm, recurrent.gru])
+def test_vjp_honours_unroll_in_both_loops(x64, make):
+    """``unroll`` reaches the forward and the backward loop of the hand-written pass (it was
+    silently dropped), and the results are the scan's."""
+    layers = {
+        implementation: recurrent.rnn(make(H, param_dtype=jnp.float64), unroll=3, implementation=implementation)
+        for implementation in ("scan", "vjp")
+    }
+    params = layers["scan"].init(jax.random.key(0), (F,))
+    xs = _rand((B, T, F), 1)
+    grad = {
+        name: jax.grad(lambda p, xs, layer=layer: jnp.sum(jnp.sin(layer.apply(p, xs)[1])), argnums=(0, 1))
+        for name, layer in layers.items()
+    }
+    jaxpr = jax.make_jaxpr(grad["vjp"])(params, xs)
+    assert _scan_unrolls(jaxpr.jaxpr) == [3, 3], "the forward and the backward loop, each unrolled 3 times"
+    for a, b in zip(jax.tree.leaves(grad["vjp"](params, xs)), jax.tree.leaves(grad["scan"](params, xs)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
