@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from recurrent import _core
 from recurrent._core import Cell, LSTMState
@@ -102,7 +103,11 @@ _KEEP_GATES = ("forget", "update")
 
 class ChronoInit(NamedTuple):
     """The bias initialiser made by :func:`chrono_init`; cells call it with the whole fused bias
-    shape and their gate names, ``init(key, (G*H,), dtype, gates=...)``."""
+    shape and their gate names, ``init(key, (G*H,), dtype, gates=...)``.
+
+    Only the library's cells know to call it so; code that draws a bias block by block with
+    ``init(key, (H,), dtype)`` would get a wrong layout (an error unless ``H`` is a multiple of
+    the number of gates)."""
 
     max_steps: float | jax.Array
 
@@ -195,7 +200,7 @@ def chrono_init(max_steps: float | jax.Array) -> ChronoInit:
     """
     if not isinstance(max_steps, jax.core.Tracer):
         try:
-            value = float(max_steps) if not isinstance(max_steps, (bool, str)) and jnp.ndim(max_steps) == 0 else None
+            value = float(max_steps) if not isinstance(max_steps, (bool, str)) and np.ndim(max_steps) == 0 else None
         except (TypeError, ValueError):
             value = None
         if value is None or not value > 2 or value == float("inf"):
@@ -247,7 +252,7 @@ def resolve_forget_bias(forget_bias: Any, bias_init: Initializer, gates: tuple[s
     check_chrono_gates(gates, where=where)
     if forget_bias is None:
         return 0.0
-    if not isinstance(forget_bias, jax.core.Tracer) and jnp.ndim(forget_bias) == 0 and forget_bias == 0:
+    if not isinstance(forget_bias, jax.core.Tracer) and np.ndim(forget_bias) == 0 and forget_bias == 0:
         return 0.0
     raise _core.error(
         f"{where}: chrono_init sets the forget-gate biases itself; `forget_bias` would be added on top.",
