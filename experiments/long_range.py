@@ -288,10 +288,13 @@ def make_model(config: Config, spec: Spec, cell_name: str):
     def init(key):
         k_rnn, k_out = jax.random.split(key)
         rnn = layer.init(k_rnn, (spec.inputs,))
-        if config.chrono:  # Tallec & Ollivier 2018: gate time constants spread over [1, chrono - 1]
-            u = jax.random.uniform(jax.random.fold_in(key, 1), (H,), minval=1.0, maxval=config.chrono - 1.0)
-            b_f = jnp.log(u)
-            rnn = rnn._replace(bias=rnn.bias.at[:H].set(-b_f).at[H : 2 * H].set(b_f))
+        if config.chrono:  # Tallec & Ollivier 2018: forgetting times spread over [2, chrono]
+            # Drawn from fold_in(key, 1), as before recurrent.chrono_init existed, rather than passed
+            # as the cell's bias_init (which draws from the cell's own key): the runs documented in
+            # experiments/README.md keep their initial parameters.
+            chrono = recurrent.chrono_init(config.chrono)
+            bias = chrono(jax.random.fold_in(key, 1), rnn.bias.shape, rnn.bias.dtype, gates=recurrent.LSTM_GATES)
+            rnn = rnn._replace(bias=bias)
         return {
             "rnn": rnn,
             "readout": {

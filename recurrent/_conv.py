@@ -13,8 +13,17 @@ from jax import lax
 
 from recurrent import _core
 from recurrent._core import Cell, LSTMState
-from recurrent._gru import GRULayerNormParams
-from recurrent._lstm import LSTM_GATES, Initializer, LayerNormParams, fused_blocks, project_input
+from recurrent._gru import GRU_GATES, GRULayerNormParams
+from recurrent._lstm import (
+    LSTM_GATES,
+    Initializer,
+    LayerNormParams,
+    fused_blocks,
+    init_bias,
+    init_recurrent_bias,
+    project_input,
+    resolve_forget_bias,
+)
 
 
 class ConvLSTMParams(NamedTuple):
@@ -158,7 +167,7 @@ def conv_lstm(
     recurrent_kernel_init: Initializer = jax.nn.initializers.orthogonal(),
     bias_init: Initializer = jax.nn.initializers.zeros,
     peephole_init: Initializer = jax.nn.initializers.zeros,
-    forget_bias: float | jax.Array = 1.0,
+    forget_bias: float | jax.Array | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> Cell:
@@ -211,6 +220,7 @@ def conv_lstm(
     sp = _spatial("recurrent.conv_lstm", hidden_channels, kernel_size)
     where, H, kernel_size, n = sp
     forget = LSTM_GATES.index("forget")
+    forget_bias = resolve_forget_bias(forget_bias, bias_init, LSTM_GATES, where=where)
     eps = layer_norm_epsilon
 
     def init(key, input_shape):
@@ -218,7 +228,7 @@ def conv_lstm(
         sp.check_input_shape(input_shape, "init")
         *S, C = input_shape
         k_in, k_rec, k_b, k_pi, k_pf, k_po = jax.random.split(key, 6)
-        bias = fused_blocks(bias_init, k_b, (H,), 4, param_dtype)
+        bias = init_bias(bias_init, k_b, H, LSTM_GATES, param_dtype)
         bias = bias.at[forget * H : (forget + 1) * H].add(jnp.asarray(forget_bias, param_dtype))
         peep = lambda k: peephole_init(k, (*S, H), param_dtype) if peephole else None  # noqa: E731
         ones = lambda m: jnp.ones((m,), param_dtype)  # noqa: E731
@@ -349,8 +359,8 @@ def conv_gru(
         return ConvGRUParams(
             input_kernel=fused_blocks(kernel_init, k_in, (*kernel_size, C, H), 3, param_dtype),
             recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (*kernel_size, H, H), 3, param_dtype),
-            bias=fused_blocks(bias_init, k_b, (H,), 3, param_dtype),
-            recurrent_bias=bias_init(k_rb, (H,), param_dtype) if reset_after else None,
+            bias=init_bias(bias_init, k_b, H, GRU_GATES, param_dtype),
+            recurrent_bias=init_recurrent_bias(bias_init, k_rb, H, param_dtype) if reset_after else None,
             layer_norm=(
                 GRULayerNormParams(jnp.ones((3 * H,), param_dtype), jnp.ones((3 * H,), param_dtype))
                 if layer_norm

@@ -9,7 +9,14 @@ import jax.numpy as jnp
 
 from recurrent import _core
 from recurrent._core import Cell
-from recurrent._lstm import Initializer, fused_blocks, normalize, project_input
+from recurrent._lstm import (
+    Initializer,
+    fused_blocks,
+    init_bias,
+    init_recurrent_bias,
+    normalize,
+    project_input,
+)
 
 #: Order of the fused gate blocks of a GRU (PyTorch's): reset, update, candidate.
 GRU_GATES = ("reset", "update", "candidate")
@@ -85,7 +92,9 @@ def gru(
       layer_norm_epsilon: added to the variance in layer normalisation.
       kernel_init: initialiser of each ``(F, H)`` block of ``input_kernel``.
       recurrent_kernel_init: initialiser of each ``(H, H)`` block (orthogonal by default).
-      bias_init: initialiser of each ``(H,)`` bias block and of ``recurrent_bias``.
+      bias_init: initialiser of each ``(H,)`` bias block and of ``recurrent_bias``, or
+        :func:`chrono_init`, which sets the update-gate bias to :math:`\log U(1, T_{max} - 1)`
+        and the rest to zero.
       dtype: compute dtype; ``None`` computes in the parameters' dtype.
       param_dtype: dtype of the parameters made by ``init``.
 
@@ -116,8 +125,8 @@ def gru(
         return GRUParams(
             input_kernel=fused_blocks(kernel_init, k_in, (F, H), 3, param_dtype),
             recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (H, H), 3, param_dtype),
-            bias=fused_blocks(bias_init, k_b, (H,), 3, param_dtype),
-            recurrent_bias=bias_init(k_rb, (H,), param_dtype) if reset_after else None,
+            bias=init_bias(bias_init, k_b, H, GRU_GATES, param_dtype),
+            recurrent_bias=init_recurrent_bias(bias_init, k_rb, H, param_dtype) if reset_after else None,
             layer_norm=(
                 GRULayerNormParams(jnp.ones((3 * H,), param_dtype), jnp.ones((3 * H,), param_dtype))
                 if layer_norm

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from recurrent import _core
 from recurrent._core import Cell, LSTMState
@@ -95,6 +96,172 @@ def fused_blocks(init: Initializer, key: jax.Array, shape: tuple[int, ...], bloc
     return jnp.concatenate([init(k, shape, draw_dtype) for k in keys], axis=-1).astype(dtype)
 
 
+# The gate whose bias sets a unit's memory time (the forget gate; the GRU's update gate keeps
+# h(t-1) with weight z), and the gate that chrono init sets to its complement.
+_KEEP_GATES = ("forget", "update")
+
+
+class ChronoInit(NamedTuple):
+    """The bias initialiser made by :func:`chrono_init`; cells call it with the whole fused bias
+    shape and their gate names, ``init(key, (G*H,), dtype, gates=...)``.
+
+    Only the library's cells know to call it so; code that draws a bias block by block with
+    ``init(key, (H,), dtype)`` would get a wrong layout (an error unless ``H`` is a multiple of
+    the number of gates)."""
+
+    max_steps: float | jax.Array
+
+    def __call__(
+        self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32, *, gates: tuple[str, ...] = LSTM_GATES
+    ) -> jax.Array:
+        where = "recurrent.chrono_init"
+        gates = tuple(gates)
+        keep = check_chrono_gates(gates, where=where)
+        G = len(gates)
+        if len(shape) != 1 or shape[0] % G:
+            raise _core.error(
+                f"{where}: draws the whole fused bias of a cell, one block of H per gate.",
+                expected=f"shape (G*H,) with G = {G} blocks for gates {gates}",
+                got=f"shape={tuple(shape)!r}",
+                fix="pass it as bias_init= to a recurrent cell, which calls it with the fused shape; "
+                "to call it yourself pass shape=(len(gates) * H,) and gates=... in the cell's order.",
+            )
+        H = shape[0] // G
+        draw_dtype = jnp.promote_types(dtype, jnp.float32)
+        u = jax.random.uniform(key, (H,), draw_dtype, minval=1.0, maxval=self.max_steps - 1.0)
+        b_keep = jnp.log(u)
+        blocks = {keep: b_keep, "input": -b_keep}
+        zeros = jnp.zeros((H,), draw_dtype)
+        return jnp.concatenate([blocks.get(g, zeros) for g in gates]).astype(dtype)
+
+
+def chrono_init(max_steps: float | jax.Array) -> ChronoInit:
+    r"""Chrono initialisation of the gate biases (Tallec & Ollivier 2018), for ``bias_init=``.
+
+    Draws, per hidden unit, :math:`u \sim U(1, T_{max} - 1)` and sets
+
+    .. math::
+
+        b_f = \log u, \qquad b_i = -\log u, \qquad b_g = b_o = 0,
+
+    so at init (before the input and recurrent terms) :math:`f = u / (1 + u)` and
+    :math:`i = 1 - f`: each unit is a leaky integrator
+    :math:`c_t = f c_{t-1} + (1 - f) g_t` whose characteristic forgetting time
+    :math:`1 / (1 - f) = 1 + u` is spread uniformly over :math:`[2, T_{max}]`, instead of
+    every unit starting at :math:`1 / (1 - \sigma(1)) \approx 3.7` steps with the default
+    ``forget_bias=1.0``. Use it when dependencies span up to about ``max_steps`` steps.
+
+    Cells and gate layouts:
+
+    - :func:`lstm`, :func:`peephole_lstm`, :func:`conv_lstm` and :func:`lstm_variant` ``"V"``,
+      ``"NOG"``, ``"NIAF"``, ``"NOAF"``, ``"NP"``, ``"FGR"``: as above (a missing output gate
+      has no bias to set).
+    - :func:`cifg_lstm` (and ``"CIFG"``): only :math:`b_f = \log u`; the coupled input gate
+      :math:`1 - f` already equals :math:`\sigma(-\log u)`, so the gates start as the LSTM's.
+    - ``"NIG"`` (input gate fixed to 1): only :math:`b_f = \log u`; the forgetting times are as
+      above, but the input is not scaled by :math:`1 - f`.
+    - :func:`gru` and :func:`conv_gru`: the update gate, which keeps :math:`h_{t-1}` in
+      :math:`h_t = (1 - z_t) n_t + z_t h_{t-1}`, gets :math:`b_z = \log u` (the same
+      derivation, Tallec & Ollivier's section on gated units); the reset, candidate and
+      recurrent biases are zero.
+    - ``"NFG"`` (no forget gate) has no time constant to set: its factory raises.
+
+    ``forget_bias`` of the LSTM cells defaults to ``None``, which adds nothing to these biases
+    (and 1.0 with any other ``bias_init``); passing a non-zero ``forget_bias`` together with
+    ``chrono_init`` raises, so the two never add up silently.
+
+    The draw uses the key the cell gives to its bias, so it is reproducible from the
+    ``init`` key; called directly, ``chrono_init(T)(key, (G*H,), dtype, gates=...)`` returns
+    the fused bias for gates in the cell's order (default ``LSTM_GATES``).
+
+    Args:
+      max_steps: :math:`T_{max}`, the longest dependency expected, in time steps: a real
+        number greater than 2, so that :math:`[1, T_{max} - 1]` is an interval and the
+        forgetting times span :math:`[2, T_{max}]` (at 2 every bias would be 0, the plain
+        zero init). It may be a traced array (a population over ``max_steps``), which is not
+        checked.
+
+    Returns:
+      A :class:`ChronoInit`, to pass as ``bias_init=``.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, recurrent
+    >>> cell = recurrent.lstm(4, bias_init=recurrent.chrono_init(100))
+    >>> b_i, b_f, b_g, b_o = cell.init(jax.random.key(0), (3,)).bias.reshape(4, 4)
+    >>> bool(jnp.all((b_f >= 0) & (b_f <= jnp.log(99.0)))), bool(jnp.all(b_i == -b_f)), float(jnp.abs(b_g).max())
+    (True, True, 0.0)
+    >>> time = 1 / (1 - jax.nn.sigmoid(b_f))   # forgetting times 1 + u, in [2, 100]
+    >>> bool(jnp.all((time >= 2) & (time <= 100)))
+    True
+
+    References:
+      C. Tallec, Y. Ollivier. *Can recurrent neural networks warp time?* ICLR 2018.
+    """
+    if not isinstance(max_steps, jax.core.Tracer):
+        try:
+            value = float(max_steps) if not isinstance(max_steps, (bool, str)) and np.ndim(max_steps) == 0 else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not value > 2 or value == float("inf"):
+            raise _core.error(
+                "recurrent.chrono_init: `max_steps` must be a finite real number greater than 2, "
+                "the longest dependency in time steps (u ~ U(1, max_steps - 1) needs max_steps - 1 > 1).",
+                expected="a number > 2, e.g. the sequence length",
+                got=repr(max_steps),
+                fix="pass e.g. chrono_init(1000) for dependencies up to 1000 steps.",
+            )
+    return ChronoInit(max_steps)
+
+
+def check_chrono_gates(gates: tuple[str, ...], *, where: str) -> str:
+    """The gate that :func:`chrono_init` sets (``forget`` or ``update``); raises if there is none."""
+    keep = [g for g in _KEEP_GATES if g in gates]
+    if not keep:
+        raise _core.error(
+            f"{where}: chrono init sets the time constants through the forget gate "
+            "(the update gate of a GRU), and this cell has none.",
+            expected="a cell with a forget gate (every LSTM but NFG) or a GRU",
+            got=f"gates {gates}",
+            fix="use the default bias_init (zeros) for this cell, or a cell with a forget gate.",
+        )
+    return keep[0]
+
+
+def init_recurrent_bias(bias_init: Initializer, key: jax.Array, hidden_size: int, dtype: Any) -> jax.Array:
+    """A GRU's candidate recurrent bias ``b_hn``: zero under :func:`chrono_init`."""
+    if isinstance(bias_init, ChronoInit):
+        return jnp.zeros((hidden_size,), dtype)
+    return bias_init(key, (hidden_size,), dtype)
+
+
+def init_bias(bias_init: Initializer, key: jax.Array, hidden_size: int, gates: tuple[str, ...], dtype: Any):
+    """The fused ``(G*H,)`` bias of a cell with ``gates``: :func:`chrono_init` draws it whole,
+    knowing the layout; any other initialiser draws each ``(H,)`` block (:func:`fused_blocks`)."""
+    if isinstance(bias_init, ChronoInit):
+        return bias_init(key, (len(gates) * hidden_size,), dtype, gates=gates)
+    return fused_blocks(bias_init, key, (hidden_size,), len(gates), dtype)
+
+
+def resolve_forget_bias(forget_bias: Any, bias_init: Initializer, gates: tuple[str, ...], *, where: str) -> Any:
+    """The value added to the forget-gate bias at init: ``None`` means 1.0 (Jozefowicz et al.
+    2015), or 0.0 with :func:`chrono_init`, which sets the forget biases itself and refuses any
+    other value (that they never add up silently). Also checks the gates suit chrono init."""
+    if not isinstance(bias_init, ChronoInit):
+        return 1.0 if forget_bias is None else forget_bias
+    check_chrono_gates(gates, where=where)
+    if forget_bias is None:
+        return 0.0
+    if not isinstance(forget_bias, jax.core.Tracer) and np.ndim(forget_bias) == 0 and forget_bias == 0:
+        return 0.0
+    raise _core.error(
+        f"{where}: chrono_init sets the forget-gate biases itself; `forget_bias` would be added on top.",
+        expected="forget_bias=None (the default) or 0 with bias_init=chrono_init(...)",
+        got=f"forget_bias={forget_bias!r}",
+        fix="drop forget_bias, or drop chrono_init to use a constant forget bias.",
+    )
+
+
 def normalize(x: jax.Array, scale: jax.Array, offset: jax.Array | None = None, eps: float = 1e-5) -> jax.Array:
     """Normalises the last axis to zero mean and unit variance, then scales and shifts."""
     mean = x.mean(-1, keepdims=True)
@@ -141,7 +308,7 @@ def _lstm_family(
     peephole_init: Initializer = jax.nn.initializers.zeros,
     gate_recurrent_kernel_init: Initializer = _RECURRENT_INIT,
     projection_init: Initializer = _KERNEL_INIT,
-    forget_bias: float | jax.Array = 1.0,
+    forget_bias: float | jax.Array | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> Cell:
@@ -183,6 +350,7 @@ def _lstm_family(
 
     has = {"input": input_gate and not coupled, "forget": forget_gate, "cell": True, "output": output_gate}
     gates = tuple(g for g in LSTM_GATES if has[g])
+    forget_bias = resolve_forget_bias(forget_bias, bias_init, gates, where=where)
     G = len(gates)
     sigmoid_gates = tuple(g for g in gates if g != "cell")
     S = len(sigmoid_gates)
@@ -200,7 +368,7 @@ def _lstm_family(
         (F,) = input_shape
         keys = iter(jax.random.split(key, 8))
         k_in, k_rec, k_b, k_pi, k_pf, k_po, k_gr, k_proj = keys
-        bias = fused_blocks(bias_init, k_b, (H,), G, param_dtype)
+        bias = init_bias(bias_init, k_b, H, gates, param_dtype)
         if has["forget"]:
             f = gates.index("forget")
             bias = bias.at[f * H : (f + 1) * H].add(jnp.asarray(forget_bias, param_dtype))
@@ -333,7 +501,7 @@ def lstm(
     peephole_init: Initializer = jax.nn.initializers.zeros,
     gate_recurrent_kernel_init: Initializer = _RECURRENT_INIT,
     projection_init: Initializer = _KERNEL_INIT,
-    forget_bias: float | jax.Array = 1.0,
+    forget_bias: float | jax.Array | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> Cell:
@@ -384,13 +552,16 @@ def lstm(
       kernel_init: initialiser of each ``(F, H)`` block of ``input_kernel``.
       recurrent_kernel_init: initialiser of each ``(R, H)`` block of ``recurrent_kernel``
         (orthogonal by default).
-      bias_init: initialiser of each ``(H,)`` block of ``bias``.
+      bias_init: initialiser of each ``(H,)`` block of ``bias``, or :func:`chrono_init`,
+        which draws the whole fused bias (chrono initialisation for long dependencies).
       peephole_init: initialiser of each ``(H,)`` peephole vector (zeros by default, so the
         cell starts as a standard LSTM and learns to use the cell state).
       gate_recurrent_kernel_init: initialiser of each block of ``gate_recurrent_kernel``.
       projection_init: initialiser of ``projection``.
-      forget_bias: added to the forget-gate bias at init (1.0, Jozefowicz et al. 2015).
-        May be a traced array, so a population can be initialised under ``vmap``.
+      forget_bias: added to the forget-gate bias at init; ``None`` (the default) adds 1.0
+        (Jozefowicz et al. 2015), or nothing with ``bias_init=chrono_init(...)``, which
+        refuses any other value. May be a traced array, so a population can be initialised
+        under ``vmap``.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); ``None`` computes in the parameters' dtype.
       param_dtype: dtype of the parameters made by ``init``.
 

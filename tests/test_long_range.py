@@ -120,3 +120,8 @@ def test_forget_bias_and_chrono_init():
         assert (b[1] >= 0).all() and (b[1] <= np.log(99) + 1e-6).all() and np.ptp(b[1]) > 0.1
         np.testing.assert_allclose(b[0], -b[1])
         np.testing.assert_array_equal(b[2:], 0.0)
+    # The documented runs' draws: u from fold_in(key, 1), as make_model drew it before recurrent.chrono_init.
+    key, jnp = jax.random.key(3), jax.numpy
+    init, _ = long_range.make_model(pipeline.override(config, chrono=100), spec, "lstm")
+    b_f = jnp.log(jax.random.uniform(jax.random.fold_in(key, 1), (H,), minval=1.0, maxval=99.0))
+    np.testing.assert_array_equal(init(key)["rnn"].bias, jnp.concatenate([-b_f, b_f, jnp.zeros(2 * H)]))
