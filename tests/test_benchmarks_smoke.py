@@ -6,6 +6,7 @@ import math
 
 import jax
 import numpy as np
+import pytest
 
 import recurrent
 from benchmarks import rnn_vs_flax
@@ -92,3 +93,16 @@ def test_techniques_and_bidirectional_ab_quick_runs():
     assert all(r["ms"] > 0 and math.isfinite(r["ratio_to_hoisted"]) for r in result["rows"])
     ab = bidirectional_ab.main(["--repeats", "2"], shape=(2, 5, 3, 4))
     assert all(v["one_scan_ms"] > 0 and v["two_scans_ms"] > 0 for v in ab.values())
+
+
+def test_unroll_ab_quick_runs():
+    from benchmarks import unroll_ab
+
+    result = unroll_ab.main(["--quick", "--repeats", "1", "--cases", "lstm,convlstm", "--unrolls", "1,2"])
+    keys = {(r["case"], r["implementation"], r["unroll"]) for r in result["rows"]}
+    assert keys == {(c, i, u) for c, i in (("lstm", "scan"), ("lstm", "vjp"), ("convlstm", "scan")) for u in (1, 2)}
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["compile_s"] > 0 for r in result["rows"])
+    base = [r for r in result["rows"] if r["unroll"] == 1]
+    assert all(r["base_over_this_fwd"] == 1.0 for r in base)
+    with pytest.raises(SystemExit):
+        unroll_ab.main(["--cases", "lstm,nope"])
