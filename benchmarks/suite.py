@@ -112,11 +112,14 @@ def _our_cell(kind, H, **options):
 def ours(kind, B, T, F, H, layers, xs, **rnn_options):
     one_scan = rnn_options.pop("one_scan", "auto")
     layerwise = rnn_options.pop("layerwise", False)
+    scan_layers = rnn_options.pop("scan_layers", False)
     cell_options = {"dtype": rnn_options.pop("dtype")} if "dtype" in rnn_options else {}
     if kind == "bidirectional":
         layer = recurrent.bidirectional(recurrent.rnn(_our_cell(kind, H), **rnn_options), one_scan=one_scan)
     elif layers > 1 and layerwise:  # one scan per layer, each over the whole sequence
-        layer = recurrent.stacked([recurrent.rnn(_our_cell(kind, H), **rnn_options) for _ in range(layers)])
+        layer = recurrent.stacked(
+            [recurrent.rnn(_our_cell(kind, H), **rnn_options) for _ in range(layers)], scan_layers=scan_layers
+        )
     elif layers > 1:
         layer = recurrent.rnn(recurrent.stacked([_our_cell(kind, H) for _ in range(layers)]), **rnn_options)
     else:
@@ -198,8 +201,10 @@ def contenders_for(kind, layers, quick):
         c["torch"] = torch_rnn
         if CORES > 1 and not _on_gpu():  # on a shared machine OpenMP's spinning threads can suffer
             c["torch_1thread"] = lambda *a: torch_rnn(*a, threads=1)
-    if layers > 1:  # the stack layer by layer: one scan per layer
+    if layers > 1:  # the stack layer by layer: one scan per layer; equal layers scanned over stacked parameters
         c["ours_layerwise"] = lambda *a: ours(*a, layerwise=True)
+        c["ours_scan_layers"] = lambda *a: ours(*a, layerwise=True, scan_layers=True)
+        c["ours_layerwise_vjp"] = lambda *a: ours(*a, layerwise=True, implementation="vjp")
     if kind in ("lstm", "gru") and layers == 1:  # hand-written backward, weight gradients outside the loop
         c["ours_vjp"] = lambda *a: ours(*a, implementation="vjp")
     if kind in ("lstm", "gru") and layers == 1:  # bfloat16 compute, float32 state, and PyTorch in bfloat16
@@ -293,13 +298,14 @@ def run_case(name, kind, B, T, F, H, layers, *, repeats, peak_gflops, quick):
 
 def compile_depth(depths, B, T, F, H):
     """Seconds to compile forward+backward of a stack of ``depth`` LSTM(H) layers, as one loop
-    over all layers (``rnn(stacked(cells))``) and layer by layer (``stacked(rnn layers)``,
-    whose equal layers are one scan over stacked parameters)."""
+    over all layers (``rnn(stacked(cells))``), layer by layer (``stacked(rnn layers)``), and
+    layer by layer with equal layers as one scan over stacked parameters (``scan_layers=True``)."""
     out = {}
     xs = jax.random.normal(jax.random.key(1), (B, T, F))
     for depth in depths:
         out[f"one loop, depth {depth}"] = ours("lstm", B, T, F, H, depth, xs)[2]
         out[f"layer by layer, depth {depth}"] = ours("lstm", B, T, F, H, depth, xs, layerwise=True)[2]
+        out[f"scanned layers, depth {depth}"] = ours("lstm", B, T, F, H, depth, xs, layerwise=True, scan_layers=True)[2]
     return out
 
 

@@ -338,7 +338,13 @@ def _thread_shapes(items, input_shape, residual, where):
     return shapes
 
 
-def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: float | jax.Array = 0.0) -> Cell | Layer:
+def stacked(
+    items: Sequence[Cell | Layer],
+    *,
+    residual: bool = False,
+    dropout: float | jax.Array = 0.0,
+    scan_layers: bool = False,
+) -> Cell | Layer:
     r"""Stacks cells into a cell, or layers (and cells) into a layer.
 
     Layer :math:`k` takes the outputs of layer :math:`k-1`; with ``residual=True`` every layer
@@ -351,12 +357,21 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: f
     each layer over the whole sequence in turn. Parameters and carries are tuples with one
     entry per layer.
 
+    With ``scan_layers=True`` a run of equal layers (equal options and parameter shapes, such
+    as every layer after the first) is one ``lax.scan`` over their stacked parameters, so the
+    program, and its compile time, stop growing with depth. It is off by default because it
+    costs run time: on a 2-core CPU, 4 and 8 LSTM(256) layers trained 6-14 % slower scanned
+    than one after the other, and compiled no faster below about 12 layers (1.0 s at 8
+    layers either way; 1.3 s against 2.9 s at 32). Use it for very deep stacks.
+
     Args:
       items: cells or layers, first to last.
       residual: add residual connections around every layer but the first.
       dropout: dropout between layers (on every layer's output but the last's; Zaremba et
         al. 2014), a new mask at every step, active only when a PRNG key is given to
         ``apply`` (or, for a stacked cell, to the ``rnn`` that scans it). May be traced.
+      scan_layers: run each run of equal layers as one scan over stacked parameters
+        (stacks of layers only; the results are the same).
 
     Returns:
       A :class:`Cell` if every item is a cell, else a :class:`Layer`.
@@ -396,6 +411,13 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: f
     dropout = check_rate("dropout", dropout, where=where)
     dropping = not _is_off(dropout)
     n = len(items)
+    if not isinstance(scan_layers, bool):
+        raise _core.error(
+            f"{where}: `scan_layers` must be True or False.",
+            expected="a bool",
+            got=repr(scan_layers),
+            fix="pass scan_layers=True to scan runs of equal layers over stacked parameters (very deep stacks).",
+        )
 
     def check_tuple(what, value):
         if not isinstance(value, tuple) or len(value) != n:
@@ -495,7 +517,8 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: f
             return ys, (out[0], out[2] if return_trace else None)
 
         carries, traces = [], []
-        for start, stop in _equal_runs(layers, params, carry):
+        runs = _equal_runs(layers, params, carry) if scan_layers else [(i, i + 1) for i in range(n)]
+        for start, stop in runs:
             if stop - start == 1:
                 ys, (c, trace) = one(
                     start,
@@ -536,7 +559,9 @@ def stacked(items: Sequence[Cell | Layer], *, residual: bool = False, dropout: f
         output_shape=output_shape,
         input_rank=rank,
         name="stacked(" + ", ".join(layer.name for layer in layers) + ")",
-        reversed=lambda: stacked([layer.reversed() for layer in layers], residual=residual, dropout=dropout),
+        reversed=lambda: stacked(
+            [layer.reversed() for layer in layers], residual=residual, dropout=dropout, scan_layers=scan_layers
+        ),
     )
 
 

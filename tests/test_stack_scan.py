@@ -1,6 +1,6 @@
-"""Stacks of equal layers run as one scan over stacked parameters (``recurrent.stacked`` of
-layers): the same values and gradients as running them one by one, and a program whose size
-does not grow with depth."""
+"""Stacks of equal layers run as one scan over stacked parameters (``recurrent.stacked(...,
+scan_layers=True)`` of layers): the same values and gradients as running them one by one (the
+default), and a program whose size does not grow with depth."""
 
 from __future__ import annotations
 
@@ -13,12 +13,6 @@ import recurrent
 from recurrent import _combinators
 
 H = 8
-
-
-def _one_by_one(monkeypatch):
-    monkeypatch.setattr(
-        _combinators, "_equal_runs", lambda layers, params, carry: [(i, i + 1) for i in range(len(layers))]
-    )
 
 
 def _layers(n, **rnn_options):
@@ -45,30 +39,29 @@ def test_equal_runs_are_found():
 
 @pytest.mark.parametrize("features", [5, H])
 @pytest.mark.parametrize("options", [{}, {"residual": True, "dropout": 0.3}])
-def test_scanned_stack_equals_layer_by_layer(monkeypatch, features, options):
-    stack = recurrent.stacked(_layers(4, recurrent_dropout=0.2), **options)
-    params = stack.init(jax.random.key(0), (features,))
+def test_scanned_stack_equals_layer_by_layer(features, options):
+    layers = _layers(4, recurrent_dropout=0.2)
+    scanned, one_by_one = (recurrent.stacked(layers, scan_layers=s, **options) for s in (True, False))
+    params = scanned.init(jax.random.key(0), (features,))
     xs = jax.random.normal(jax.random.key(1), (3, 6, features))
     lengths = jnp.array([6, 2, 0])
-    carry = stack.initial_carry(params, (3, features))
+    carry = scanned.initial_carry(params, (3, features))
     carry = jax.tree.map(lambda a: a + 0.1, carry)
 
-    def loss(params, xs, key):
+    def loss(params, xs, key, stack):
         carry_out, ys, trace = stack.apply(params, xs, lengths=lengths, carry=carry, key=key, return_trace=True)
         return jnp.sum(ys**2) + sum(jnp.sum(a) for a in jax.tree.leaves((carry_out, trace))), (carry_out, ys, trace)
 
     for key in (None, jax.random.key(2)):
-        got = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs, key)
-        with monkeypatch.context() as m:
-            _one_by_one(m)
-            want = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs, key)
+        got = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs, key, scanned)
+        want = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs, key, one_by_one)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _program_size(depth):
-    stack = recurrent.stacked(_layers(depth))
+def _program_size(depth, scan_layers=True):
+    stack = recurrent.stacked(_layers(depth), scan_layers=scan_layers)
     params = stack.init(jax.random.key(0), (5,))
     grad = jax.grad(lambda p, x: jnp.sum(stack.apply(p, x)[1]))
     text = jax.jit(grad).lower(params, jnp.ones((2, 4, 5))).as_text()
@@ -81,3 +74,16 @@ def test_program_size_is_flat_in_depth():
     # lines per layer, not by a layer's program (the size of a 1-layer program) per layer.
     one, three, twelve = _program_size(1), _program_size(3), _program_size(12)
     assert (twelve - three) / 9 < 0.1 * one, (one, three, twelve)
+
+
+def test_default_runs_layers_one_by_one():
+    """Unscanned (the default, faster at run time) the program grows by about a layer's program
+    per layer; scanned it does not."""
+    one, three, twelve = (_program_size(d, scan_layers=False) for d in (1, 3, 12))
+    assert (twelve - three) / 9 > 0.5 * one, (one, three, twelve)
+    assert _program_size(12, scan_layers=True) < 0.5 * twelve
+
+
+def test_scan_layers_must_be_a_bool():
+    with pytest.raises(ValueError, match="scan_layers"):
+        recurrent.stacked(_layers(2), scan_layers="auto")
