@@ -132,10 +132,12 @@ def bidirectional(
         :func:`rnn`, one scan runs both step bodies (at step ``k`` the forward direction takes
         time ``k`` and the backward one time ``T-1-k``); other layers fall back to two scans.
         The values are the same either way (in training the dropout masks come from another
-        random stream). ``"auto"`` (the default) uses one scan on GPU and TPU and two on CPU,
-        as measured (``benchmarks/README.md``): on an H200 one batched scan takes 0.52x the
-        forward+backward time of two; on a 2-core CPU the two independent scans run
-        concurrently and are faster.
+        random stream). ``"auto"`` (the default) is one scan, as measured
+        (``benchmarks/README.md``): on an H200 one batched scan takes 0.52x the
+        forward+backward time of two; on a quiet 2-core CPU the forward is 1.3-1.6x faster
+        and training 1.0-1.1x (1.16x with ``rnn(..., implementation="vjp")``, whose
+        hand-written backward pass is then batched over the two directions too). On a CPU
+        crowded by other processes two scans were faster: pass ``one_scan=False`` there.
 
     Returns:
       A :class:`Layer` with parameters :class:`BidirectionalParams` ``(forward, backward)``
@@ -184,7 +186,7 @@ def bidirectional(
             f"{where}: unknown `one_scan`.",
             expected='True, False or "auto"',
             got=repr(one_scan),
-            fix='pass one_scan="auto" (one scan on GPU/TPU, two on CPU), True or False.',
+            fix='pass one_scan="auto" (one scan, the measured default), True or False.',
         )
     parts = scan_parts(fwd), scan_parts(bwd)
     fused = parts if one_scan and None not in parts and not parts[0].reverse and parts[1].reverse else None
@@ -236,7 +238,7 @@ def bidirectional(
         c_f, c_b = (None, None) if carry is None else carry
         k_f, k_b = (None, None) if key is None else jax.random.split(key)
         kw = dict(lengths=lengths, time_major=time_major, resets=resets, return_trace=return_trace)
-        one = one_scan if one_scan != "auto" else jax.default_backend() != "cpu"
+        one = one_scan is not False  # "auto": one scan on every backend
         same_shapes = one and batchable and _signature(params.forward) == _signature(params.backward)
         if same_shapes and resets is None and not return_trace:
             out_f, out_b = _batched_directions(fwd, params, xs, c_f, c_b, k_f, k_b, lengths, time_major, batch)
