@@ -68,7 +68,6 @@ def test_bad_options_fail_before_anything_runs(tmp_path, capsys):
         (["--lengths=100,x"], "comma-separated integers"),
         (["--period=0"], "'period' must be >= 1"),
         (["--chrono=2"], "'chrono' must be 0 (off) or >= 3"),
-        (["--chrono=100", "--cells=lstm,gru"], "'chrono' applies to lstm, peephole_lstm; got cells gru"),
     ]:
         with pytest.raises(SystemExit) as info:
             long_range.main(["--quick", f"--workdir={tmp_path}", *args])
@@ -115,11 +114,20 @@ def test_forget_bias_and_chrono_init():
     np.testing.assert_array_equal(bias()[1], 1.0)
     np.testing.assert_array_equal(bias(forget_bias=3.0)[1], 3.0)
     np.testing.assert_array_equal(bias(forget_bias=3.0)[[0, 2, 3]], 0.0)
-    for cell in long_range.CHRONO_CELLS:
+    for cell in ("lstm", "peephole_lstm"):
         b = bias(cell, chrono=100)
         assert (b[1] >= 0).all() and (b[1] <= np.log(99) + 1e-6).all() and np.ptp(b[1]) > 0.1
         np.testing.assert_allclose(b[0], -b[1])
         np.testing.assert_array_equal(b[2:], 0.0)
+    assert set(long_range.CHRONO_GATES) == set(long_range.CELLS), "--chrono covers every cell"
+    for cell, keep in (("cifg_lstm", 0), ("gru", 1)):  # forget (f, g, o) / update (r, z, n) block
+        init, _ = long_range.make_model(pipeline.override(config, chrono=100), spec, cell)
+        params = init(jax.random.key(0))["rnn"]
+        b = np.asarray(params.bias).reshape(3, H)
+        assert (b[keep] >= 0).all() and (b[keep] <= np.log(99) + 1e-6).all() and np.ptp(b[keep]) > 0.1
+        np.testing.assert_array_equal(np.delete(b, keep, 0), 0.0)
+        if cell == "gru":
+            np.testing.assert_array_equal(params.recurrent_bias, 0.0)
     # The documented runs' draws: u from fold_in(key, 1), as make_model drew it before recurrent.chrono_init.
     key, jnp = jax.random.key(3), jax.numpy
     init, _ = long_range.make_model(pipeline.override(config, chrono=100), spec, "lstm")
