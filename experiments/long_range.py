@@ -141,9 +141,8 @@ def check_config(config: Config) -> Config:
     pipeline.choices(config.tasks, TASKS, "tasks")
     pipeline.choices(config.cells, CELLS, "cells")
     adding_lengths(config)
-    if config.chrono:
-        if config.chrono < 3:
-            raise ConfigError(f"config field 'chrono' must be 0 (off) or >= 3; got {config.chrono}.")
+    if config.chrono and config.chrono < 3:
+        raise ConfigError(f"config field 'chrono' must be 0 (off) or >= 3; got {config.chrono}.")
     for name in ("hidden", "copy_delay", "interval", "period", "spike_count", "train_sequences", "test_sequences"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config field {name!r} must be >= 1; got {getattr(config, name)}.")
