@@ -39,7 +39,8 @@ def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll):
         h_new = (1.0 - z) * n + z * h
         v = valid[:, None]
         y = jnp.where(v, h_new, 0).astype(cdt)
-        return jnp.where(v, h_new, h), (y, h, jnp.concatenate([r, z, n, hn], -1))
+        # stored as separate arrays, not one (T, B, 4H): see _fastlstm._forward
+        return jnp.where(v, h_new, h), (y, h, (r, z, n, hn))
 
     h, (ys, hs, acts) = lax.scan(step, h0, (xp, valid_TB), unroll=unroll)
     return h, ys, (hs, acts)
@@ -67,7 +68,7 @@ def _bwd(hoist, cdt, unroll, res, cotangents):
 
     def step(dh, inputs):
         dy, h_prev, act, valid = inputs
-        r, z, n, hn = jnp.split(act, 4, axis=-1)
+        r, z, n, hn = act
         v = valid[:, None]
         dh_all = dh + jnp.where(v, dy, 0).astype(sdt)
         da_n = dh_all * (1.0 - z) * (1.0 - n * n)
