@@ -106,3 +106,32 @@ def test_unroll_ab_quick_runs():
     assert all(r["base_over_this_fwd"] == 1.0 for r in base)
     with pytest.raises(SystemExit):
         unroll_ab.main(["--cases", "lstm,nope"])
+
+
+def test_xla_cpu_effects_quick_run_writes_finite_numbers(tmp_path):
+    from benchmarks import xla_cpu_effects
+
+    path = tmp_path / "effects.json"
+    result = xla_cpu_effects.main(["--quick", "--work", "0,2", "--out", str(path)])
+    saved = json.loads(path.read_text())
+    assert saved["shape"] == result["shape"]
+    assert len(saved["gate_slices_us_per_step"]) == 2
+    assert [r["kernels_between"] for r in saved["matmul_after_work"]] == [0, 2]
+    numbers = [*saved["gate_slices_us_per_step"].values(), *saved["gflops"].values(), saved["gate_slices_ratio"]]
+    numbers += [r[k] for r in saved["matmul_after_work"] for k in ("step_us", "work_us")]
+    assert all(math.isfinite(x) and x > 0 for x in numbers)
+    with pytest.raises(SystemExit):
+        xla_cpu_effects.main(["--quick", "--work", "1,x"])
+
+
+def test_xla_cpu_effects_compares_equal_computations():
+    # The gate-slice figure is only a layout effect if both layouts compute the same numbers.
+    from benchmarks import xla_cpu_effects
+
+    (sliced, a), (separate, b) = xla_cpu_effects.gate_slices(3, 5, 4).values()
+    for x, y in zip(jax.jit(sliced)(*a), jax.jit(separate)(*b)):
+        np.testing.assert_array_equal(x, y)
+    runs = xla_cpu_effects.matmul_after_work(3, 5, 4, [0, 2])
+    assert set(runs) == {(0, True), (0, False), (2, True), (2, False)}
+    for fn, args in runs.values():
+        assert jax.jit(fn)(*args).shape == (3, 5)
