@@ -88,7 +88,10 @@ def flipped(layer: Layer) -> Layer:
         carry, ys = out
         return carry, flip(ys)
 
-    return layer._replace(apply=apply, name=f"reversed({layer.name})", reversed=lambda: layer)
+    # Its options say it is flipped: equal options mean the same function (stacked's scan over
+    # equal layers relies on it), and a flipped layer is not its original.
+    options = None if layer.options is None else _core.Options({"flipped": layer.options})
+    return layer._replace(apply=apply, name=f"reversed({layer.name})", reversed=lambda: layer, options=options)
 
 
 _MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {

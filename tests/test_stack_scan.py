@@ -87,3 +87,17 @@ def test_default_runs_layers_one_by_one():
 def test_scan_layers_must_be_a_bool():
     with pytest.raises(ValueError, match="scan_layers"):
         recurrent.stacked(_layers(2), scan_layers="auto")
+
+
+def test_a_flipped_layer_is_not_equal_to_its_original():
+    # A layer run backwards keeps its original's parameters but not its function: scanning the
+    # two as equal layers would run both forwards (a silent wrong answer before the fix).
+    a = recurrent.rnn(recurrent.lstm(H))
+    back = _combinators.flipped(recurrent.rnn(recurrent.lstm(H)))
+    params = tuple(a.init(jax.random.key(i), (H,)) for i in range(3))
+    assert _combinators._equal_runs([a, back, back], params, None) == [(0, 1), (1, 3)]
+    xs = jax.random.normal(jax.random.key(3), (2, 5, H))
+    lengths = jnp.array([5, 3])
+    one_by_one = recurrent.stacked([a, back, back]).apply(params, xs, lengths=lengths)[1]
+    scanned = recurrent.stacked([a, back, back], scan_layers=True).apply(params, xs, lengths=lengths)[1]
+    np.testing.assert_allclose(scanned, one_by_one, rtol=1e-6, atol=1e-6)
