@@ -199,7 +199,7 @@ def bidirectional(
     batchable = (
         fused is not None
         and fwd.options is not None
-        and not fwd.options["reverse"]
+        and fwd.options.get("reverse") is False
         and _core.same_options(strip(fwd.options), strip(bwd.options))
     )
 
@@ -260,6 +260,21 @@ def bidirectional(
             return BidirectionalState(c_f, c_b), ys, BidirectionalState(out_f[2], out_b[2])
         return BidirectionalState(c_f, c_b), ys
 
+    # What it is built from, when both directions record theirs: equal options mean the same
+    # function (so stacks of equal bidirectional layers share one traced function, or a scan).
+    options = (
+        None
+        if fwd.options is None or bwd.options is None
+        else _core.Options(
+            {
+                "bidirectional": True,
+                "forward": fwd.options,
+                "backward": bwd.options,
+                "merge": merge,
+                "one_scan": one_scan,
+            }
+        )
+    )
     layer = Layer(
         init=init,
         apply=apply,
@@ -268,6 +283,7 @@ def bidirectional(
         input_rank=fwd.input_rank,
         name=f"bidirectional({fwd.name})",
         reversed=lambda: None,
+        options=options,
     )
     return layer._replace(reversed=lambda: flipped(layer))
 

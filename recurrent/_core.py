@@ -188,9 +188,11 @@ class Layer(NamedTuple):
       reversed: ``reversed() -> Layer`` that runs the same parameters over each
         sequence's valid prefix in reverse, outputs aligned with input positions.
       options: what the layer was built from (for :func:`~recurrent.rnn`: the cell's name
-        and options and the driver's options), or ``None``. Two layers with equal options
-        compute the same function, which lets :func:`~recurrent.stacked` scan a run of
-        equal layers over stacked parameters.
+        and options and the driver's options; for :func:`~recurrent.bidirectional`: both
+        directions' options, the merge and ``one_scan``), or ``None``. Two layers with equal
+        options compute the same function, which lets :func:`~recurrent.stacked` run a run of
+        equal layers through one traced function, or scan it over stacked parameters. A
+        layer made by hand with ``layer._replace(apply=...)`` must drop or change them.
     """
 
     init: Callable[[PRNGKey, Shape], Params]

@@ -142,3 +142,32 @@ def test_a_flipped_layer_is_not_equal_to_its_original():
     one_by_one = recurrent.stacked([a, back, back]).apply(params, xs, lengths=lengths)[1]
     scanned = recurrent.stacked([a, back, back], scan_layers=True).apply(params, xs, lengths=lengths)[1]
     np.testing.assert_allclose(scanned, one_by_one, rtol=1e-6, atol=1e-6)
+
+
+def test_equal_bidirectional_layers_share_a_function_or_a_scan():
+    bi = lambda **o: recurrent.bidirectional(recurrent.rnn(recurrent.lstm(H)), **o)  # noqa: E731
+    layers = [bi(), bi(), bi(), bi(merge="sum"), bi(merge="sum", one_scan=False)]
+    params = recurrent.stacked(layers).init(jax.random.key(0), (5,))  # 5 -> 2H -> 2H -> 2H -> H -> H
+    # options record the directions, the merge and one_scan: a different one breaks a run
+    assert _combinators._equal_runs(layers, params, None) == [(0, 1), (1, 3), (3, 4), (4, 5)]
+    assert _combinators._equal_runs([bi(), bi()], params[1:3], None) == [(0, 2)]
+    xs = jax.random.normal(jax.random.key(7), (3, 6, 5))
+    lengths = jnp.array([6, 2, 0])
+
+    def by_hand(params, xs):
+        ys = xs
+        for layer, p in zip(layers, params):
+            ys = layer.apply(p, ys, lengths=lengths)[1]
+        return ys
+
+    def loss(apply, params, xs):
+        return jnp.sum(apply(params, xs) ** 2)
+
+    want = jax.value_and_grad(partial(loss, by_hand), argnums=(0, 1))(params, xs)
+    for scan_layers in (False, True):
+        stack = recurrent.stacked(layers, scan_layers=scan_layers)
+        got = jax.value_and_grad(partial(loss, lambda p, x: stack.apply(p, x, lengths=lengths)[1]), argnums=(0, 1))(
+            params, xs
+        )
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
