@@ -205,7 +205,7 @@ def contenders_for(kind, layers, quick):
         c["ours_layerwise"] = lambda *a: ours(*a, layerwise=True)
         c["ours_scan_layers"] = lambda *a: ours(*a, layerwise=True, scan_layers=True)
         c["ours_layerwise_vjp"] = lambda *a: ours(*a, layerwise=True, implementation="vjp")
-    if kind in ("lstm", "gru", "bidirectional") and layers == 1:  # hand-written backward, weight grads after the loop
+    if kind in ("lstm", "gru", "peephole", "cifg", "bidirectional") and layers == 1:  # hand-written backward
         c["ours_vjp"] = lambda *a: ours(*a, implementation="vjp")
     if kind in ("lstm", "gru") and layers == 1:  # bfloat16 compute, float32 state, and PyTorch in bfloat16
         c["ours_bf16"] = lambda *a: ours(*a, dtype=jnp.bfloat16)

@@ -4,7 +4,7 @@ Run ``python -m benchmarks.unroll_ab [--cases lstm,gru,...] [--unrolls 1,2,4] [-
 [--quick] [--out PATH.json]``.
 
 Each case of :mod:`benchmarks.suite` (same shapes, same layers) is built once per ``unroll``,
-and for the plain LSTM and the GRU also with ``implementation="vjp"``; every build is timed
+and for the LSTM, peephole, CIFG and GRU cells also with ``implementation="vjp"``; every build is timed
 forward and forward+backward in one interleaved run, so that the ratio of each ``unroll`` to
 ``unroll=1`` is measured under the same load. This is the measurement behind the default of
 ``rnn(..., unroll=...)``.
@@ -22,7 +22,7 @@ from benchmarks import suite
 from benchmarks._common import calls_per_sample, interleaved, write_json
 
 CASES = "lstm,gru,peephole,cifg,convlstm,bidirectional,stacked4"
-VJP = ("lstm", "gru")  # the cells with a hand-written backward pass
+VJP = ("lstm", "gru", "peephole", "cifg")  # the cells with a hand-written backward pass
 
 
 def main(argv=None):

@@ -44,6 +44,9 @@ _PLAIN = {
     "proj_clip": None,
 }
 
+# The LSTM options implementation="vjp" computes too (the peephole and CIFG LSTMs).
+_VJP_EXTRA = ("peephole", "coupled")
+
 # The options of the GRU that implementation="vjp" computes.
 _DEFAULT_GRU = {"reset_after": True, "layer_norm": False}
 
@@ -51,23 +54,27 @@ _DEFAULT_GRU = {"reset_after": True, "layer_norm": False}
 def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
     """Why ``cell`` cannot run with ``implementation`` (``None`` if it can), from its recorded
     options: both fast paths compute the plain LSTM (cuDNN in float32; ``"vjp"`` in any
-    compute dtype), and ``"vjp"`` also the default GRU (``reset_after=True``, no layer norm)."""
+    compute dtype), and ``"vjp"`` also its peephole and CIFG variants and the default GRU
+    (``reset_after=True``, no layer norm)."""
     what = "cuDNN runs" if implementation == "cudnn" else f'implementation="{implementation}" covers'
     options = cell.options
     if implementation == "vjp" and cell.name == "gru" and options is not None:
         odd = {k: options[k] for k, v in _DEFAULT_GRU.items() if options[k] != v}
         return f"{what} the GRU with reset_after=True and no layer norm only; this cell has {odd}" if odd else None
     if options is None or not all(k in options for k in _PLAIN):  # not the LSTM family (e.g. conv_lstm)
-        plain = "plain LSTM and the GRU" if implementation == "vjp" else "plain LSTM"
+        plain = "LSTM (plain, peephole, CIFG) and the GRU" if implementation == "vjp" else "plain LSTM"
         return f"{what} the {plain} only, and {cell.name!r} is not one"
-    odd = {k: options[k] for k, v in _PLAIN.items() if options[k] is not v and options[k] != v}
+    covered = _PLAIN if implementation == "cudnn" else {k: v for k, v in _PLAIN.items() if k not in _VJP_EXTRA}
+    odd = {k: options[k] for k, v in covered.items() if options[k] is not v and options[k] != v}
     if options["input_activation"] is not jnp.tanh or options["output_activation"] is not jnp.tanh:
         odd["activations"] = "not tanh"
     if implementation == "cudnn":
         if options["dtype"] not in (None, jnp.float32) or options["param_dtype"] not in (jnp.float32, "float32"):
             odd["dtype"] = f"{options['dtype']}/{options['param_dtype']}"
     if odd:
-        return f"{what} the plain {'float32 ' if implementation == 'cudnn' else ''}LSTM only; this cell has {odd}"
+        if implementation == "vjp":
+            return f"{what} the plain, peephole and CIFG LSTMs only; this cell has {odd}"
+        return f"{what} the plain float32 LSTM only; this cell has {odd}"
     return None
 
 

@@ -1,4 +1,4 @@
-"""A plain LSTM layer with a hand-written backward pass (``rnn(..., implementation="vjp")``).
+"""An LSTM layer with a hand-written backward pass (``rnn(..., implementation="vjp")``).
 
 Reverse-mode AD of a ``lax.scan`` accumulates the weight gradients inside the backward loop:
 every step adds ``h_{t-1}^T dz_t`` and ``x_t^T dz_t`` into ``(H, 4H)`` and ``(F, 4H)``
@@ -12,8 +12,10 @@ over all steps at once (as cuDNN does):
     \\partial W = \\sum_t x_t^\\top dz_t, \\quad \\partial U = \\sum_t h_{t-1}^\\top dz_t,
     \\quad \\partial b = \\sum_t dz_t, \\quad \\partial x_t = dz_t W^\\top
 
-It covers the plain LSTM (gates i, f, g, o; tanh; no peepholes, projection, layer norm or
-clipping) with ``lengths`` and an initial carry, in any compute dtype with the cell's rounding
+It covers the plain LSTM (gates i, f, g, o; tanh), the peephole LSTM (diagonal peepholes
+``c_{t-1}`` -> i, f and ``c_t`` -> o, whose gradients are sums over all steps after the loop too)
+and the CIFG LSTM (``i = 1 - f``), without projection, layer norm or clipping, with
+``lengths`` and an initial carry, in any compute dtype with the cell's rounding
 (with ``dtype=jnp.bfloat16`` every matmul, the three large ones included, takes bfloat16
 operands and accumulates in float32). It is a ``jax.custom_vjp``, so forward-mode
 AD (``jax.jvp``, ``jax.jacfwd``) does not go through it; the default ``"scan"`` does.
@@ -29,11 +31,6 @@ from jax import lax
 
 from recurrent import _core
 from recurrent._core import LSTMState
-
-
-def _gates(z):
-    i, f, g, o = jnp.split(z, 4, axis=-1)
-    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
 def _mm(a, b, cdt, sdt):
@@ -57,20 +54,32 @@ def _valid(lengths_B, B, T):
     return jnp.ones((T, B), bool) if lengths_B is None else jnp.arange(T)[:, None] < lengths_B[None, :]
 
 
-def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll):
-    """The cell's arithmetic exactly (``recurrent.lstm(H, dtype=cdt)``): matmuls of ``cdt``
-    operands accumulated in the state dtype, the projection rounded to ``cdt``, gates and
-    ``c`` in the state dtype, ``h`` rounded to ``cdt``."""
+def _forward(W, U, b, peep, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll, coupled):
+    """The cell's arithmetic exactly (``recurrent.lstm(H, dtype=cdt, peephole=..., coupled=...)``):
+    matmuls of ``cdt`` operands accumulated in the state dtype, the projection rounded to
+    ``cdt``, gates and ``c`` in the state dtype, ``h`` rounded to ``cdt``. ``peep`` is the
+    peepholes ``(input, forget, output)``, each ``(H,)`` or ``None``."""
     sdt = c0.dtype
     Uc = U.astype(cdt)
+    p_i, p_f, p_o = (None if p is None else p.astype(sdt) for p in peep)
     xp, at_step = _projection(W, b, xs_TBF, hoist, cdt, sdt)
+    plus = lambda z, p, c: z if p is None else z + p * c  # noqa: E731  (a peephole term)
 
     def step(carry, inputs):
         h, c = carry
         x, valid = inputs
         z = at_step(x).astype(sdt) + _mm(h, Uc, cdt, sdt)
-        i, f, g, o = _gates(z)
+        if coupled:  # CIFG: no input block, i = 1 - f
+            z_f, z_g, z_o = jnp.split(z, 3, axis=-1)
+            f = jax.nn.sigmoid(plus(z_f, p_f, c))
+            i = 1.0 - f
+        else:
+            z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
+            f = jax.nn.sigmoid(plus(z_f, p_f, c))
+            i = jax.nn.sigmoid(plus(z_i, p_i, c))
+        g = jnp.tanh(z_g)
         c_new = f * c + i * g
+        o = jax.nn.sigmoid(plus(z_o, p_o, c_new))
         tc = jnp.tanh(c_new)
         h_new = (o * tc).astype(h.dtype)
         v = valid[:, None]
@@ -85,26 +94,27 @@ def _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll):
     return (h, c), ys, (hs, cs, gates, tcs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def lstm_layer(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll):
-    """``((h, c), ys)`` of a plain LSTM over time-major ``xs``; ``valid_TB`` masks padding;
-    ``cdt`` is the compute dtype (``h0``'s), ``c0``'s dtype the state dtype; ``unroll`` is
-    both loops' ``lax.scan`` unroll."""
-    carry, ys, _ = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll)
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def lstm_layer(W, U, b, peep, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll, coupled):
+    """``((h, c), ys)`` of an LSTM (plain, peephole ``peep`` and/or CIFG ``coupled``) over
+    time-major ``xs``; ``valid_TB`` masks padding; ``cdt`` is the compute dtype (``h0``'s),
+    ``c0``'s dtype the state dtype; ``unroll`` is both loops' ``lax.scan`` unroll."""
+    carry, ys, _ = _forward(W, U, b, peep, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll, coupled)
     return carry, ys
 
 
-def _fwd(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll):
-    carry, ys, saved = _forward(W, U, b, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll)
-    return (carry, ys), (W, U, b, xs_TBF, h0, valid_TB, saved)
+def _fwd(W, U, b, peep, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll, coupled):
+    carry, ys, saved = _forward(W, U, b, peep, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll, coupled)
+    return (carry, ys), (W, U, b, peep, xs_TBF, h0, valid_TB, saved)
 
 
-def _bwd(hoist, cdt, unroll, res, cotangents):
-    W, U, b, xs_TBF, h0, valid_TB, (hs, cs, gates, tcs) = res
+def _bwd(hoist, cdt, unroll, coupled, res, cotangents):
+    W, U, b, peep, xs_TBF, h0, valid_TB, (hs, cs, gates, tcs) = res
     (dh_T, dc_T), dys = cotangents
     H = U.shape[0]
     sdt = cs.dtype
     Ut = U.T.astype(cdt)
+    p_i, p_f, p_o = (None if p is None else p.astype(sdt) for p in peep)
 
     def step(carry, inputs):
         dh, dc = carry
@@ -112,43 +122,61 @@ def _bwd(hoist, cdt, unroll, res, cotangents):
         i, f, g, o = gate
         v = valid[:, None]
         dh_all = dh + jnp.where(v, dy, 0).astype(sdt)
+        dz_o = dh_all * tc * o * (1 - o)
         dc_new = dc + dh_all * o * (1 - tc * tc)
-        dz = jnp.concatenate(
-            [
-                dc_new * g * i * (1 - i),
-                dc_new * c_prev * f * (1 - f),
-                dc_new * i * (1 - g * g),
-                dh_all * tc * o * (1 - o),
-            ],
-            -1,
-        )
-        dz = jnp.where(v, dz, 0)
+        if p_o is not None:  # o saw c_new through its peephole
+            dc_new = dc_new + p_o * dz_o
+        dz_g = dc_new * i * (1 - g * g)
+        di = dc_new * g
+        if coupled:  # i = 1 - f
+            dz_f = (dc_new * c_prev - di) * f * (1 - f)
+            blocks = [dz_f, dz_g, dz_o]
+        else:
+            dz_f = dc_new * c_prev * f * (1 - f)
+            dz_i = di * i * (1 - i)
+            blocks = [dz_i, dz_f, dz_g, dz_o]
+        dz = jnp.where(v, jnp.concatenate(blocks, -1), 0)
         dh_prev = jnp.where(v, _mm(dz, Ut, cdt, sdt), dh_all)
-        dc_prev = jnp.where(v, dc_new * f, dc)
-        return (dh_prev, dc_prev), dz
+        dc_prev = dc_new * f
+        if p_f is not None:
+            dc_prev = dc_prev + p_f * dz_f
+        if p_i is not None:
+            dc_prev = dc_prev + p_i * dz_i
+        return (dh_prev, jnp.where(v, dc_prev, dc)), dz
 
     carry = (dh_T.astype(sdt), dc_T)
     (dh0, dc0), dz = lax.scan(step, carry, (dys, hs, cs, gates, tcs, valid_TB), reverse=True, unroll=unroll)
     T, B = dz.shape[:2]
-    dz2 = dz.reshape(T * B, 4 * H)
+    G = dz.shape[-1] // H
+    dz2 = dz.reshape(T * B, G * H)
     dW = _mm(xs_TBF.reshape(T * B, -1).T, dz2, cdt, sdt).astype(W.dtype)
     dU = _mm(hs.reshape(T * B, H).T, dz2, cdt, sdt).astype(U.dtype)
     db = dz2.sum(0).astype(b.dtype)
     dxs = _mm(dz2, W.T, cdt, sdt).reshape(xs_TBF.shape).astype(xs_TBF.dtype)
-    return dW, dU, db, dxs, dh0.astype(h0.dtype), dc0, None
+    # peepholes: sums over all steps of each gate's pre-activation gradient times the state it
+    # saw (masked steps have dz = 0); c_new is recomputed from the stored gates
+    i, f, g, _ = gates
+    blocks = dict(zip(("f", "g", "o") if coupled else ("i", "f", "g", "o"), jnp.split(dz, G, axis=-1)))
+    seen = {"i": cs, "f": cs, "o": f * cs + i * g}
+    dpeep = tuple(
+        None if p is None else jnp.sum(blocks[k] * seen[k], axis=(0, 1)).astype(p.dtype)
+        for k, p in zip(("i", "f", "o"), peep)
+    )
+    return dW, dU, db, dpeep, dxs, dh0.astype(h0.dtype), dc0, None
 
 
 lstm_layer.defvjp(_fwd, _bwd)
 
 
-def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt, unroll: int | bool = 1):
-    """One plain LSTM layer with this backward pass: ``(carry, ys)``, batch-major, our
-    semantics, computing in ``cdt`` as ``recurrent.lstm(H, dtype=cdt)`` does."""
+def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt, unroll: int | bool = 1, coupled: bool = False):
+    """One LSTM layer (plain, peephole, CIFG) with this backward pass: ``(carry, ys)``,
+    batch-major, our semantics, computing in ``cdt`` as ``recurrent.lstm(H, dtype=cdt)`` does."""
     valid = _valid(lengths_B, *xs_BTF.shape[:2])
     (h, c), ys = lstm_layer(
         params.input_kernel,
         params.recurrent_kernel,
         params.bias,
+        (params.peephole_input, params.peephole_forget, params.peephole_output),
         jnp.moveaxis(xs_BTF, 1, 0),
         carry.h,
         carry.c,
@@ -156,5 +184,6 @@ def apply(params, xs_BTF, lengths_B, carry, hoist: bool, cdt, unroll: int | bool
         hoist,
         jnp.dtype(cdt),
         unroll,
+        bool(coupled),
     )
     return LSTMState(h, c), jnp.moveaxis(ys, 0, 1)

@@ -265,7 +265,8 @@ def rnn(
         Where that does not apply (another backend or cell, regularisers in training,
         ``resets``, ``return_trace``, under ``jax.vmap``, which cuDNN cannot batch) the scan
         runs instead, with a :class:`~recurrent.FallbackWarning` that says why. ``"vjp"``:
-        the plain LSTM and the default GRU (``reset_after=True``, no layer norm) with a
+        the plain, peephole and CIFG LSTMs (no projection, layer norm or clipping) and the
+        default GRU (``reset_after=True``, no layer norm) with a
         hand-written backward pass whose weight gradients are computed outside the loop, as
         large matmuls over all steps (any backend and compute dtype; not differentiable in
         forward mode, ``jax.jvp``); same fallbacks but the GPU one.
@@ -481,7 +482,8 @@ def rnn(
         if not cudnn:
             hoist = resolve_projection(projection, remat=remat) == "hoisted"
             cdt = _core.compute_dtype(cell.options["dtype"], params.input_kernel)
-            carry_B, ys = fast.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt, unroll)
+            extra = {} if gru_vjp else {"coupled": cell.options["coupled"]}
+            carry_B, ys = fast.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt, unroll, **extra)
         else:
             try:
                 carry_B, ys = _cudnn.apply(params, xs_BTF, lengths_B, carry_B)

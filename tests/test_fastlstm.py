@@ -1,4 +1,4 @@
-"""``rnn(lstm(H) or gru(H), implementation="vjp")``: the plain LSTM and the GRU with a
+"""``rnn(lstm(H) or gru(H), implementation="vjp")``: the plain, peephole and CIFG LSTMs and the GRU with a
 hand-written backward pass (weight gradients outside the loop) equal the scan's autodiff,
 exactly in float64."""
 
@@ -27,19 +27,39 @@ def _rand(shape, seed, dtype=jnp.float64):
     return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
+LSTMS = {
+    "lstm": lambda **o: recurrent.lstm(H, **o),
+    "peephole": lambda **o: recurrent.peephole_lstm(H, **o),
+    "cifg": lambda **o: recurrent.cifg_lstm(H, **o),
+    "cifg+peephole": lambda **o: recurrent.lstm(H, coupled=True, peephole=True, **o),
+}
+
+
+def _randomised(params):
+    """Random biases and peepholes (the initialisers give constants and zeros)."""
+    fields = ("bias", "peephole_input", "peephole_forget", "peephole_output")
+    return params._replace(
+        **{
+            k: _rand(getattr(params, k).shape, 5 + n, getattr(params, k).dtype)
+            for n, k in enumerate(fields)
+            if getattr(params, k) is not None
+        }
+    )
+
+
+@pytest.mark.parametrize("cell", list(LSTMS))
 @pytest.mark.parametrize("projection", ["fused", "hoisted"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("time_major", [False, True])
-def test_vjp_equals_scan_autodiff_in_float64(x64, projection, reverse, time_major):
+def test_vjp_equals_scan_autodiff_in_float64(x64, cell, projection, reverse, time_major):
     make = lambda implementation: recurrent.rnn(  # noqa: E731
-        recurrent.lstm(H, param_dtype=jnp.float64),
+        LSTMS[cell](param_dtype=jnp.float64),
         projection=projection,
         reverse=reverse,
         implementation=implementation,
     )
     scan, fast = make("scan"), make("vjp")
-    params = scan.init(jax.random.key(0), (F,))
-    params = params._replace(bias=_rand(params.bias.shape, 5))
+    params = _randomised(scan.init(jax.random.key(0), (F,)))
     xs = _rand((2, B, T, F), 1)  # two batch axes
     if time_major:
         xs = jnp.moveaxis(xs, 2, 0)
@@ -75,7 +95,9 @@ def test_vjp_vmaps_and_jits():
 @pytest.mark.parametrize(
     "make, options, match",
     [
-        (lambda: recurrent.peephole_lstm(H), {}, "peephole"),
+        (lambda: recurrent.lstm(H, proj_size=3), {}, "proj_size"),
+        (lambda: recurrent.lstm(H, layer_norm=True), {}, "layer_norm"),
+        (lambda: recurrent.lstm_variant("NIG", H), {}, "input_gate"),
         (lambda: recurrent.gru(H, layer_norm=True), {}, "layer_norm"),
         (lambda: recurrent.gru(H, reset_after=False), {}, "reset_after"),
         (lambda: recurrent.lstm(H), {"remat": True}, "remat"),
@@ -101,7 +123,7 @@ def test_vjp_is_reverse_mode_only():
         jax.jvp(lambda x: fast.apply(params, x)[1], (xs,), (xs,))
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("name", ["lstm", "gru", "peephole_lstm", "cifg_lstm"])
 def test_vjp_in_bfloat16_follows_the_cells_rounding(name):
     """With ``dtype=jnp.bfloat16`` the fast path computes what the cell computes (bfloat16
     matmul operands accumulated in float32, outputs rounded to bfloat16, the cell state in
@@ -112,9 +134,11 @@ def test_vjp_in_bfloat16_follows_the_cells_rounding(name):
     )
     scan, fast = make("scan"), make("vjp")
     params = scan.init(jax.random.key(0), (F,))
+    if name != "gru":
+        params = _randomised(params)
     xs = _rand((B, T, F), 1, jnp.float32)
     lengths = jnp.array([7, 4, 0])
-    state = (lambda carry: carry.c) if name == "lstm" else (lambda carry: carry)  # noqa: E731
+    state = (lambda carry: carry) if name == "gru" else (lambda carry: carry.c)  # noqa: E731
 
     def loss(layer, params, xs):
         with warnings.catch_warnings():
@@ -151,10 +175,13 @@ def test_vjp_bfloat16_matmuls_take_bfloat16_operands_and_accumulate_in_float32()
 def test_vjp_names_what_it_covers_for_other_cells():
     from recurrent._cudnn import cell_reason
 
-    assert "plain LSTM and the GRU only" in cell_reason(recurrent.conv_lstm(H, (3,)), "vjp")
+    assert "LSTM (plain, peephole, CIFG) and the GRU only" in cell_reason(recurrent.conv_lstm(H, (3,)), "vjp")
     assert "plain LSTM only" in cell_reason(recurrent.conv_lstm(H, (3,)), "cudnn")  # was a KeyError
     assert "plain LSTM only" in cell_reason(recurrent.gru(H), "cudnn")
     assert cell_reason(recurrent.gru(H), "vjp") is None and cell_reason(recurrent.lstm(H), "vjp") is None
+    assert cell_reason(recurrent.peephole_lstm(H), "vjp") is None and cell_reason(recurrent.cifg_lstm(H), "vjp") is None
+    assert "peephole" in cell_reason(recurrent.peephole_lstm(H), "cudnn")  # cuDNN: the plain LSTM only
+    assert "proj_size" in cell_reason(recurrent.lstm(H, proj_size=2), "vjp")
 
 
 @pytest.mark.parametrize("projection", ["fused", "hoisted"])
