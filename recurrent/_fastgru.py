@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from recurrent import _core
 from recurrent._fastlstm import _mm, _projection, _valid
 
 
@@ -40,9 +41,11 @@ def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll):
         v = valid[:, None]
         y = jnp.where(v, h_new, 0).astype(cdt)
         # stored as separate arrays, not one (T, B, 4H): see _fastlstm._forward
-        return jnp.where(v, h_new, h), (y, h, (r, z, n, hn))
+        return jnp.where(v, h_new, h), outputs.pack((y, h, (r, z, n, hn)))
 
-    h, (ys, hs, acts) = lax.scan(step, h0, (xp, valid_TB), unroll=unroll)
+    outputs = _core.ScanOutputs()  # bfloat16 outputs stacked cheaply on CPU
+    h, out = lax.scan(step, h0, (xp, valid_TB), unroll=unroll)
+    ys, hs, acts = outputs.unpack(out)
     return h, ys, (hs, acts)
 
 

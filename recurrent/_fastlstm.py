@@ -88,9 +88,11 @@ def _forward(W, U, b, peep, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll, couple
         # The gates are stored as four arrays, not one (T, B, 4H): on XLA's CPU backend a
         # fusion that takes several column slices of one array sliced per step runs several
         # times slower than the same arithmetic on separate arrays (benchmarks/README.md).
-        return (h_out, c_out), (y, h, c, (i, f, g, o), tc)
+        return (h_out, c_out), outputs.pack((y, h, c, (i, f, g, o), tc))
 
-    (h, c), (ys, hs, cs, gates, tcs) = lax.scan(step, (h0, c0), (xp, valid_TB), unroll=unroll)
+    outputs = _core.ScanOutputs()  # bfloat16 y and h stacked cheaply on CPU (as float32)
+    (h, c), out = lax.scan(step, (h0, c0), (xp, valid_TB), unroll=unroll)
+    ys, hs, cs, gates, tcs = outputs.unpack(out)
     return (h, c), ys, (hs, cs, gates, tcs)
 
 

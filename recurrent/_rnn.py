@@ -388,6 +388,8 @@ def rnn(
                 resets_TB = jnp.concatenate([resets_TB[1:], jnp.zeros((1, B), bool)])
         lengths_B = None if lengths is None else lengths.reshape((B,))
 
+        outputs = _core.ScanOutputs()  # bfloat16 outputs stacked cheaply on CPU
+
         def body(carry, inputs):
             t, xp = inputs
             if not hoist:
@@ -424,17 +426,43 @@ def rnn(
                 if return_trace:
                     gates = jax.tree.map(lambda g: keep(g, jnp.zeros_like(g)), gates)
             out = (y, new_carry, gates) if return_trace else y
-            return new_carry, out
+            return new_carry, outputs.pack(out)
 
         # remat: the backward pass recomputes each step from its carry instead of storing
         # every step's intermediates, so memory per step is the carry (and the input).
         scan_body = jax.checkpoint(body) if remat else body
+        # bfloat16 on CPU: carry float32 copies of narrow carry leaves through the loop, and keep
+        # the backward pass from storing bfloat16 values (recomputing the casts instead), so
+        # no stacked bfloat16 buffer is updated per step (see _core.ScanOutputs).
+        cell_dtype = None if cell.options is None else cell.options.get("dtype")
+        narrow = jax.default_backend() == "cpu" and (
+            any(_core.ScanOutputs._narrow(a.dtype) for a in jax.tree.leaves(carry))
+            or (cell_dtype is not None and _core.ScanOutputs._narrow(cell_dtype))
+        )
+        carry_dtypes = jax.tree.map(lambda a: a.dtype, carry)
+        if narrow:
+            wide = lambda tree: jax.tree.map(  # noqa: E731
+                lambda a: a.astype(jnp.float32) if _core.ScanOutputs._narrow(a.dtype) else a, tree
+            )
+            narrow_again = lambda tree: jax.tree.map(lambda a, d: a.astype(d), tree, carry_dtypes)  # noqa: E731
+
+            def narrow_body(carry, inputs):
+                carry, out = body(narrow_again(carry), inputs)
+                return wide(carry), out
+
+            # remat recomputes every step anyway; otherwise only the casts are recomputed
+            policy = None if remat else (lambda prim, *_, **__: prim is not lax.convert_element_type_p)
+            scan_body = jax.checkpoint(narrow_body, policy=policy)
+
+            carry = wide(carry)
 
         def unflat(a, time_axis):
             a = a.reshape((*a.shape[:time_axis], *batch, *a.shape[time_axis + 1 :]))
             return a if time_major or time_axis is None else jnp.moveaxis(a, 0, nb)
 
         def finish(carry, out):
+            out = outputs.unpack(out)
+            carry = jax.tree.map(lambda a, d: a.astype(d), carry, carry_dtypes)
             carry = jax.tree.map(lambda a: a.reshape((*batch, *a.shape[1:])), carry)
             if not return_trace:
                 return carry, unflat(out, 1)
@@ -630,10 +658,12 @@ def truncated_bptt(
         a = a.reshape((*a.shape[:time_axis], n, chunk_size, *a.shape[time_axis + 1 :]))
         return jnp.moveaxis(a, time_axis, 0)
 
+    outputs = _core.ScanOutputs()  # bfloat16 outputs stacked cheaply on CPU
+
     def body(state_carry, chunk):
         state, carry = state_carry
         state, carry, out = step_fn(state, lax.stop_gradient(carry), chunk)
-        return (state, carry), out
+        return (state, carry), outputs.pack(out)
 
     (state, carry), outs = lax.scan(body, (state, carry), jax.tree.map(to_chunks, xs))
-    return state, carry, outs
+    return state, carry, outputs.unpack(outs)

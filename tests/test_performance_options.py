@@ -139,3 +139,32 @@ def test_bfloat16_cells_multiply_bfloat16_and_accumulate_in_float32(make, step_s
     for line in ops:
         inputs, output = line.rsplit("->", 1)
         assert "bf16>" in inputs and "f32>" in output and "bf16>" not in output, line
+
+
+@pytest.mark.parametrize("implementation", ["scan", "vjp"])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_bfloat16_outputs_are_not_stacked_as_bfloat16_on_cpu(name, implementation):
+    """XLA's CPU backend updates a stacked bfloat16 buffer through float32 copies of all of it
+    at every step (time in proportion to T per step): the loops stack float32 instead and
+    cast after. The outputs are the same bfloat16 values, their gradients the same as the
+    stepwise reference's."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU-backend layout; other backends stack bfloat16 directly")
+    T = 7
+    layer = recurrent.rnn(getattr(recurrent, name)(6, dtype=jnp.bfloat16), implementation=implementation)
+    params = layer.init(jax.random.key(0), (4,))
+    xs = jax.random.normal(jax.random.key(1), (3, T, 4))
+    loss = lambda p, x: jnp.sum(layer.apply(p, x)[1].astype(jnp.float32) ** 2)  # noqa: E731
+    for fn in (lambda p, x: layer.apply(p, x)[1], jax.grad(loss, argnums=(0, 1))):
+        text = jax.jit(fn).lower(params, xs).compile().as_text()
+        stacked_bf16 = [line for line in text.splitlines() if "dynamic-update-slice" in line and f"= bf16[{T}," in line]
+        assert not stacked_bf16, stacked_bf16[:3]
+    # the values: the cell stepped by hand in a Python loop
+    cell = getattr(recurrent, name)(6, dtype=jnp.bfloat16)
+    carry, ys = cell.initial_carry(params, (3, 4)), []
+    for t in range(T):
+        carry, y = cell.step(params, carry, xs[:, t])
+        ys.append(y)
+    got = layer.apply(params, xs)[1]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(jnp.stack(ys, 1), np.float32), atol=2**-7)
