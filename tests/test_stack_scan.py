@@ -4,6 +4,7 @@ default), and a program whose size does not grow with depth."""
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import jax
@@ -171,3 +172,30 @@ def test_equal_bidirectional_layers_share_a_function_or_a_scan():
         )
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _compiles(fn):
+    """``fn()``'s result and the names of the functions JAX compiled while running it."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            out = fn()
+    finally:
+        logger.removeHandler(handler)
+    return out, [r.getMessage() for r in records if r.getMessage().startswith("Compiling")]
+
+
+def test_eager_calls_compile_each_run_of_equal_layers_once():
+    # The shared function is made once per stack, so eager calls reuse its compiled program.
+    stack = recurrent.stacked(_layers(4))
+    params = stack.init(jax.random.key(0), (5,))
+    xs = jnp.ones((2, 3, 5))
+    first, compiled_first = _compiles(lambda: stack.apply(params, xs)[1])
+    again, compiled_again = _compiles(lambda: stack.apply(params, xs)[1])
+    np.testing.assert_array_equal(first, again)
+    assert sum("jit(run)" in m for m in compiled_first) == 2, compiled_first  # first layer, the other three
+    assert not any("jit(run)" in m for m in compiled_again), compiled_again
