@@ -7,6 +7,7 @@ ratios of their medians mean something even when the absolute times do not.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -46,6 +47,18 @@ def interleaved(
                     n = number if isinstance(number, int) else number[c, w]
                     samples[c, w].append(timed(calls[c, w], n) * 1e3)
     return samples
+
+
+def int_list(parser: argparse.ArgumentParser, flag: str, text: str, *, least: int, example: str) -> list[int]:
+    """The integers of a comma-separated command-line value (``"1,2,4"``), each at least
+    ``least``; anything else ends the program with ``parser.error`` saying what was expected."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated integers such as {example}, got {text!r}")
+    if not values or min(values) < least:
+        parser.error(f"{flag}: every value must be >= {least}, got {text!r}")
+    return values
 
 
 def write_json(path: str, result: dict) -> None:

@@ -19,7 +19,7 @@ import statistics
 import jax
 
 from benchmarks import suite
-from benchmarks._common import calls_per_sample, interleaved, write_json
+from benchmarks._common import calls_per_sample, int_list, interleaved, write_json
 
 CASES = "lstm,gru,peephole,cifg,convlstm,bidirectional,stacked4"
 VJP = ("lstm", "gru", "peephole", "cifg")  # the cells with a hand-written backward pass
@@ -37,12 +37,7 @@ def main(argv=None):
     unknown = [c for c in names if c not in suite.CASES]
     if unknown or not names:
         parser.error(f"--cases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(suite.CASES)}")
-    try:
-        unrolls = [int(u) for u in args.unrolls.split(",")]
-    except ValueError:
-        parser.error(f"--unrolls: expected comma-separated integers such as 1,2,4, got {args.unrolls!r}")
-    if not unrolls or min(unrolls) < 1:
-        parser.error(f"--unrolls: every value must be >= 1, got {args.unrolls!r}")
+    unrolls = int_list(parser, "--unrolls", args.unrolls, least=1, example="1,2,4")
 
     result = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "unrolls": unrolls, "rows": []}
     for name in names:

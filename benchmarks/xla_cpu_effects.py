@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from benchmarks._common import calls_per_sample, interleaved, write_json
+from benchmarks._common import calls_per_sample, int_list, interleaved, write_json
 
 QUICK = dict(batch=2, hidden=8, steps=4, features=4, square=64)
 
@@ -119,12 +119,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats: a smoke test")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    try:
-        ks = [int(k) for k in args.work.split(",")]
-    except ValueError:
-        parser.error(f"--work: expected comma-separated integers such as 0,2,8, got {args.work!r}")
-    if not ks or min(ks) < 0:
-        parser.error(f"--work: every value must be >= 0, got {args.work!r}")
+    ks = int_list(parser, "--work", args.work, least=0, example="0,2,8")
     B, H, T, F, n = args.batch, args.hidden, args.steps, args.features, 2048
     repeats = args.repeats
     if args.quick:
