@@ -284,8 +284,13 @@ def check_positive_int(name: str, value: Any, *, where: str) -> int:
     return int(value)
 
 
+def narrow_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a 16-bit float (bfloat16, float16)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
 class ScanOutputs:
-    """Packs what a ``lax.scan`` body emits for stacking, and unpacks the stacked result.
+    """Packs what a ``lax.scan`` body emits (its stacked outputs, or its carry), and unpacks it.
 
     XLA's CPU backend writes each step's slice of a stacked bfloat16 (or float16) output
     through float32 copies of the whole ``(T, ...)`` buffer, so every step costs time in
@@ -293,22 +298,18 @@ class ScanOutputs:
     float32). On CPU, :meth:`pack` casts such leaves to float32 and :meth:`unpack` casts them
     back: exact (every bfloat16 and float16 value is a float32 value) and differentiable
     (a bitcast to integers would be cheaper in memory but cut the gradient). Elsewhere both
-    return their argument. One instance serves one body: ``pack`` records the dtypes when
-    the body is traced."""
+    return their argument. One instance serves one tree structure: ``pack`` records the
+    dtypes (when the body is traced)."""
 
     def __init__(self):
         self.dtypes = None
 
-    @staticmethod
-    def _narrow(dtype) -> bool:
-        return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
-
     def pack(self, tree: Any) -> Any:
         leaves, treedef = jax.tree.flatten(tree)
         self.dtypes = [a.dtype for a in leaves]
-        if jax.default_backend() != "cpu" or not any(self._narrow(d) for d in self.dtypes):
+        if jax.default_backend() != "cpu" or not any(narrow_float(d) for d in self.dtypes):
             return tree
-        return treedef.unflatten([a.astype(jnp.float32) if self._narrow(a.dtype) else a for a in leaves])
+        return treedef.unflatten([a.astype(jnp.float32) if narrow_float(a.dtype) else a for a in leaves])
 
     def unpack(self, tree: Any) -> Any:
         leaves, treedef = jax.tree.flatten(tree)

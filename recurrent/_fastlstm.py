@@ -149,22 +149,28 @@ def _bwd(hoist, cdt, unroll, coupled, res, cotangents):
     carry = (dh_T.astype(sdt), dc_T)
     (dh0, dc0), dz = lax.scan(step, carry, (dys, hs, cs, gates, tcs, valid_TB), reverse=True, unroll=unroll)
     T, B = dz.shape[:2]
-    G = dz.shape[-1] // H
-    dz2 = dz.reshape(T * B, G * H)
+    dz2 = dz.reshape(T * B, dz.shape[-1])  # (T * B, G * H), G = 3 gates (CIFG) or 4
     dW = _mm(xs_TBF.reshape(T * B, -1).T, dz2, cdt, sdt).astype(W.dtype)
     dU = _mm(hs.reshape(T * B, H).T, dz2, cdt, sdt).astype(U.dtype)
     db = dz2.sum(0).astype(b.dtype)
     dxs = _mm(dz2, W.T, cdt, sdt).reshape(xs_TBF.shape).astype(xs_TBF.dtype)
-    # peepholes: sums over all steps of each gate's pre-activation gradient times the state it
-    # saw (masked steps have dz = 0); c_new is recomputed from the stored gates
+    return dW, dU, db, _peephole_grads(peep, dz, cs, gates, coupled), dxs, dh0.astype(h0.dtype), dc0, None
+
+
+def _peephole_grads(peep, dz, cs, gates, coupled):
+    """The peepholes' gradients (``None`` where there is none): sums over all steps of each
+    gate's pre-activation gradient times the state it saw (masked steps have ``dz = 0``);
+    ``c_t`` is recomputed from the stored gates."""
+    if all(p is None for p in peep):
+        return peep
     i, f, g, _ = gates
-    blocks = dict(zip(("f", "g", "o") if coupled else ("i", "f", "g", "o"), jnp.split(dz, G, axis=-1)))
+    names = ("f", "g", "o") if coupled else ("i", "f", "g", "o")
+    blocks = dict(zip(names, jnp.split(dz, len(names), axis=-1)))
     seen = {"i": cs, "f": cs, "o": f * cs + i * g}
-    dpeep = tuple(
+    return tuple(
         None if p is None else jnp.sum(blocks[k] * seen[k], axis=(0, 1)).astype(p.dtype)
         for k, p in zip(("i", "f", "o"), peep)
     )
-    return dW, dU, db, dpeep, dxs, dh0.astype(h0.dtype), dc0, None
 
 
 lstm_layer.defvjp(_fwd, _bwd)

@@ -428,33 +428,29 @@ def rnn(
             out = (y, new_carry, gates) if return_trace else y
             return new_carry, outputs.pack(out)
 
-        # remat: the backward pass recomputes each step from its carry instead of storing
-        # every step's intermediates, so memory per step is the carry (and the input).
-        scan_body = jax.checkpoint(body) if remat else body
         # bfloat16 on CPU: carry float32 copies of narrow carry leaves through the loop, and keep
         # the backward pass from storing bfloat16 values (recomputing the casts instead), so
         # no stacked bfloat16 buffer is updated per step (see _core.ScanOutputs).
         cell_dtype = None if cell.options is None else cell.options.get("dtype")
         narrow = jax.default_backend() == "cpu" and (
-            any(_core.ScanOutputs._narrow(a.dtype) for a in jax.tree.leaves(carry))
-            or (cell_dtype is not None and _core.ScanOutputs._narrow(cell_dtype))
+            any(_core.narrow_float(a.dtype) for a in jax.tree.leaves(carry))
+            or (cell_dtype is not None and _core.narrow_float(cell_dtype))
         )
-        carry_dtypes = jax.tree.map(lambda a: a.dtype, carry)
+        wide_carry = _core.ScanOutputs()  # the carry's float32 copies
         if narrow:
-            wide = lambda tree: jax.tree.map(  # noqa: E731
-                lambda a: a.astype(jnp.float32) if _core.ScanOutputs._narrow(a.dtype) else a, tree
-            )
-            narrow_again = lambda tree: jax.tree.map(lambda a, d: a.astype(d), tree, carry_dtypes)  # noqa: E731
 
             def narrow_body(carry, inputs):
-                carry, out = body(narrow_again(carry), inputs)
-                return wide(carry), out
+                carry, out = body(wide_carry.unpack(carry), inputs)
+                return wide_carry.pack(carry), out
 
             # remat recomputes every step anyway; otherwise only the casts are recomputed
             policy = None if remat else (lambda prim, *_, **__: prim is not lax.convert_element_type_p)
             scan_body = jax.checkpoint(narrow_body, policy=policy)
-
-            carry = wide(carry)
+            carry = wide_carry.pack(carry)
+        else:
+            # remat: the backward pass recomputes each step from its carry instead of storing
+            # every step's intermediates, so memory per step is the carry (and the input).
+            scan_body = jax.checkpoint(body) if remat else body
 
         def unflat(a, time_axis):
             a = a.reshape((*a.shape[:time_axis], *batch, *a.shape[time_axis + 1 :]))
@@ -462,7 +458,8 @@ def rnn(
 
         def finish(carry, out):
             out = outputs.unpack(out)
-            carry = jax.tree.map(lambda a, d: a.astype(d), carry, carry_dtypes)
+            if narrow:
+                carry = wide_carry.unpack(carry)
             carry = jax.tree.map(lambda a: a.reshape((*batch, *a.shape[1:])), carry)
             if not return_trace:
                 return carry, unflat(out, 1)
