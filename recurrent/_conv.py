@@ -22,6 +22,7 @@ from recurrent._lstm import (
     fused_blocks,
     init_bias,
     init_recurrent_bias,
+    lstm_pointwise,
     project_input,
     resolve_forget_bias,
 )
@@ -325,6 +326,15 @@ def conv_lstm(
         if peephole:
             i = i + params.peephole_input.astype(sdt) * c
             f = f + params.peephole_forget.astype(sdt) * c
+        if not layer_norm:  # the elementwise half with a written-out derivative, as for lstm()
+            p_o = params.peephole_output.astype(sdt) if peephole else None
+            m, c_new = lstm_pointwise(False, f, i, g, o, c, p_o)
+            new = _core.zoneout(noise, carry, LSTMState(m.astype(cdt), c_new))
+            # the gates for `return_trace`: unused they cost nothing; XLA merges them with the same
+            # expressions inside `lstm_pointwise`
+            zo = o if p_o is None else o + p_o * c_new
+            trace = {"input": jax.nn.sigmoid(i), "forget": jax.nn.sigmoid(f), "cell": jnp.tanh(g)}
+            return new, new.h, {**trace, "output": jax.nn.sigmoid(zo)}
         i, f, g = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g)
         c = f * c + i * g
         if peephole:
