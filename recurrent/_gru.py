@@ -22,6 +22,38 @@ from recurrent._lstm import (
 GRU_GATES = ("reset", "update", "candidate")
 
 
+def _gru_pointwise_primal(zr, zz, x_n, h_n, h_prev):
+    r = jax.nn.sigmoid(zr)
+    z = jax.nn.sigmoid(zz)
+    n = jnp.tanh(x_n + r * h_n)
+    return (1.0 - z) * n + z * h_prev
+
+
+@jax.custom_jvp
+def gru_pointwise(zr, zz, x_n, h_n, h_prev):
+    """The elementwise half of a GRU step (``reset_after``): from the reset and update
+    pre-activations, the candidate's input part ``x_n`` and recurrent part ``h_n`` (its bias
+    included) and the previous state to ``h = (1 - z) * n + z * h_prev``.
+
+    Its derivative is written out (a ``custom_jvp``: forward mode and higher orders work) so that
+    reverse mode stores five products per step instead of every gate and derivative factor; see
+    ``recurrent._lstm.lstm_pointwise``."""
+    return _gru_pointwise_primal(zr, zz, x_n, h_n, h_prev)
+
+
+@gru_pointwise.defjvp
+def _gru_pointwise_jvp(primals, tangents):
+    zr, zz, x_n, h_n, h_prev = primals
+    dzr, dzz, dx_n, dh_n, dh_prev = tangents
+    r = jax.nn.sigmoid(zr)
+    z = jax.nn.sigmoid(zz)
+    n = jnp.tanh(x_n + r * h_n)
+    h = (1.0 - z) * n + z * h_prev
+    a = (1.0 - z) * (1.0 - n * n)  # dh / d(candidate pre-activation)
+    dh = a * dx_n + (a * r) * dh_n + (a * h_n * r * (1.0 - r)) * dzr + ((h_prev - n) * z * (1.0 - z)) * dzz
+    return h, dh + z * dh_prev
+
+
 class GRUParams(NamedTuple):
     """Parameters of a GRU, gate blocks fused in ``GRU_GATES`` order (r, z, n).
 
@@ -169,9 +201,12 @@ def gru(
         if reset_after:
             rec = norm(_core.matmul(h_c, U, sdt), ln.recurrent_scale if layer_norm else None)
             h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
-            r = jax.nn.sigmoid(x_r + h_r)
-            z = jax.nn.sigmoid(x_z + h_z)
-            n = jnp.tanh(x_n + r * (h_n + params.recurrent_bias.astype(sdt)))
+            zr, zz, h_n = x_r + h_r, x_z + h_z, h_n + params.recurrent_bias.astype(sdt)
+            h = _core.zoneout(noise, h_prev, gru_pointwise(zr, zz, x_n, h_n, h_prev))
+            # the gates for `return_trace`: unused they cost nothing; XLA merges them with the same
+            # expressions inside `gru_pointwise`
+            r, z = jax.nn.sigmoid(zr), jax.nn.sigmoid(zz)
+            return h, h.astype(cdt), {"reset": r, "update": z, "candidate": jnp.tanh(x_n + r * h_n)}
         else:
             rec = norm(_core.matmul(h_c, U[:, : 2 * H], sdt), ln.recurrent_scale[: 2 * H] if layer_norm else None)
             h_r, h_z = jnp.split(rec, 2, axis=-1)

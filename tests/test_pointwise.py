@@ -1,11 +1,13 @@
-"""The LSTM's elementwise half with a written-out derivative (``_lstm.lstm_pointwise``).
+"""The elementwise half of a step with a written-out derivative (``_lstm.lstm_pointwise``,
+``_gru.gru_pointwise``).
 
-The usual LSTM family (sigmoid gates, tanh activations; plain, peephole, CIFG) runs its elementwise
-half through a ``custom_jvp`` so that reverse mode stores six products per step instead of every
-gate and derivative factor. These tests hold it to JAX's own derivatives of the same equations, in
-every mode of differentiation, and check that it stores fewer arrays. The general code is reached
-through the public ``input_activation`` option: ``lambda x: jnp.tanh(x)`` is the same function,
-but not ``jnp.tanh`` itself, so the cell takes the general path.
+The usual LSTM family (sigmoid gates, tanh activations; plain, peephole, CIFG), ConvLSTM and the
+GRU run their elementwise half through a ``custom_jvp`` so that reverse mode stores a few products
+per step instead of every gate and derivative factor. These tests hold them to JAX's own
+derivatives of the same equations, in every mode of differentiation, and check that they store
+fewer arrays. For the LSTM the general code is reached through the public ``input_activation``
+option: ``lambda x: jnp.tanh(x)`` is the same function, but not ``jnp.tanh`` itself, so the cell
+takes the general path; for ConvLSTM and the GRU the plain expression is patched in.
 """
 
 import jax
@@ -146,3 +148,33 @@ def test_conv_lstm_derivatives_equal_autodiff(monkeypatch):
         monkeypatch.setattr(recurrent._conv, "lstm_pointwise", recurrent._lstm._lstm_pointwise_primal)
         _close(written, everything(), tol=1e-10)
         assert stored < _stored_per_step(cell, (4, 4, 2)), stored
+
+
+@pytest.mark.parametrize("options", [{}, {"layer_norm": True}], ids=["gru", "gru layer norm"])
+def test_gru_derivatives_equal_autodiff(monkeypatch, options):
+    """The GRU (``reset_after``, the default) has the same kind of function, ``gru_pointwise``;
+    the reference is JAX's derivative of its plain expression, patched in."""
+    cell = recurrent.gru(H, bias_init=_normal, **options)
+    layer = recurrent.rnn(cell)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), layer.init(jax.random.key(0), (F,)))
+        xs = jax.random.normal(jax.random.key(1), (B, T, F), jnp.float64)
+        h0 = jax.random.normal(jax.random.key(2), (B, H), jnp.float64)
+        f = lambda p, x, h: jnp.sum(jnp.sin(layer.apply(p, x, carry=h, lengths=jnp.array([6, 2, 0]))[1]))  # noqa: E731
+        args = (params, xs, h0)
+        tangents = jax.tree.map(lambda a: 0.3 * jnp.cos(a), args)
+
+        def everything():
+            gg = jax.grad(lambda p: jnp.sum(jax.grad(f)(p, xs, h0).recurrent_kernel ** 2))(params)
+            return (
+                layer.apply(params, xs, carry=h0, return_trace=True),
+                jax.grad(f, (0, 1, 2))(*args),
+                jax.jvp(f, args, tangents),
+                jax.jvp(jax.grad(f, (0, 1, 2)), args, tangents)[1],
+                gg,
+            )
+
+        written, stored = everything(), _stored_per_step(cell)
+        monkeypatch.setattr(recurrent._gru, "gru_pointwise", recurrent._gru._gru_pointwise_primal)
+        _close(written, everything(), tol=1e-10)
+        assert stored < _stored_per_step(cell), stored
