@@ -89,8 +89,9 @@ def test_techniques_and_bidirectional_ab_quick_runs():
 
     result = techniques.main(["--quick"])
     names = {r["technique"] for r in result["rows"]}
-    assert {"hoisted", "fused", "vjp", "bf16", "bf16_vjp", "bf16_product", "flax"} <= names
+    assert {"hoisted", "fused", "vjp", "bf16", "bf16_vjp", "bf16_product", "autodiff_pointwise", "flax"} <= names
     assert all(r["ms"] > 0 and math.isfinite(r["ratio_to_hoisted"]) for r in result["rows"])
+    assert all(r["temp_mb"] is None or r["temp_mb"] >= 0 for r in result["rows"])
     ab = bidirectional_ab.main(["--repeats", "2"], shape=(2, 5, 3, 4))
     assert all(v["one_scan_ms"] > 0 and v["two_scans_ms"] > 0 for v in ab.values())
 
