@@ -22,6 +22,7 @@ from recurrent._lstm import (
     fused_blocks,
     init_bias,
     init_recurrent_bias,
+    lstm_gates,
     lstm_pointwise,
     project_input,
     resolve_forget_bias,
@@ -332,9 +333,8 @@ def conv_lstm(
             new = _core.zoneout(noise, carry, LSTMState(m.astype(cdt), c_new))
             # the gates for `return_trace`: unused they cost nothing; XLA merges them with the same
             # expressions inside `lstm_pointwise`
-            zo = o if p_o is None else o + p_o * c_new
-            trace = {"input": jax.nn.sigmoid(i), "forget": jax.nn.sigmoid(f), "cell": jnp.tanh(g)}
-            return new, new.h, {**trace, "output": jax.nn.sigmoid(zo)}
+            gates = lstm_gates(False, f, i, g, o, c, p_o)[:4]
+            return new, new.h, dict(zip(("input", "forget", "cell", "output"), gates))
         i, f, g = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g)
         c = f * c + i * g
         if peephole:

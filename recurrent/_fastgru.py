@@ -19,6 +19,7 @@ from jax import lax
 
 from recurrent import _core
 from recurrent._fastlstm import _mm, _projection, _valid
+from recurrent._gru import gru_gates
 
 
 def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll):
@@ -33,11 +34,8 @@ def _forward(W, U, b, b_hn, xs_TBF, h0, valid_TB, hoist, cdt, unroll):
         x, valid = inputs
         x_r, x_z, x_n = jnp.split(at_step(x).astype(sdt), 3, axis=-1)
         h_r, h_z, h_n = jnp.split(_mm(h, Uc, cdt, sdt), 3, axis=-1)
-        r = jax.nn.sigmoid(x_r + h_r)
-        z = jax.nn.sigmoid(x_z + h_z)
         hn = h_n + b_hn.astype(sdt)
-        n = jnp.tanh(x_n + r * hn)
-        h_new = (1.0 - z) * n + z * h
+        r, z, n, h_new = gru_gates(x_r + h_r, x_z + h_z, x_n, hn, h)
         v = valid[:, None]
         y = jnp.where(v, h_new, 0).astype(cdt)
         # stored as separate arrays, not one (T, B, 4H): see _fastlstm._forward

@@ -31,6 +31,7 @@ from jax import lax
 
 from recurrent import _core
 from recurrent._core import LSTMState
+from recurrent._lstm import lstm_gates
 
 
 def _mm(a, b, cdt, sdt):
@@ -70,17 +71,11 @@ def _forward(W, U, b, peep, xs_TBF, h0, c0, valid_TB, hoist, cdt, unroll, couple
         x, valid = inputs
         z = at_step(x).astype(sdt) + _mm(h, Uc, cdt, sdt)
         if coupled:  # CIFG: no input block, i = 1 - f
-            z_f, z_g, z_o = jnp.split(z, 3, axis=-1)
-            f = jax.nn.sigmoid(plus(z_f, p_f, c))
-            i = 1.0 - f
+            z_i, (z_f, z_g, z_o) = None, jnp.split(z, 3, axis=-1)
         else:
             z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
-            f = jax.nn.sigmoid(plus(z_f, p_f, c))
-            i = jax.nn.sigmoid(plus(z_i, p_i, c))
-        g = jnp.tanh(z_g)
-        c_new = f * c + i * g
-        o = jax.nn.sigmoid(plus(z_o, p_o, c_new))
-        tc = jnp.tanh(c_new)
+            z_i = plus(z_i, p_i, c)
+        i, f, g, o, c_new, tc = lstm_gates(coupled, plus(z_f, p_f, c), z_i, z_g, z_o, c, p_o)
         h_new = (o * tc).astype(h.dtype)
         v = valid[:, None]
         h_out, c_out = jnp.where(v, h_new, h), jnp.where(v, c_new, c)

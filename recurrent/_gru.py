@@ -22,11 +22,18 @@ from recurrent._lstm import (
 GRU_GATES = ("reset", "update", "candidate")
 
 
-def _gru_pointwise_primal(zr, zz, x_n, h_n, h_prev):
+def gru_gates(zr, zz, x_n, h_n, h_prev):
+    """``(r, z, n, h)`` of a GRU step (``reset_after``) from the reset and update pre-activations,
+    the candidate's input part ``x_n``, its recurrent part ``h_n`` (bias included) and the previous
+    state. Shared by ``gru_pointwise``, its derivative and ``_fastgru``."""
     r = jax.nn.sigmoid(zr)
     z = jax.nn.sigmoid(zz)
     n = jnp.tanh(x_n + r * h_n)
-    return (1.0 - z) * n + z * h_prev
+    return r, z, n, (1.0 - z) * n + z * h_prev
+
+
+def _gru_pointwise_primal(zr, zz, x_n, h_n, h_prev):
+    return gru_gates(zr, zz, x_n, h_n, h_prev)[3]
 
 
 @jax.custom_jvp
@@ -45,10 +52,7 @@ def gru_pointwise(zr, zz, x_n, h_n, h_prev):
 def _gru_pointwise_jvp(primals, tangents):
     zr, zz, x_n, h_n, h_prev = primals
     dzr, dzz, dx_n, dh_n, dh_prev = tangents
-    r = jax.nn.sigmoid(zr)
-    z = jax.nn.sigmoid(zz)
-    n = jnp.tanh(x_n + r * h_n)
-    h = (1.0 - z) * n + z * h_prev
+    r, z, n, h = gru_gates(zr, zz, x_n, h_n, h_prev)
     a = (1.0 - z) * (1.0 - n * n)  # dh / d(candidate pre-activation)
     dh = a * dx_n + (a * r) * dh_n + (a * h_n * r * (1.0 - r)) * dzr + ((h_prev - n) * z * (1.0 - z)) * dzz
     return h, dh + z * dh_prev
@@ -205,8 +209,8 @@ def gru(
             h = _core.zoneout(noise, h_prev, gru_pointwise(zr, zz, x_n, h_n, h_prev))
             # the gates for `return_trace`: unused they cost nothing; XLA merges them with the same
             # expressions inside `gru_pointwise`
-            r, z = jax.nn.sigmoid(zr), jax.nn.sigmoid(zz)
-            return h, h.astype(cdt), {"reset": r, "update": z, "candidate": jnp.tanh(x_n + r * h_n)}
+            r, z, n, _ = gru_gates(zr, zz, x_n, h_n, h_prev)
+            return h, h.astype(cdt), {"reset": r, "update": z, "candidate": n}
         else:
             rec = norm(_core.matmul(h_c, U[:, : 2 * H], sdt), ln.recurrent_scale[: 2 * H] if layer_norm else None)
             h_r, h_z = jnp.split(rec, 2, axis=-1)

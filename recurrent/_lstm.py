@@ -286,13 +286,22 @@ def _identity(x):
     return x
 
 
-def _lstm_pointwise_primal(coupled, zf, zi, zg, zo, c_prev, p_o):
+def lstm_gates(coupled, zf, zi, zg, zo, c_prev, p_o):
+    """``(i, f, g, o, c, tanh(c))`` of an LSTM step with sigmoid gates and tanh activations, from
+    the gate pre-activations (input and forget peepholes already added) and the previous cell
+    state: ``i = 1 - f`` when ``coupled`` (``zi`` unused), ``p_o * c`` added to the output gate
+    when ``p_o`` is not None. Shared by ``lstm_pointwise``, its derivative and ``_fastlstm``."""
     f = jax.nn.sigmoid(zf)
     i = 1.0 - f if coupled else jax.nn.sigmoid(zi)
     g = jnp.tanh(zg)
     c = f * c_prev + i * g
     o = jax.nn.sigmoid(zo if p_o is None else zo + p_o * c)
-    return o * jnp.tanh(c), c
+    return i, f, g, o, c, jnp.tanh(c)
+
+
+def _lstm_pointwise_primal(coupled, zf, zi, zg, zo, c_prev, p_o):
+    _, _, _, o, c, tc = lstm_gates(coupled, zf, zi, zg, zo, c_prev, p_o)
+    return o * tc, c
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -315,12 +324,7 @@ def lstm_pointwise(coupled, zf, zi, zg, zo, c_prev, p_o):
 def _lstm_pointwise_jvp(coupled, primals, tangents):
     zf, zi, zg, zo, c_prev, p_o = primals
     dzf, dzi, dzg, dzo, dc_prev, dp_o = tangents
-    f = jax.nn.sigmoid(zf)
-    i = 1.0 - f if coupled else jax.nn.sigmoid(zi)
-    g = jnp.tanh(zg)
-    c = f * c_prev + i * g
-    o = jax.nn.sigmoid(zo if p_o is None else zo + p_o * c)
-    tc = jnp.tanh(c)
+    i, f, g, o, c, tc = lstm_gates(coupled, zf, zi, zg, zo, c_prev, p_o)
     m = o * tc
     df = f * (1.0 - f)
     dc = f * dc_prev + (i * (1.0 - g * g)) * dzg
@@ -499,10 +503,7 @@ def _lstm_family(
             m, c_new = lstm_pointwise(coupled, zf, zi, blocks["cell"], blocks["output"], c, p_o)
             # The gates for `return_trace` and the gate recurrence; unused, they cost nothing, and
             # XLA merges them with the same expressions inside `lstm_pointwise`.
-            f = jax.nn.sigmoid(zf)
-            i = 1.0 - f if coupled else jax.nn.sigmoid(zi)
-            g = jnp.tanh(blocks["cell"])
-            o = jax.nn.sigmoid(blocks["output"] + peep("peephole_output", c_new))
+            i, f, g, o, _, _ = lstm_gates(coupled, zf, zi, blocks["cell"], blocks["output"], c, p_o)
             c = c_new
         else:
             m, c, i, f, g, o = general_pointwise(params, blocks, c, peep)
