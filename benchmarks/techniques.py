@@ -23,9 +23,8 @@ Every contender computes the same LSTM layer (``recurrent.lstm(H)``, batch-major
   instead of through its written-out derivative (``recurrent._lstm.lstm_pointwise``);
 - ``flax``: ``nn.RNN(nn.OptimizedLSTMCell)`` for reference.
 
-The table also gives each compiled program's temporary memory (XLA's figure).
-
-The table gives medians over interleaved repeats and each contender's ratio to ``hoisted``.
+The table gives medians over interleaved repeats, each contender's ratio to ``hoisted`` and each
+compiled program's temporary memory (XLA's figure).
 """
 
 from __future__ import annotations

@@ -174,11 +174,11 @@ def test_real_cudnn_matches_scan():
     params = scan.init(jax.random.key(0), (32,))
     xs = _xs((8, 50, 32))
     lengths = jnp.array([50, 49, 30, 1, 0, 50, 7, 12])
-    with jax.default_matmul_precision("highest"):
-        loss = lambda layer, p, x: jnp.sum(layer.apply(p, x, lengths=lengths)[1] ** 2)  # noqa: E731
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", recurrent.FallbackWarning)
-            f = jax.jit(jax.value_and_grad(lambda p, x: loss(fast, p, x), argnums=(0, 1)))(params, xs)
-        s = jax.jit(jax.value_and_grad(lambda p, x: loss(scan, p, x), argnums=(0, 1)))(params, xs)
+    # full float32 matmuls, not the GPU's TF32 default: conftest.py
+    loss = lambda layer, p, x: jnp.sum(layer.apply(p, x, lengths=lengths)[1] ** 2)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        f = jax.jit(jax.value_and_grad(lambda p, x: loss(fast, p, x), argnums=(0, 1)))(params, xs)
+    s = jax.jit(jax.value_and_grad(lambda p, x: loss(scan, p, x), argnums=(0, 1)))(params, xs)
     for a, b in zip(jax.tree.leaves(f), jax.tree.leaves(s)):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)

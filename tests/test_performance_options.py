@@ -31,12 +31,11 @@ def test_projection_and_remat_give_the_same_values_and_gradients(name):
         for p, r in (("hoisted", False), ("fused", False), ("fused", True))
     ]
     loss = lambda layer: lambda p: jnp.sum(layer.apply(p, xs, **kw)[1] ** 2)  # noqa: E731
-    # On GPUs the default float32 matmul precision is TF32, whose rounding differs between
-    # one large matmul and many small ones (2e-4 seen on an H200): compare at full precision.
-    with jax.default_matmul_precision("highest"):
-        reference = layers[0].apply(params, xs, **kw), jax.grad(loss(layers[0]))(params)
-        for layer in layers[1:]:
-            _close((layer.apply(params, xs, **kw), jax.grad(loss(layer))(params)), reference)
+    # On GPUs the default float32 matmul precision is TF32, whose rounding differs between one large
+    # matmul and many small ones (2e-4 seen on an H200): conftest.py sets full precision for the tests.
+    reference = layers[0].apply(params, xs, **kw), jax.grad(loss(layers[0]))(params)
+    for layer in layers[1:]:
+        _close((layer.apply(params, xs, **kw), jax.grad(loss(layer))(params)), reference)
 
 
 def test_auto_projection_is_chosen_per_backend():
@@ -86,9 +85,8 @@ def test_bidirectional_batched_directions_equal_two_scans(monkeypatch, time_majo
         xs = jnp.moveaxis(xs, 1, 0)
     kw = dict(lengths=lengths, carry=carry, time_major=time_major)
     loss = lambda layer: lambda p, x: jnp.sum(layer.apply(p, x, **kw)[1] ** 2)  # noqa: E731
-    with jax.default_matmul_precision("highest"):
-        _close(one.apply(params, xs, **kw), two.apply(params, xs, **kw), atol=1e-6)
-        _close(jax.grad(loss(one), argnums=(0, 1))(params, xs), jax.grad(loss(two), argnums=(0, 1))(params, xs))
+    _close(one.apply(params, xs, **kw), two.apply(params, xs, **kw), atol=1e-6)
+    _close(jax.grad(loss(one), argnums=(0, 1))(params, xs), jax.grad(loss(two), argnums=(0, 1))(params, xs))
     assert taken, "the batched path was not taken"
     # training: the dropout masks are drawn (per direction), so the outputs move
     _, trained = one.apply(params, xs, key=jax.random.key(5), **kw)
