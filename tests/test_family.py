@@ -380,21 +380,24 @@ def test_combinators_match_reference(case):
 
 def test_stacked_scan_equals_python_loop_of_its_cells():
     """A stacked cell scanned by rnn == a Python loop of each sub-cell's step (FGR + projection
-    under CIFG + layer norm: two carry layouts in one stack)."""
+    under CIFG + layer norm: two carry layouts in one stack). In float64, so that the two programs'
+    different float32 roundings (fused differently on a GPU) cannot hide or fake a difference."""
     a, b = BY_ID["FGR+proj"].make(), BY_ID["CIFG+proj+ln+clip"].make()
     stack = recurrent.stacked([a, b])
-    params = random_params(stack, (F,), 7)
-    xs = sample((F,), 7)
-    carry, ys = jax.jit(recurrent.rnn(stack).apply)(params, xs)
-    c_a, c_b = a.initial_carry(params[0], (B, F)), b.initial_carry(params[1], (B, 2))
-    outs = []
-    for t in range(T):
-        c_a, y = a.step(params[0], c_a, xs[:, t])
-        c_b, y = b.step(params[1], c_b, y)
-        outs.append(y)
-    np.testing.assert_allclose(ys, np.stack(outs, 1), rtol=1e-6, atol=1e-6)
-    for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves((c_a, c_b))):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), random_params(stack, (F,), 7))
+        xs = jnp.asarray(sample((F,), 7), jnp.float64)
+        carry, ys = jax.jit(recurrent.rnn(stack).apply)(params, xs)
+        assert ys.dtype == jnp.float64
+        c_a, c_b = a.initial_carry(params[0], (B, F)), b.initial_carry(params[1], (B, 2))
+        outs = []
+        for t in range(T):
+            c_a, y = a.step(params[0], c_a, xs[:, t])
+            c_b, y = b.step(params[1], c_b, y)
+            outs.append(y)
+        np.testing.assert_allclose(ys, np.stack(outs, 1), rtol=1e-12, atol=1e-12)
+        for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves((c_a, c_b)), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case_id", ["cell_clip", "proj_clip", "CIFG+proj+ln+clip", "NIG+NOAF+cell_clip"])
