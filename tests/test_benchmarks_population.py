@@ -4,13 +4,10 @@ loop does. No timing is asserted."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA level 0: the quick mode's compiles dominate its run time, and its timings mean nothing anyway.
-FAST_ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONPATH": REPO}
+from tests.subprocess_env import FAST_ENV, REPO
 
 
 def test_quick_run_writes_finite_numbers(tmp_path):

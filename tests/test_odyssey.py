@@ -2,7 +2,6 @@
 verdicts on the paper's conclusions, fANOVA importance) on a constructed table, and a quick run."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,9 +9,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import odyssey
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONPATH": REPO}
+from tests.subprocess_env import FAST_ENV, REPO
 
 
 def constructed_frame(seed=0, n=24):

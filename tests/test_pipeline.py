@@ -15,10 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import music, pipeline
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocesses compile at XLA level 0 (3x faster compiles) on one thread each.
-FAST_ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONPATH": REPO}
+from tests.subprocess_env import FAST_ENV, REPO, VIRTUAL_CPUS_ENV
 
 
 def write_mat(path, seed=0, sizes=(12, 5, 5)):
@@ -263,9 +260,13 @@ MULTI_DEVICE = textwrap.dedent(
 
 
 def test_data_parallel_on_four_virtual_cpu_devices_matches_one_device(tmp_path):
-    env = {**FAST_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
     out = subprocess.run(
-        [sys.executable, "-c", MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", MULTI_DEVICE],
+        cwd=REPO,
+        env=VIRTUAL_CPUS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK")

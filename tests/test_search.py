@@ -15,9 +15,7 @@ import pandas as pd
 import pytest
 
 from experiments import pipeline, search
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONPATH": REPO}
+from tests.subprocess_env import REPO, VIRTUAL_CPUS_ENV
 
 
 def quick(tmp_path, **changes):
@@ -224,9 +222,13 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_population_on_four_virtual_devices_matches_one_device(tmp_path):
-    env = {**FAST_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
     out = subprocess.run(
-        [sys.executable, "-c", SHARDED, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SHARDED, str(tmp_path)],
+        cwd=REPO,
+        env=VIRTUAL_CPUS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")

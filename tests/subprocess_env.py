@@ -1,0 +1,19 @@
+"""Environments for the tests that run the experiments' commands in a subprocess.
+
+``FAST_ENV``: the session's environment with the repository first on ``PYTHONPATH`` (and the
+session's own path after it, where packages may be installed) and XLA's optimisations off, which
+compiles the tiny test models several times faster. ``VIRTUAL_CPUS_ENV``: the same with four
+virtual CPU devices, for the data-parallel and sharding tests; ``JAX_PLATFORMS=cpu`` keeps them
+on the CPU on a machine with an accelerator too.
+"""
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHONPATH = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+FAST_ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONPATH": PYTHONPATH}
+VIRTUAL_CPUS_ENV = {
+    **FAST_ENV,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+}
