@@ -77,7 +77,7 @@ def _convolutions(jaxpr):
 
 
 @pytest.mark.parametrize("make", [recurrent.conv_lstm, recurrent.conv_gru])
-def test_backward_pass_has_no_kernel_gradient_convolution_on_cpu(make):
+def test_kernel_gradient_convolutions_only_off_cpu(make):
     """The kernel gradient of a convolution, as autodiff writes it, convolves with the batch as
     the feature axis: the form XLA's CPU backend runs ~30x too slowly inside a loop. On CPU the
     cells' backward pass has none; elsewhere (cuDNN runs it well) autodiff's own is used."""
