@@ -8,7 +8,16 @@ nothing wrong. So on any accelerator the tests run with full float32 matmuls. On
 float32 matmuls in full precision anyway, and nothing is set.
 """
 
+import importlib.util
+
 import jax
 
 if jax.default_backend() != "cpu":
     jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The peer converters' doctests need their peer, as their tests do (``pytest.importorskip`` there):
+# where the optional package is missing, their examples are not collected. CI installs both.
+collect_ignore = [
+    f"recurrent/interop/_{peer}.py" for peer in ("keras", "torch") if importlib.util.find_spec(peer) is None
+]
