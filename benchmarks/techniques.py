@@ -21,6 +21,9 @@ Every contender computes the same LSTM layer (``recurrent.lstm(H)``, batch-major
 - ``autodiff_pointwise``: ``fused`` with the elementwise half of the step differentiated by JAX
   (the cell built with ``input_activation=lambda x: jnp.tanh(x)``, which takes the general code)
   instead of through its written-out derivative (``recurrent._lstm.lstm_pointwise``);
+- ``autodiff_kernel``: ``fused`` with each kernel matmul differentiated by JAX (``g @ b.T`` in the
+  backward loop reads ``b`` transposed) instead of through ``recurrent._core._kernel_matmul``'s
+  derivative (``g`` times a materialised ``b.T``);
 - ``flax``: ``nn.RNN(nn.OptimizedLSTMCell)`` for reference.
 
 The table gives medians over interleaved repeats, each contender's ratio to ``hoisted`` and each
@@ -30,6 +33,7 @@ compiled program's temporary memory (XLA's figure).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -40,6 +44,7 @@ from jax import lax
 
 import recurrent
 from benchmarks._common import interleaved, write_json
+from recurrent import _core
 
 FULL = {"batch": 32, "steps": 128, "features": 128, "hidden": 256}
 QUICK = {"batch": 2, "steps": 5, "features": 3, "hidden": 4}
@@ -49,6 +54,17 @@ def _lstm_math(z, c):
     i, f, g, o = jnp.split(z, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     return jnp.tanh(c) * jax.nn.sigmoid(o), c
+
+
+@contextlib.contextmanager
+def _autodiff_kernel_matmul():
+    """Within: the library's kernel matmuls as plain ``jnp.matmul``, differentiated by JAX."""
+    saved = _core._kernel_matmul
+    _core._kernel_matmul = lambda a, b, out: jnp.matmul(a, b, preferred_element_type=out)
+    try:
+        yield
+    finally:
+        _core._kernel_matmul = saved
 
 
 def contenders(hidden: int) -> dict:
@@ -108,6 +124,12 @@ def contenders(hidden: int) -> dict:
     fns["bf16_vjp"] = lambda p, xs: recurrent.rnn(bf16_cell, implementation="vjp").apply(p, xs)[1]
     general = recurrent.lstm(hidden, input_activation=lambda x: jnp.tanh(x))
     fns["autodiff_pointwise"] = lambda p, xs: recurrent.rnn(general, projection="fused").apply(p, xs)[1]
+
+    def autodiff_kernel(p, xs):  # traced (and so differentiated) with the plain matmul
+        with _autodiff_kernel_matmul():
+            return recurrent.rnn(cell, projection="fused").apply(p, xs)[1]
+
+    fns["autodiff_kernel"] = autodiff_kernel
     return fns
 
 

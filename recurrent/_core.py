@@ -15,6 +15,7 @@ C     input channels of a ConvLSTM step
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -332,8 +333,50 @@ def matmul(a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
     product and faster: XLA's CPU backend runs bfloat16 x bfloat16 -> float32 on its fast
     kernels but upcasts a bfloat16 -> bfloat16 product (measured on AVX512-BF16: a scanned
     LSTM step 2x faster; ``python -m benchmarks.techniques``); GPUs and TPUs accumulate in
-    float32 either way."""
+    float32 either way.
+
+    On CPU a matrix ``b`` (a kernel) goes through :func:`_kernel_matmul`, whose derivative makes
+    the backward pass multiply by ``b``'s transpose as an array laid out as such (measured on CPU
+    only; GPU and TPU matmuls read a transposed operand natively)."""
+    if b.ndim == 2 and jax.default_backend() == "cpu":
+        return _kernel_matmul(a, b, out_dtype)
     return jnp.matmul(a, b, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _kernel_matmul(a, b, out_dtype):
+    """``a (..., K) @ b (K, N)``, with the usual derivative written so that the cotangent of ``a``
+    is ``g @ b.T`` with ``b.T`` materialised as a ``(N, K)`` array.
+
+    Reverse mode through a ``lax.scan`` otherwise computes each step's ``g @ b.T`` as a matmul
+    whose right operand is read transposed (``b`` as laid out for the forward pass), which
+    XLA's CPU backend runs more slowly than a matmul of plainly laid-out operands:
+    forward+backward of one LSTM layer (32 x 128 x 128 -> 256) took 4-6 % longer and of a GRU
+    layer 9 % (the ``autodiff_kernel`` row of ``python -m benchmarks.techniques`` is that
+    path). Here the tangent contracts ``da`` with ``b.T``, a value of the primal ``b`` alone:
+    JAX computes it once, outside the loop (a loop-invariant residual), and transposes the
+    contraction into a plain ``g @ b.T``. Values are those of ``a @ b``; every transformation
+    (``jvp``, ``vmap``, higher orders) applies as to a matmul."""
+    return jnp.matmul(a, b, preferred_element_type=out_dtype)
+
+
+def _kernel_matmul_jvp(out_dtype, primals, tangents):
+    a, b = primals
+    da, db = tangents
+    y = jnp.matmul(a, b, preferred_element_type=out_dtype)
+    zero = jax.custom_derivatives.SymbolicZero
+    terms = []
+    if not isinstance(da, zero):
+        dt = jnp.promote_types(a.dtype, b.dtype)  # as jnp.matmul promotes its operands
+        bt = b.T.astype(dt)  # (N, K): the cotangent of `a` is g @ bt, a plainly laid-out matmul
+        contract = (((da.ndim - 1,), (1,)), ((), ()))
+        terms.append(jax.lax.dot_general(da.astype(dt), bt, contract, preferred_element_type=out_dtype))
+    if not isinstance(db, zero):
+        terms.append(jnp.matmul(a, db, preferred_element_type=out_dtype))
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+_kernel_matmul.defjvp(_kernel_matmul_jvp, symbolic_zeros=True)
 
 
 def check_input(x: jax.Array, expected: Shape, *, where: str, fix: str) -> None:
