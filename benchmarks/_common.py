@@ -8,11 +8,29 @@ ratios of their medians mean something even when the absolute times do not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
+
+
+@contextlib.contextmanager
+def autodiff_kernel_matmul():
+    """Within: the library's kernel matmuls (``recurrent._core._kernel_matmul``) as a plain
+    ``jnp.matmul`` that JAX differentiates itself, the path before that derivative. Programs
+    traced inside keep it."""
+    import jax.numpy as jnp
+
+    from recurrent import _core
+
+    saved = _core._kernel_matmul
+    _core._kernel_matmul = lambda a, b, out: jnp.matmul(a, b, preferred_element_type=out)
+    try:
+        yield
+    finally:
+        _core._kernel_matmul = saved
 
 
 def timed(fn: Callable[[], Any], number: int = 1) -> float:

@@ -33,7 +33,6 @@ compiled program's temporary memory (XLA's figure).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import time
@@ -43,8 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import recurrent
-from benchmarks._common import interleaved, write_json
-from recurrent import _core
+from benchmarks._common import autodiff_kernel_matmul, interleaved, write_json
 
 FULL = {"batch": 32, "steps": 128, "features": 128, "hidden": 256}
 QUICK = {"batch": 2, "steps": 5, "features": 3, "hidden": 4}
@@ -54,17 +52,6 @@ def _lstm_math(z, c):
     i, f, g, o = jnp.split(z, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     return jnp.tanh(c) * jax.nn.sigmoid(o), c
-
-
-@contextlib.contextmanager
-def _autodiff_kernel_matmul():
-    """Within: the library's kernel matmuls as plain ``jnp.matmul``, differentiated by JAX."""
-    saved = _core._kernel_matmul
-    _core._kernel_matmul = lambda a, b, out: jnp.matmul(a, b, preferred_element_type=out)
-    try:
-        yield
-    finally:
-        _core._kernel_matmul = saved
 
 
 def contenders(hidden: int) -> dict:
@@ -126,7 +113,7 @@ def contenders(hidden: int) -> dict:
     fns["autodiff_pointwise"] = lambda p, xs: recurrent.rnn(general, projection="fused").apply(p, xs)[1]
 
     def autodiff_kernel(p, xs):  # traced (and so differentiated) with the plain matmul
-        with _autodiff_kernel_matmul():
+        with autodiff_kernel_matmul():
             return recurrent.rnn(cell, projection="fused").apply(p, xs)[1]
 
     fns["autodiff_kernel"] = autodiff_kernel

@@ -90,10 +90,29 @@ def test_techniques_and_bidirectional_ab_quick_runs():
     result = techniques.main(["--quick"])
     names = {r["technique"] for r in result["rows"]}
     assert {"hoisted", "fused", "vjp", "bf16", "bf16_vjp", "bf16_product", "autodiff_pointwise", "flax"} <= names
+    assert "autodiff_kernel" in names
     assert all(r["ms"] > 0 and math.isfinite(r["ratio_to_hoisted"]) for r in result["rows"])
     assert all(r["temp_mb"] is None or r["temp_mb"] >= 0 for r in result["rows"])
     ab = bidirectional_ab.main(["--repeats", "2"], shape=(2, 5, 3, 4))
     assert all(v["one_scan_ms"] > 0 and v["two_scans_ms"] > 0 for v in ab.values())
+
+
+def test_kernel_ab_quick_runs_and_restores_the_library():
+    from benchmarks import kernel_ab
+    from benchmarks._common import autodiff_kernel_matmul
+    from recurrent import _core
+
+    library = _core._kernel_matmul
+    with autodiff_kernel_matmul():
+        assert _core._kernel_matmul is not library
+    assert _core._kernel_matmul is library
+    result = kernel_ab.main(["--quick", "--repeats", "1", "--cases", "gru,bidirectional"])
+    assert [r["case"] for r in result["rows"]] == ["gru", "bidirectional"]
+    times = [r[k] for r in result["rows"] for k in r if k.endswith(("_fwd_ms", "_fwdbwd_ms"))]
+    assert len(times) == 8 and all(t > 0 and math.isfinite(t) for t in times)
+    assert _core._kernel_matmul is library
+    with pytest.raises(SystemExit):
+        kernel_ab.main(["--cases", "gru,nope"])
 
 
 def test_unroll_ab_quick_runs():
