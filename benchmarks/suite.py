@@ -68,6 +68,24 @@ def _input_shape(kind, B, T, F):
     return (B, T, 16, 16, F) if kind == "convlstm" else (B, T, F)
 
 
+def case_names(parser, text: str) -> list[str]:
+    """The case names of a comma-separated ``--cases`` value; an unknown or empty one ends the
+    program with ``parser.error`` listing the cases."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown or not names:
+        parser.error(f"--cases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
+    return names
+
+
+def case_inputs(name: str, quick: bool = False):
+    """``(kind, B, T, F, H, layers, xs)`` of a case (tiny shapes when ``quick``), with its input."""
+    kind, B, T, F, H, layers = CASES[name]
+    if quick:
+        B, T, F, H = (QUICK_SHAPE[k] for k in ("batch", "steps", "features", "hidden"))
+    return kind, B, T, F, H, layers, jax.random.normal(jax.random.key(1), _input_shape(kind, B, T, F))
+
+
 def _gate_flops(kind, B, T, F, H, layers):
     """Multiply-adds x 2 of the gate matmuls (convolutions: 3x3 windows) of a forward pass."""
     G, per_step = GATES[kind], 0

@@ -33,18 +33,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, the times mean nothing")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in suite.CASES]
-    if unknown or not names:
-        parser.error(f"--cases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(suite.CASES)}")
+    names = suite.case_names(parser, args.cases)
     unrolls = int_list(parser, "--unrolls", args.unrolls, least=1, example="1,2,4")
 
     result = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "unrolls": unrolls, "rows": []}
     for name in names:
-        kind, B, T, F, H, layers = suite.CASES[name]
-        if args.quick:
-            B, T, F, H = (suite.QUICK_SHAPE[k] for k in ("batch", "steps", "features", "hidden"))
-        xs = jax.random.normal(jax.random.key(1), suite._input_shape(kind, B, T, F))
+        kind, B, T, F, H, layers, xs = suite.case_inputs(name, args.quick)
         implementations = ("scan", "vjp") if kind in VJP and layers == 1 else ("scan",)
         built = {
             (impl, u): suite.ours(kind, B, T, F, H, layers, xs, unroll=u, implementation=impl)
