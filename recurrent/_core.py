@@ -350,11 +350,11 @@ def _kernel_matmul(a, b, out_dtype):
 
     Reverse mode through a ``lax.scan`` otherwise computes each step's ``g @ b.T`` as a matmul
     whose right operand is read transposed (``b`` as laid out for the forward pass), which
-    XLA's CPU backend runs more slowly than a matmul of plainly laid-out operands:
-    forward+backward of one LSTM layer (32 x 128 x 128 -> 256) took 4-6 % longer and of a GRU
-    layer 9 % (the ``autodiff_kernel`` row of ``python -m benchmarks.techniques`` is that
-    path). Here the tangent contracts ``da`` with ``b.T``, a value of the primal ``b`` alone:
-    JAX computes it once, outside the loop (a loop-invariant residual), and transposes the
+    XLA's CPU backend runs more slowly than a matmul of plainly laid-out operands: the
+    forward+backward of the benchmark suite's LSTM, GRU, peephole, CIFG, bidirectional and
+    4-layer cells took 4-10 % longer that way (``python -m benchmarks.kernel_ab`` times both).
+    Here the tangent contracts ``da`` with ``b.T``, a value of the primal ``b`` alone: JAX
+    computes it once, outside the loop (a loop-invariant residual), and transposes the
     contraction into a plain ``g @ b.T``. Values are those of ``a @ b``; every transformation
     (``jvp``, ``vmap``, higher orders) applies as to a matmul."""
     return jnp.matmul(a, b, preferred_element_type=out_dtype)
