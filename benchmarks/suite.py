@@ -270,8 +270,7 @@ def matmul_throughput(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def run_case(name, kind, B, T, F, H, layers, *, repeats, peak_gflops, quick):
-    xs = jax.random.normal(jax.random.key(1), _input_shape(kind, B, T, F))
+def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick):
     built, skipped = {}, {}
     for label, build in contenders_for(kind, layers, quick).items():
         try:
@@ -422,6 +421,7 @@ def main(argv=None):
     parser.add_argument("--extras", default="depth,options,remat", help="extra figures (or 'none')")
     parser.add_argument("--out", default="runs/benchmarks", help="directory for suite.json and suite.png")
     args = parser.parse_args(argv)
+    names = case_names(parser, args.cases)  # before any timing: a typo ends the run at once
     repeats = args.repeats or (2 if args.quick else 5)
     gflops = matmul_throughput(256 if args.quick else 2048, 2 if args.quick else 5)
     peak = max(gflops.values())
@@ -433,12 +433,10 @@ def main(argv=None):
         "command": "python -m benchmarks.suite " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "cases": [],
     }
-    for name in args.cases.split(","):
-        kind, B, T, F, H, layers = CASES[name]
-        if args.quick:
-            B, T, F, H = (QUICK_SHAPE[k] for k in ("batch", "steps", "features", "hidden"))
+    for name in names:
+        kind, B, T, F, H, layers, xs = case_inputs(name, args.quick)
         result["cases"].append(
-            run_case(name, kind, B, T, F, H, layers, repeats=repeats, peak_gflops=peak, quick=args.quick)
+            run_case(name, kind, B, T, F, H, layers, xs, repeats=repeats, peak_gflops=peak, quick=args.quick)
         )
         print(format_tables({**result, "cases": result["cases"][-1:], "load_average": os.getloadavg()[0]}), flush=True)
     extras = args.extras.split(",")

@@ -68,6 +68,9 @@ def test_suite_quick_run_writes_json_and_plot(tmp_path):
         assert math.isfinite(row["fwdbwd_ms"]) and row["fwdbwd_ms"] > 0
     assert set(saved["remat_memory_mb"]) == {"remat=False", "remat=True"}
     assert result["cases"][0]["rows"] == case["rows"]
+    with pytest.raises(SystemExit):  # an unknown case ends the run before any timing
+        suite.main(["--cases", "lstm,nope", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
 
 
 def test_interleaved_timer_alternates_the_order_and_keeps_every_sample():
