@@ -363,10 +363,20 @@ def remat_memory(B, T, F, H):
 # ----------------------------------------------------------------------------- reporting
 
 
+def speed_environment() -> dict[str, str]:
+    """The environment variables of this process that change CPU timings: XLA's flags, glibc's
+    allocator settings (whether large buffers go back to the OS after each call, which costs
+    PyTorch far more than us: see benchmarks/README.md), a preloaded allocator, OpenMP's."""
+    prefixes = ("XLA_", "MALLOC_", "OMP_", "KMP_", "MKL_", "GOMP_")
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes) or k == "LD_PRELOAD"}
+
+
 def format_tables(result) -> str:
+    env = result.get("environment")
     lines = [
         f"machine: {result['machine']}; matmul GFLOP/s {result['matmul_gflops']}; "
         f"{result['repeats']} interleaved repeats; load average {result['load_average']}",
+        *([f"environment: {' '.join(f'{k}={v}' for k, v in env.items())}"] if env else []),
         "",
     ]
     lines += [
@@ -427,6 +437,7 @@ def main(argv=None):
     peak = max(gflops.values())
     result = {
         "machine": f"{platform.machine()}, {CORES} CPU cores, {jax.devices()[0]}",
+        "environment": speed_environment(),
         "repeats": repeats,
         "versions": {"jax": jax.__version__},
         "matmul_gflops": {k: round(v, 1) for k, v in gflops.items()},

@@ -21,6 +21,12 @@ Each figure is a ``lax.scan`` over ``steps`` steps of an LSTM-sized step (batch 
    OpenMP threads spinning for the whole sequence.
 3. **Matmul throughput by shape**, in GFLOP/s: the per-step matmul back to back in a loop,
    the hoisted projection ``(T*B, F) @ (F, 4H)`` and a large square matmul (the peak).
+4. **The floor of a forward pass**, for the LSTM and the GRU: a loop holding only the
+   recurrence, each step's ``h @ U`` and the gate arithmetic, and its stacked outputs (no input
+   projection), against the library's whole layer and, when PyTorch is installed, PyTorch's whole
+   ``nn.LSTM``/``nn.GRU`` forward (oneDNN, threads = cores) on ``(B, T, F)`` inputs. Where the
+   floor alone takes longer than PyTorch's layer, no XLA program of this recurrence can match
+   PyTorch's forward on this machine.
 """
 
 from __future__ import annotations
@@ -108,6 +114,57 @@ def throughput(B, H, T, F, n):
     }
 
 
+def _lstm_floor_step(z, c):
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def _gru_floor_step(z, h):
+    r, u, n = jnp.split(z, 3, axis=-1)
+    r, u = jax.nn.sigmoid(r), jax.nn.sigmoid(u)
+    n = jnp.tanh(r * n)
+    return u * h + (1.0 - u) * n
+
+
+def forward_floor(kind, B, H, T):
+    """``(function, args)``: ``T`` steps of ``kind``'s recurrence alone, ``h @ U`` and the gate
+    arithmetic with no input, returning the ``(T, B, H)`` outputs as a layer does."""
+    G = 4 if kind == "lstm" else 3
+    U = jax.random.normal(jax.random.key(3), (H, G * H)) / H**0.5
+    h0 = jax.random.normal(jax.random.key(4), (B, H))
+
+    def run(U):
+        if kind == "lstm":
+
+            def body(hc, _):
+                hc = _lstm_floor_step(hc[0] @ U, hc[1])
+                return hc, hc[0]
+
+            return lax.scan(body, (h0, h0), None, length=T)[1]
+
+        def body(h, _):
+            h = _gru_floor_step(h @ U, h)
+            return h, h
+
+        return lax.scan(body, h0, None, length=T)[1]
+
+    return run, (U,)
+
+
+def _layer_forwards(kind, B, H, T, F):
+    """``{name: blocking call}``: the library's layer and, if installed, PyTorch's, forward."""
+    from benchmarks import suite
+
+    xs = jax.random.normal(jax.random.key(1), (B, T, F))
+    out = {"library": suite.ours(kind, B, T, F, H, 1, xs)[0]}
+    try:
+        out["torch"] = suite.torch_rnn(kind, B, T, F, H, 1, xs)[0]
+    except ImportError:
+        pass
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -132,14 +189,19 @@ def main(argv=None):
     jobs = {("slices", name): fa for name, fa in slices.items()}
     jobs.update({("after", key): fa for key, fa in after.items()})
     jobs.update({("mm", name): fa[:2] for name, fa in mm.items()})
+    floors = ("lstm", "gru")
+    jobs.update({("floor", kind): forward_floor(kind, B, H, T) for kind in floors})
     calls = {}
     for key, (fn, fargs) in jobs.items():
         compiled = jax.jit(fn).lower(*fargs).compile()
         calls[key, 0] = lambda compiled=compiled, fargs=fargs: jax.block_until_ready(compiled(*fargs))
+    for kind in floors:
+        for name, fn in _layer_forwards(kind, B, H, T, F).items():
+            calls[("layer", (kind, name)), 0] = fn
     for fn in calls.values():  # warm up
         fn()
     samples = interleaved(calls, repeats, {key: calls_per_sample(fn) for key, fn in calls.items()})
-    ms = {key: statistics.median(samples[key, 0]) for key in jobs}
+    ms = {key: statistics.median(samples[key, 0]) for key, _ in samples}
 
     result = {
         "backend": jax.default_backend(),
@@ -161,6 +223,13 @@ def main(argv=None):
         for k in ks
     ]
     result["gflops"] = {name: flops / (ms["mm", name] / 1e3) / 1e9 for name, (_, _, flops) in mm.items()}
+    result["forward_floor_ms"] = {
+        kind: {
+            "recurrence_alone": ms["floor", kind],
+            **{key[1][1]: t for key, t in ms.items() if key[0] == "layer" and key[1][0] == kind},
+        }
+        for kind in floors
+    }
     result["load_average"] = os.getloadavg()[0]
 
     print(f"batch {B}, hidden {H}, {T} steps; medians of {repeats} interleaved repeats (us per step)")
@@ -177,6 +246,11 @@ def main(argv=None):
     print("3. matmul throughput")
     for name, g in result["gflops"].items():
         print(f"   {name:48s} {g:8.1f} GFLOP/s")
+    print(f"4. forward floor: the recurrence alone ({T} steps of h @ U, the gates, the outputs), whole layers (ms)")
+    for kind, row in result["forward_floor_ms"].items():
+        others = ", ".join(f"{name} layer {t:.2f}" for name, t in row.items() if name != "recurrence_alone")
+        vs = f" ({row['recurrence_alone'] / row['torch']:.2f}x PyTorch's layer)" if "torch" in row else ""
+        print(f"   {kind}: recurrence alone {row['recurrence_alone']:.2f}{vs}; {others}")
     print(f"(load average {result['load_average']:.1f})")
     if args.out:
         write_json(args.out, result)

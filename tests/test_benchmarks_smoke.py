@@ -5,6 +5,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -143,8 +144,48 @@ def test_xla_cpu_effects_quick_run_writes_finite_numbers(tmp_path):
     numbers = [*saved["gate_slices_us_per_step"].values(), *saved["gflops"].values(), saved["gate_slices_ratio"]]
     numbers += [r[k] for r in saved["matmul_after_work"] for k in ("step_us", "work_us")]
     assert all(math.isfinite(x) and x > 0 for x in numbers)
+    assert set(saved["forward_floor_ms"]) == {"lstm", "gru"}
+    for row in saved["forward_floor_ms"].values():
+        assert {"recurrence_alone", "library"} <= set(row)
+        assert all(math.isfinite(t) and t > 0 for t in row.values())
     with pytest.raises(SystemExit):
         xla_cpu_effects.main(["--quick", "--work", "1,x"])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_forward_floor_is_the_cells_recurrence_without_its_input(kind):
+    # The floor times the layer's own work minus the input projection: with a zero input kernel
+    # and bias, the library's cell must give the floor's outputs step for step.
+    from benchmarks import xla_cpu_effects
+
+    B, H, T = 3, 5, 4
+    run, (U,) = xla_cpu_effects.forward_floor(kind, B, H, T)
+    cell = {"lstm": recurrent.lstm, "gru": recurrent.gru}[kind](H)
+    params = cell.init(jax.random.key(0), (2,))
+    params = jax.tree_util.tree_map(jnp.zeros_like, params)._replace(recurrent_kernel=U)
+    h0 = jax.random.normal(jax.random.key(4), (B, H))  # the floor's initial state
+    carry = type(cell.initial_carry(params, (B, 2)))(h0, h0) if kind == "lstm" else h0
+    ys = []
+    for _ in range(T):
+        carry, y = cell.step(params, carry, jnp.zeros((B, 2)))
+        ys.append(y)
+    np.testing.assert_allclose(jax.jit(run)(U), jnp.stack(ys), rtol=1e-5, atol=1e-6)
+
+
+def test_allocator_ab_quick_run_compares_both_settings_in_children(tmp_path):
+    from benchmarks import allocator_ab
+
+    path = tmp_path / "alloc.json"
+    result = allocator_ab.main(["--quick", "--cases", "gru", "--out", str(path)])
+    saved = json.loads(path.read_text())
+    assert saved["cases"].keys() == {"gru"} and saved["tuned_environment"] == allocator_ab.TUNED
+    ms = saved["cases"]["gru"]["ms"]
+    assert set(ms) == set(allocator_ab.SETTINGS)
+    assert {"ours/fwdbwd", "ours_vjp/fwdbwd"} <= set(ms["tuned"])
+    assert all(math.isfinite(t) and t > 0 for setting in ms.values() for t in setting.values())
+    assert result["cases"]["gru"]["ms"] == ms
+    with pytest.raises(SystemExit):  # an unknown case ends the run before any child starts
+        allocator_ab.main(["--cases", "gru,nope"])
 
 
 def test_xla_cpu_effects_compares_equal_computations():
