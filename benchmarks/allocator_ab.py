@@ -15,7 +15,8 @@ glibc reads these variables when a process starts, so each setting runs in a chi
 own (``--child``), and the rounds alternate the two settings so that a drift of the machine's load
 reaches both. Each child times, interleaved, the library's layer (default and
 ``implementation="vjp"``) and PyTorch's (when installed), forward and forward+backward, on the
-suite's shapes; the parent reports the median over rounds of each child's medians.
+suite's shapes, and counts the minor page faults of a forward+backward call (``getrusage``); the
+parent reports the median over rounds of each child's figures.
 """
 
 from __future__ import annotations
@@ -55,7 +56,19 @@ def _child(cases: list[str], repeats: int, quick: bool) -> dict:
             fn()
         samples = interleaved(calls, repeats, {key: calls_per_sample(fn) for key, fn in calls.items()})
         out[name] = {f"{key}/{('fwd', 'fwdbwd')[w]}": statistics.median(v) for (key, w), v in samples.items()}
+        out[name].update({f"{key}/fwdbwd_page_faults": _page_faults(built[key][1]) for key in built})
     return out
+
+
+def _page_faults(fn, calls: int = 5) -> float:
+    """Minor page faults of this process per call of ``fn`` (pages touched for the first time
+    since the kernel handed them out)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def main(argv=None):
@@ -94,10 +107,11 @@ def main(argv=None):
         ms = {s: {k: statistics.median(run[name][k] for run in runs[s]) for k in keys} for s in SETTINGS}
         result["cases"][name] = {"ms": ms, "per_round_ms": {s: [run[name] for run in runs[s]] for s in SETTINGS}}
         print(f"\n{name}: ms (median over {rounds} round(s)); tuned = {' '.join(f'{k}={v}' for k, v in TUNED.items())}")
-        print(f"{'contender':20s} {'glibc default':>14s} {'tuned':>10s} {'default/tuned':>14s}")
+        print(f"{'contender':28s} {'glibc default':>14s} {'tuned':>10s} {'default/tuned':>14s}")
         for k in keys:
             a, b = ms["glibc default"][k], ms["tuned"][k]
-            print(f"{k:20s} {a:14.2f} {b:10.2f} {a / b:13.2f}x")
+            ratio = f"{a / b:13.2f}x" if not k.endswith("page_faults") else ""
+            print(f"{k:28s} {a:14.2f} {b:10.2f} {ratio}")
         if "torch/fwdbwd" in keys:
             for s in SETTINGS:
                 ratio = ms[s]["ours/fwdbwd"] / ms[s]["torch/fwdbwd"]
