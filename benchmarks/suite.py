@@ -365,8 +365,8 @@ def remat_memory(B, T, F, H):
 
 def speed_environment() -> dict[str, str]:
     """The environment variables of this process that change CPU timings: XLA's flags, glibc's
-    allocator settings (whether large buffers go back to the OS after each call, which costs
-    PyTorch far more than us: see benchmarks/README.md), a preloaded allocator, OpenMP's."""
+    allocator settings (whether large buffers go back to the system after each call, which
+    ``benchmarks/allocator_ab.py`` measures for us and PyTorch), a preloaded allocator, OpenMP's."""
     prefixes = ("XLA_", "MALLOC_", "OMP_", "KMP_", "MKL_", "GOMP_")
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes) or k == "LD_PRELOAD"}
 

@@ -1,4 +1,4 @@
-"""Three effects of XLA's CPU runtime that bound a recurrent layer's speed there, measured.
+"""Three effects of XLA's CPU runtime that bound a recurrent layer's speed there, and the floor they leave.
 
 Run ``python -m benchmarks.xla_cpu_effects [--batch 32 --hidden 256 --steps 128] [--repeats N]
 [--quick] [--out PATH.json]``.
@@ -25,8 +25,8 @@ Each figure is a ``lax.scan`` over ``steps`` steps of an LSTM-sized step (batch 
    recurrence, each step's ``h @ U`` and the gate arithmetic, and its stacked outputs (no input
    projection), against the library's whole layer and, when PyTorch is installed, PyTorch's whole
    ``nn.LSTM``/``nn.GRU`` forward (oneDNN, threads = cores) on ``(B, T, F)`` inputs. Where the
-   floor alone takes longer than PyTorch's layer, no XLA program of this recurrence can match
-   PyTorch's forward on this machine.
+   floor alone takes longer than PyTorch's layer, a layer built on XLA's loop cannot match
+   PyTorch's forward on this machine, whatever it does with the input.
 """
 
 from __future__ import annotations
