@@ -13,10 +13,10 @@ memory to the system while the process runs).
 
 glibc reads these variables when a process starts, so each setting runs in a child process of its
 own (``--child``), and the rounds alternate the two settings so that a drift of the machine's load
-reaches both. Each child times, interleaved, the library's layer (default and
-``implementation="vjp"``) and PyTorch's (when installed), forward and forward+backward, on the
-suite's shapes, and counts the minor page faults of a forward+backward call (``getrusage``); the
-parent reports the median over rounds of each child's figures.
+reaches both. Each child times, interleaved, the library's layer (default and, where the cell has
+it, ``implementation="vjp"``) and PyTorch's (when installed and a peer of the case), forward and
+forward+backward, on the suite's shapes, and counts the minor page faults of a forward+backward
+call (``getrusage``); the parent reports the median over rounds of each child's figures.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the childr
 TUNED = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 SETTINGS = ("glibc default", "tuned")
 CASES = "lstm,gru"
+CONTENDERS = ("ours", "ours_vjp", "torch")  # of benchmarks.suite's contenders, those a case has
 
 
 def _child(cases: list[str], repeats: int, quick: bool) -> dict:
@@ -41,15 +42,13 @@ def _child(cases: list[str], repeats: int, quick: bool) -> dict:
     out = {}
     for name in cases:
         kind, B, T, F, H, layers, xs = suite.case_inputs(name, quick)
-        built = {
-            "ours": suite.ours(kind, B, T, F, H, layers, xs),
-            "ours_vjp": suite.ours(kind, B, T, F, H, layers, xs, implementation="vjp"),
-        }
-        if kind in ("lstm", "gru", "bidirectional"):
-            try:
-                built["torch"] = suite.torch_rnn(kind, B, T, F, H, layers, xs)
-            except ImportError:
-                pass
+        built = {}
+        for label, build in suite.contenders_for(kind, layers, quick).items():
+            if label in CONTENDERS:
+                try:
+                    built[label] = build(kind, B, T, F, H, layers, xs)
+                except ImportError:  # PyTorch not installed
+                    pass
         calls = {(key, w): built[key][w] for key in built for w in (0, 1)}
         for fn in calls.values():  # warm up: the first calls set glibc's dynamic thresholds
             fn()
