@@ -1,4 +1,4 @@
-"""Test-session settings shared by the tests and the doctests (``testpaths`` in pyproject.toml).
+"""Test-suite settings shared by the tests and the doctests (``testpaths`` in pyproject.toml).
 
 The tests compare our numbers with references written from the papers and with PyTorch's, Flax's and
 Keras's on the same weights, in float32 to about 1e-5. On a GPU, JAX's default float32 matmul precision

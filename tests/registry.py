@@ -354,7 +354,7 @@ def _entries() -> list[Entry]:
         Entry("conv_lstm_2d_peephole", C(CONV, 2, (2, 3), peephole=True, peephole_init=_peep), (3, 4, 1)),
         Entry("conv_lstm_3d", C(CONV, 2, (3, 3, 3)), (2, 3, 2, 1)),
         Entry("conv_lstm_3d_peephole", C(CONV, 2, (1, 2, 3), peephole=True, peephole_init=_peep), (2, 2, 3, 2)),
-        # ---- options of the LSTM family and the other cells (issue 3), through the same battery
+        # ---- options of the LSTM family and the other cells, through the same battery
         Entry(
             "lstm_fgr_projection",
             C(

@@ -1,7 +1,7 @@
 """Environments for the tests that run the experiments' commands in a subprocess.
 
-``FAST_ENV``: the session's environment with the repository first on ``PYTHONPATH`` (and the
-session's own path after it, where packages may be installed) and XLA's optimisations off, which
+``FAST_ENV``: the test process's environment with the repository first on ``PYTHONPATH`` (and the
+process's own path after it, where packages may be installed) and XLA's optimisations off, which
 compiles the tiny test models several times faster. ``VIRTUAL_CPUS_ENV``: the same with four
 virtual CPU devices, for the data-parallel and sharding tests; ``JAX_PLATFORMS=cpu`` keeps them
 on the CPU on a machine with an accelerator too.
