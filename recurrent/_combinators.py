@@ -119,7 +119,8 @@ def bidirectional(
 
     The backward direction runs over each sequence's valid prefix only (``lengths``), so
     padding never leaks into it; outputs stay aligned with input positions and padded
-    outputs are zero, whatever the merge.
+    outputs are zero, whatever the merge. ``lengths`` are as for :func:`rnn`: traced lengths
+    (under ``jit``) out of ``[0, T]`` are clamped to it, concrete ones raise.
 
     Args:
       forward: a cell or layer for the forward direction.
@@ -375,8 +376,9 @@ def stacked(
     Stacking only cells gives a :class:`Cell` whose one ``step`` advances every layer, so a
     deep model can be run one token at a time (generation); :func:`rnn` scans it in one
     loop. Stacking any layer (e.g. a bidirectional one) gives a :class:`Layer` that runs
-    each layer over the whole sequence in turn. Parameters and carries are tuples with one
-    entry per layer.
+    each layer over the whole sequence in turn, every layer with the same ``lengths`` (as for
+    :func:`rnn`: traced lengths out of ``[0, T]`` are clamped to it, concrete ones raise).
+    Parameters and carries are tuples with one entry per layer.
 
     A run of equal layers (equal options and parameter shapes, such as every layer after the
     first) runs one layer after the other through one jitted function, which JAX traces,

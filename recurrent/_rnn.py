@@ -40,7 +40,11 @@ def split_sequence_shape(xs: Any, input_rank: int, time_major: bool, *, where: s
 
 
 def check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int, *, where: str):
-    """Validates ``lengths`` (None, or integers of the batch shape in ``[0, T]``)."""
+    """Validates ``lengths`` (None, or integers of the batch shape in ``[0, T]``).
+
+    Concrete lengths out of range raise. Traced ones (under ``jit`` or ``vmap``) cannot be
+    checked at trace time: they are clamped to ``[0, T]`` (negative to 0, above ``T`` to ``T``),
+    so every layer computes exactly what it computes for the clamped lengths."""
     if lengths is None:
         return None
     if not hasattr(lengths, "dtype"):
@@ -69,7 +73,8 @@ def check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int, *, where: 
                 got=f"min {values.min()}, max {values.max()}",
                 fix="check the lengths, or pad `xs` to the longest sequence.",
             )
-    return jnp.asarray(lengths)
+        return jnp.asarray(lengths)
+    return jnp.clip(lengths, 0, T)
 
 
 def reverse_sequences(xs: jax.Array, lengths: jax.Array | None, time_axis: int) -> jax.Array:
@@ -218,7 +223,9 @@ def rnn(
       ``(T, *batch, *features)`` with ``time_major=True``. ``ys`` has the same layout.
     - ``lengths``: optional integers of the batch shape, ``0 <= lengths <= T``. Steps at or
       after a sequence's length leave its carry unchanged and output zeros, so the returned
-      carry is the one after the last valid step (the initial carry for length 0).
+      carry is the one after the last valid step (the initial carry for length 0). Concrete
+      lengths out of range raise; traced ones (under ``jit``), which cannot be checked, are
+      clamped to ``[0, T]``: negative lengths count as 0, longer ones as ``T``.
     - ``carry``: continue from a carry returned earlier (feed a long sequence in chunks);
       by default ``cell.initial_carry``.
     - ``key``: a PRNG key turns the regularisers on (training); without one they are off
