@@ -77,6 +77,26 @@ def check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int, *, where: 
     return jnp.clip(lengths, 0, T)
 
 
+def zero_padding(xs: jax.Array, lengths: jax.Array | None, time_axis: int) -> jax.Array:
+    """``xs`` with the steps at or after each sequence's length replaced by zeros.
+
+    A padded step is computed and then discarded (``jnp.where``), which keeps NaN or inf
+    inputs out of the forward values, but not out of the gradients: the backward pass of the
+    discarded step multiplies a zero cotangent by what the step computed from those inputs,
+    and ``0 * NaN`` is NaN. So the driver zeroes padded inputs once, before any projection.
+    ``lengths`` has the batch shape: the axes before ``time_axis``, or after it when
+    ``time_axis`` is 0 (time-major)."""
+    if lengths is None:
+        return xs
+    T = xs.shape[time_axis]
+    t = jnp.arange(T)
+    if time_axis == 0:
+        valid = t.reshape((T,) + (1,) * lengths.ndim) < lengths
+    else:
+        valid = t < lengths[..., None]
+    return jnp.where(valid.reshape(valid.shape + (1,) * (xs.ndim - valid.ndim)), xs, jnp.zeros((), xs.dtype))
+
+
 def reverse_sequences(xs: jax.Array, lengths: jax.Array | None, time_axis: int) -> jax.Array:
     """Reverses each sequence's valid prefix along ``time_axis``, leaving padding in place.
 
@@ -223,7 +243,8 @@ def rnn(
       ``(T, *batch, *features)`` with ``time_major=True``. ``ys`` has the same layout.
     - ``lengths``: optional integers of the batch shape, ``0 <= lengths <= T``. Steps at or
       after a sequence's length leave its carry unchanged and output zeros, so the returned
-      carry is the one after the last valid step (the initial carry for length 0). Concrete
+      carry is the one after the last valid step (the initial carry for length 0). What the
+      inputs hold there (even NaN or inf) reaches neither values nor gradients. Concrete
       lengths out of range raise; traced ones (under ``jit``), which cannot be checked, are
       clamped to ``[0, T]``: negative lengths count as 0, longer ones as ``T``.
     - ``carry``: continue from a carry returned earlier (feed a long sequence in chunks);
@@ -372,8 +393,9 @@ def rnn(
             _core.check_carry(carry, initial, where=where)
         carry, initial = jax.tree.map(flat, carry), jax.tree.map(flat, initial)
 
+        lengths_B = None if lengths is None else lengths.reshape((B,))
         xs_TB = xs if time_major else jnp.moveaxis(xs, nb, 0)
-        xs_TB = xs_TB.reshape((T, B, *features))
+        xs_TB = zero_padding(xs_TB.reshape((T, B, *features)), lengths_B, 0)
         step_params, noise = params, _core.StepNoise()
         if key is not None:
             k_in, k_rec, k_dc, k_step, key = jax.random.split(key, 5)
@@ -393,7 +415,6 @@ def rnn(
             resets_TB = (resets if time_major else jnp.moveaxis(resets, nb, 0)).reshape((T, B))
             if reverse:  # a backward pass starts afresh where the next segment starts
                 resets_TB = jnp.concatenate([resets_TB[1:], jnp.zeros((1, B), bool)])
-        lengths_B = None if lengths is None else lengths.reshape((B,))
 
         outputs = _core.ScanOutputs()  # bfloat16 outputs stacked cheaply on CPU
 
@@ -506,8 +527,9 @@ def rnn(
             _core.check_carry(carry, initial, where=where)
         jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct(xs.shape, xs.dtype))  # input checks
         nb, B = len(batch), math.prod(batch)
-        xs_BTF = (jnp.moveaxis(xs, 0, nb) if time_major else xs).reshape((B, T, *features))
         lengths_B = None if lengths is None else lengths.reshape((B,))
+        xs_BTF = (jnp.moveaxis(xs, 0, nb) if time_major else xs).reshape((B, T, *features))
+        xs_BTF = zero_padding(xs_BTF, lengths_B, 1)  # padded inputs reach no gradient (see zero_padding)
         carry_B = jax.tree.map(lambda a: a.reshape((B, *a.shape[nb:])), carry)
         if reverse:
             xs_BTF = reverse_sequences(xs_BTF, lengths_B, 1)
