@@ -219,6 +219,7 @@ def bidirectional(
         return tuple(out.shape)
 
     def init(key, input_shape):
+        input_shape = _core.check_input_shape(input_shape, where=f"{where}.init")
         k_f, k_b = jax.random.split(key)
         output_shape(input_shape)  # fail early on unmergeable directions
         return BidirectionalParams(fwd.init(k_f, input_shape), bwd.init(k_b, input_shape))
@@ -505,7 +506,7 @@ def stacked(
     rank = layers[0].input_rank
 
     def init(key, input_shape):
-        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
+        input_shape = _core.check_input_shape(input_shape, where=f"{where}.init")
         shapes = _thread_shapes(layers, input_shape, residual, where)
         keys = jax.random.split(key, n)
         return tuple(layer.init(k, s) for layer, k, s in zip(layers, keys, shapes))

@@ -35,7 +35,8 @@ class Cell(NamedTuple):
 
     Attributes:
       init: ``init(key, input_shape) -> params``; ``input_shape`` is one step's input
-        without batch or time axes, e.g. ``(features,)`` or ``(*spatial, channels)``.
+        without batch or time axes, e.g. ``(features,)`` or ``(*spatial, channels)``, of
+        positive sizes.
       initial_carry: ``initial_carry(params, x_shape) -> carry``; ``x_shape`` is one
         step's input shape *with* its leading batch axes (possibly none).
       step: ``step(params, carry, x) -> (carry, y)``, the ``lax.scan`` body order.
@@ -84,7 +85,10 @@ def make_cell(
     options: Mapping[str, Any] | None = None,
 ) -> Cell:
     """Builds a :class:`Cell` from its parts; ``recur`` and ``step`` are derived from
-    ``probe`` and ``project`` so the step semantics live in one function."""
+    ``probe`` and ``project`` so the step semantics live in one function.
+
+    What every cell checks is added here, once: ``init`` refuses input shapes that are not
+    tuples of positive ints (:func:`check_input_shape`)."""
 
     def recur(params, carry, xp, noise=None):
         carry, y, _ = probe(params, carry, xp, noise)
@@ -93,8 +97,11 @@ def make_cell(
     def step(params, carry, x, noise=None):
         return recur(params, carry, project(params, x), noise)
 
+    def checked_init(key, input_shape):
+        return init(key, check_input_shape(input_shape, where=f"{name}.init"))
+
     options = None if options is None else Options(options)
-    return Cell(init, initial_carry, step, project, recur, output_shape, input_rank, name, probe, options)
+    return Cell(checked_init, initial_carry, step, project, recur, output_shape, input_rank, name, probe, options)
 
 
 class Options(Mapping):
@@ -270,6 +277,21 @@ def check_shape(name: str, shape: Sequence[int], *, where: str) -> Shape:
             expected="non-negative sizes",
             got=repr(shape),
             fix="check how the shape was computed.",
+        )
+    return shape
+
+
+def check_input_shape(input_shape: Any, *, where: str) -> Shape:
+    """Validates the ``input_shape`` given to ``init`` (one step's input without batch or time
+    axes): a tuple of positive ints. A zero-size axis would leave the initialisers nothing to
+    scale by (a ZeroDivisionError inside JAX) or make parameters of size zero."""
+    shape = check_shape("input_shape", input_shape, where=where)
+    if any(d == 0 for d in shape):
+        raise error(
+            f"{where}: `input_shape` has a zero-size axis.",
+            expected="positive sizes: one step's input has at least one feature (and one position per spatial axis)",
+            got=repr(shape),
+            fix="check how the shape was computed, e.g. input_shape=(xs.shape[-1],) of non-empty inputs.",
         )
     return shape
 

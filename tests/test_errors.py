@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import recurrent
+from tests.registry import REGISTRY
 
 
 @contextlib.contextmanager
@@ -390,3 +391,40 @@ def test_stacked_given_a_single_cell_says_so():
     assert "pass a list" in str(info.value)
     with pytest.raises(ValueError, match="got a single Layer"):
         recurrent.stacked(recurrent.rnn(recurrent.gru(3)))
+
+
+def _zero_size_shapes(input_shape):
+    """``input_shape`` with its last (features or channels) axis empty, and for convolutional
+    inputs also with an empty spatial axis."""
+    shapes = [(*input_shape[:-1], 0)]
+    if len(input_shape) > 1:
+        shapes.append((0, *input_shape[1:]))
+    return shapes
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.id)
+def test_zero_size_input_shape_to_init(entry):
+    for shape in _zero_size_shapes(entry.input_shape):
+        with clear_error("positive", repr(shape)):
+            entry.layer().init(KEY, shape)
+        if entry.is_cell:
+            with clear_error("positive", repr(shape)):
+                entry.make().init(KEY, shape)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: recurrent.rnn(recurrent.lstm(3, kernel_init=jax.nn.initializers.normal())),
+        lambda: recurrent.learned_initial_carry(recurrent.gru(3)),
+        lambda: recurrent.bidirectional(recurrent.lstm(3), recurrent.rnn(recurrent.gru(2))),
+        lambda: recurrent.stacked([recurrent.lstm(3), recurrent.lstm(3)]),
+        lambda: recurrent.stacked([recurrent.bidirectional(recurrent.lstm(3)), recurrent.lstm(3)], scan_layers=True),
+    ],
+    ids=["rnn", "learned_initial_carry", "bidirectional", "stacked_cells", "stacked_layers"],
+)
+def test_zero_size_input_shape_to_combinators(make):
+    with clear_error("positive", "(0,)"):
+        make().init(KEY, (0,))
+    with clear_error("positive"):  # also when the shape arrives under jax.eval_shape or jit
+        jax.eval_shape(lambda key: make().init(key, (0,)), KEY)
