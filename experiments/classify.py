@@ -30,9 +30,8 @@ import dataclasses
 import os
 import random
 import statistics
-import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ import numpy as np
 import optax
 
 import recurrent
-from experiments import pipeline
+from experiments import errors, pipeline
 from experiments.pipeline import ConfigError, DataError, field
 from experiments.results import best_params
 
@@ -54,6 +53,9 @@ PUBLISHED = {"mnist1d": {"gru": 91.0, "cnn": 94.0, "mlp": 68.0, "logistic": 32.0
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
     """Classification settings; ``python -m experiments.classify --help`` lists them."""
+
+    # Resuming may change these too: which models and seeds run (each in its own sub-directory).
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"models", "seeds"}
 
     data: str = field("mnist1d", f"{' | '.join(DATASETS)}")
     models: str = field("gru,lstm,bilstm", f"comma-separated models: {', '.join(MODELS)}")
@@ -352,16 +354,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     config = pipeline.cli_config(
         argv, get_config(), quick_config(), "experiments.classify", "MNIST-1D and sequential MNIST rows."
     )
-    try:
+    with errors.report():
         check_config(config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
         return run(config)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

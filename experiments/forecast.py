@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import recurrent
-from experiments import pipeline
+from experiments import errors, pipeline
 from experiments.pipeline import ConfigError, DataError, field
 from experiments.results import best_params
 
@@ -49,6 +48,9 @@ SEASON = {"sunspots": 11, "co2": 12}
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
     """Forecasting settings; ``python -m experiments.forecast --help`` lists them."""
+
+    # Resuming may change these too: which series and cells run, the baselines and plots.
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"series", "cells", "baselines", "plot"}
 
     series: str = field("sunspots,co2", f"comma-separated series: {', '.join(SERIES)}")
     cells: str = field("lstm,gru,cifg_lstm", f"comma-separated recurrent cells: {', '.join(CELLS)}")
@@ -347,14 +349,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, flo
     config = pipeline.cli_config(
         argv, get_config(), quick_config(), "experiments.forecast", "Multi-step forecasts of sunspots and CO2."
     )
-    try:
+    with errors.report():
         check_config(config)
         for s in pipeline.choices(config.series, SERIES, "series"):
             prepare(s, config)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return run(config)
+        return run(config)
 
 
 if __name__ == "__main__":

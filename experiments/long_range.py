@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ import numpy as np
 import optax
 
 import recurrent
-from experiments import pipeline
+from experiments import errors, pipeline
 from experiments.generated import Generated
 from experiments.pipeline import ConfigError, field
 
@@ -63,6 +62,9 @@ TOLERANCE = 0.04
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
     """Long-range settings; ``python -m experiments.long_range --help`` lists them."""
+
+    # Resuming may change these too: which tasks, lengths and cells run (each in its own sub-directory).
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"tasks", "lengths", "cells"}
 
     tasks: str = field("adding,temporal_order,copy,interval,spikes", f"comma-separated tasks: {', '.join(TASKS)}")
     lengths: str = field("100", "comma-separated sequence lengths of the adding problem (e.g. 100,500,1000)")
@@ -395,12 +397,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any
     config = pipeline.cli_config(
         argv, get_config(), quick_config(), "experiments.long_range", "Adding, temporal order, copy and timing tasks."
     )
-    try:
+    with errors.report():
         check_config(config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return run(config)
+        return run(config)
 
 
 if __name__ == "__main__":

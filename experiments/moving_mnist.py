@@ -32,9 +32,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ import numpy as np
 import optax
 
 import recurrent
-from experiments import pipeline
+from experiments import errors, pipeline
 from experiments.generated import Generated
 from experiments.pipeline import ConfigError, DataError, field
 
@@ -57,6 +56,9 @@ SPLITS = {"train": 0, "valid": 1, "test": 2}
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
     """Moving MNIST settings; ``python -m experiments.moving_mnist --help`` lists them."""
+
+    # Resuming may change these too: which models run, and the picture strip.
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"models", "strip"}
 
     models: str = field("fc_lstm,conv1,conv2,conv3", f"comma-separated models to train: {', '.join(MODELS)}")
     input_frames: int = field(10, "frames the model reads")
@@ -371,13 +373,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     config = pipeline.cli_config(
         argv, get_config(), quick_config(), "experiments.moving_mnist", "Moving MNIST: FC-LSTM vs ConvLSTM forecasters."
     )
-    try:
+    with errors.report():
         check_config(config)
         load_digits()
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return run(config)
+        return run(config)
 
 
 if __name__ == "__main__":

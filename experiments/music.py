@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 import recurrent
-from experiments import pipeline
+from experiments import errors, pipeline
 from experiments.pipeline import ConfigError, DataError, field
 
 KEYS = 88
@@ -45,6 +45,9 @@ CELLS = ("lstm", "peephole_lstm", "cifg_lstm", "gru", *(f"greff_{n}" for n in re
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
     """Polyphonic music settings; ``python -m experiments.music --help`` lists them."""
+
+    # Resuming may change these too: the chorale cache's folder.
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"cache_dir"}
 
     data: str = field(
         "auto", "auto (jsb if its file is at hand, else music21) | jsb | nottingham | music21 | path to a .mat file"
@@ -304,16 +307,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = pipeline.cli_config(
         argv, get_config(), quick_config(), "experiments.music", "Next-step prediction of 88-key piano rolls."
     )
-    try:
+    with errors.report():
         check_config(config)
         if config.distributed:
             jax.distributed.initialize()
         train = make_train(config)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
-        raise SystemExit(2) from None
-    print(f"data: {data_path(config)}  cell: {config.cell}  device(s): {jax.devices()}", flush=True)
-    result = train(jax.random.key(config.seed))
+        print(f"data: {data_path(config)}  cell: {config.cell}  device(s): {jax.devices()}", flush=True)
+        result = train(jax.random.key(config.seed))
     line = f"final: valid NLL {result['valid']:.4f}, test NLL {result['test']:.4f}"
     if "best_step" in result:
         line += f"; best (step {result['best_step']}): valid {result['best_valid']:.4f}, test {result['best_test']:.4f}"

@@ -28,15 +28,13 @@ import functools
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 import recurrent
-from experiments import pipeline, search
-from experiments.pipeline import ConfigError, DataError
+from experiments import errors, pipeline, search
 
 VARIANTS = tuple(recurrent.GREFF_VARIANTS)
 ALPHA = 0.05
@@ -233,15 +231,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = pipeline.cli_config(
         argv, get_config(), quick_config(), "experiments.odyssey", "Greff et al. 2017's variant study as one search."
     )
-    try:
-        search.check_config(config)
-        data = search.load_data(config)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     log = functools.partial(print, flush=True)
-    t0 = time.perf_counter()
-    result = search.run_search(config, data, log=log)
+    with errors.report():
+        search.check_config(config)
+        pipeline.prepare_workdir(config)
+        data = search.load_data(config)
+        t0 = time.perf_counter()
+        result = search.run_search(config, data, log=log)
     seconds = time.perf_counter() - t0
     frame = result["members"]
     analysis = analyse(frame, seed=config.seed)

@@ -6,8 +6,8 @@ An experiment defines a frozen dataclass that extends :class:`TrainConfig`, a :c
 lists of arrays ``(T_i, *features)``; :func:`make_train` turns them into ``train(key)``.
 
 - **Configs as code**: every field overridable with ``--field=value``; ``--help`` lists them;
-  an unknown field is a :class:`ConfigError` naming the valid ones; the resolved config is
-  written to ``<workdir>/config.json``.
+  an unknown field or an impossible value is a :class:`ConfigError` naming the valid ones;
+  the resolved config is written to ``<workdir>/config.json``.
 - **Optimisers** (:func:`make_optimizer`): Adam (AdamW with ``weight_decay``), SGD with
   momentum, RMSProp; constant, cosine or warmup-cosine schedules; global-norm clipping.
 - **Batches** (:func:`epoch_batches`, :func:`pad_batch`): padded ``(B, T, *F)`` with
@@ -21,10 +21,12 @@ lists of arrays ``(T_i, *features)``; :func:`make_train` turns them into ``train
   TensorBoard event files under ``tb/``; a tqdm progress bar (step, loss, steps/s, ETA).
 - **Checkpoints** (orbax): every ``checkpoint_every`` steps under ``checkpoints/`` (the last
   ``keep_checkpoints``) and the best by validation NLL under ``best/``. Rerunning the same
-  command resumes from the latest checkpoint; the data order and the PRNG stream are functions
-  of the step, so the final parameters are bit-identical to an uninterrupted run on CPU. A
-  latest checkpoint that fails to restore is moved aside to ``checkpoints/corrupt-<step>``
-  with a warning and the previous one is used.
+  command resumes from the newest checkpoint that restores; the data order and the PRNG stream
+  are functions of the step, so the final parameters are bit-identical to an uninterrupted run
+  on CPU. A changed config in a used work directory is refused, damaged checkpoints are set
+  aside, a full or read-only disk is one clear error: :mod:`experiments.workdir`.
+- **Divergence**: a non-finite loss, gradient or parameter stops the run (:class:`Diverged`,
+  naming the step) before anything after it is saved.
 - **Data parallelism**: a 1-D mesh over ``num_devices`` devices (0: all local devices), the
   batch sharded along ``data``, parameters and optimiser state replicated; XLA inserts the
   gradient all-reduce. The same command runs on CPU, GPU or TPU. Multi-host: pass
@@ -38,31 +40,30 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import workdir as run_dir
+from experiments.errors import ConfigError as ConfigError
+from experiments.errors import ConfigMismatch as ConfigMismatch
+from experiments.errors import DataError as DataError
+from experiments.errors import Diverged as Diverged
+from experiments.errors import StorageError as StorageError
+
 # --------------------------------------------------------------------------------------
 # Configs.
-
-
-class ConfigError(ValueError):
-    """A config override names an unknown field or gives a bad value."""
-
-
-class DataError(ValueError):
-    """A data file is missing, malformed or empty."""
 
 
 def field(default: Any, help: str) -> Any:  # noqa: A002
@@ -95,11 +96,27 @@ class TrainConfig:
     distributed: bool = field(False, "call jax.distributed.initialize() first (multi-host)")
     progress: bool = field(True, "show a progress bar")
     workdir: str = field("runs/run", "work directory (config, metrics, checkpoints); rerun to resume")
+    overwrite: bool = field(False, "delete the run already in --workdir (its checkpoints, metrics, results) first")
     sleep_per_step: float = field(0.0, "testing only: seconds to sleep after each step")
+
+    #: Fields that may differ when a run is resumed, because they cannot change its result
+    #: (``steps`` only under a constant learning rate: :meth:`steps_resume_safe`). Any other
+    #: difference from the config recorded in the work directory is refused (``ConfigMismatch``).
+    resume_safe: ClassVar[frozenset[str]] = frozenset(
+        {"steps", "log_every", "progress", "checkpoint_every", "keep_checkpoints", "num_devices", "distributed",
+         "workdir", "overwrite", "sleep_per_step"}
+    )  # fmt: skip
+    #: Fields of the pipeline that this experiment does not read: left out of ``--help``, refused
+    #: on the command line.
+    unused: ClassVar[frozenset[str]] = frozenset()
+
+    def steps_resume_safe(self, recorded: dict[str, Any]) -> bool:
+        """Whether ``steps`` may change on a rerun: only if the learning rate does not depend on it."""
+        return self.schedule == "constant" and recorded.get("schedule", "constant") == "constant"
 
 
 def _valid_fields(config: Any) -> str:
-    return ", ".join(f.name for f in dataclasses.fields(config))
+    return ", ".join(f.name for f in dataclasses.fields(config) if f.name not in config.unused)
 
 
 def _convert(name: str, value: Any, default: Any) -> Any:
@@ -132,6 +149,35 @@ _CHOICES = {
     "schedule": ("constant", "cosine", "warmup_cosine"),
 }
 _POSITIVE = ("steps", "batch_size", "bucket", "pad_multiple", "checkpoint_every", "keep_checkpoints", "log_every")
+_NON_NEGATIVE = ("warmup_steps", "eval_every", "num_devices", "clip_norm", "weight_decay", "sleep_per_step")
+_FRACTIONS = ("momentum", "ema_decay", "final_lr_fraction")  # in [0, 1)  (final_lr_fraction: [0, 1])
+
+
+def check_values(config: Any) -> None:
+    """Rejects values no run can use (before anything compiles): non-finite numbers, a learning
+    rate that is not positive, negative counts, fractions outside [0, 1)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"config field {f.name!r} must be a finite number; got {value!r}.\n"
+                f"  fix:      e.g. --{f.name}={f.default!r}"
+            )
+    if config.learning_rate <= 0:
+        raise ConfigError(
+            f"config field 'learning_rate' must be > 0; got {config.learning_rate!r}.\n"
+            "  fix:      e.g. --learning_rate=1e-3 (a negative rate ascends the loss)."
+        )
+    for name in _POSITIVE:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"config field {name!r} must be >= 1; got {getattr(config, name)}.")
+    for name in _NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"config field {name!r} must be >= 0; got {getattr(config, name)}.")
+    for name in _FRACTIONS:
+        value, top = getattr(config, name), 1.0
+        if not (0 <= value < top or (name == "final_lr_fraction" and value == top)):
+            raise ConfigError(f"config field {name!r} must be in [0, 1); got {value}.")
 
 
 def override(config: Any, **values: Any) -> Any:
@@ -141,6 +187,14 @@ def override(config: Any, **values: Any) -> Any:
     7
     """
     names = [f.name for f in dataclasses.fields(config)]
+    unused = [k for k in values if k in config.unused]
+    if unused:
+        raise ConfigError(
+            f"this experiment does not use the config field(s) {', '.join(map(repr, unused))}.\n"
+            f"  fix:      leave them out; see --help for the fields it reads"
+            + (f" (e.g. --{unused[0]}_range)." if f"{unused[0]}_range" in names else ".")
+        )
+    names = [n for n in names if n not in config.unused]
     unknown = [k for k in values if k not in names]
     if unknown:
         hints = [f"{k!r} -> did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, names, n=1))]
@@ -154,9 +208,7 @@ def override(config: Any, **values: Any) -> Any:
     for name, choices in _CHOICES.items():
         if getattr(new, name) not in choices:
             raise ConfigError(f"config field {name!r} must be one of {', '.join(choices)}; got {getattr(new, name)!r}.")
-    for name in _POSITIVE:
-        if getattr(new, name) < 1:
-            raise ConfigError(f"config field {name!r} must be >= 1; got {getattr(new, name)}.")
+    check_values(new)
     return new
 
 
@@ -165,6 +217,8 @@ def usage(config: Any, prog: str, description: str) -> str:
     lines += [f"  {'--quick':<34} start from the shrunken smoke-test config", f"  {'--help':<34} show this message"]
     lines += ["", "config fields (default):"]
     for f in dataclasses.fields(config):
+        if f.name in config.unused:
+            continue
         lines.append(f"  {f'--{f.name}={getattr(config, f.name)!r}':<34} {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -175,7 +229,9 @@ def parse_args(argv: Sequence[str], config: Any, quick: Any = None) -> Any:
     if "--quick" in args:
         if quick is None:
             raise ConfigError("this experiment has no --quick config.")
-        config = quick
+        # the smoke-test run writes to a work directory of its own, never into the full run's
+        same = quick.workdir == config.workdir
+        config = dataclasses.replace(quick, workdir=f"{quick.workdir}_quick") if same else quick
     args = [a for a in args if a != "--quick"]
     values: dict[str, str] = {}
     i = 0
@@ -360,7 +416,12 @@ def shard_batch(batch: Batch, devices: Devices) -> Batch:
 
 
 class MetricsWriter:
-    """Appends metric rows to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard under ``tb/``."""
+    """Appends metric rows to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard under ``tb/``.
+
+    On a resume the rows after the restored step are dropped (the resumed run writes them
+    again), and so is a row cut short by a kill or a full disk, with a warning; the files are
+    rewritten atomically, so a failure while doing so leaves them as they were.
+    """
 
     def __init__(self, workdir: str, resume_step: int):
         self.jsonl = os.path.join(workdir, "metrics.jsonl")
@@ -368,95 +429,91 @@ class MetricsWriter:
         self._truncate(resume_step)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+        with run_dir.writing("TensorBoard events", os.path.join(workdir, "tb")):
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     @staticmethod
     def _keep(row: dict, resume_step: int) -> bool:
         return row["step"] < resume_step or (row["step"] == resume_step and row["split"] != "final")
 
+    @staticmethod
+    def _rewrite(path: str, text: str) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with run_dir.writing("metrics", path):
+            with open(tmp, "w", newline="") as f:
+                f.write(text)
+            os.replace(tmp, path)
+
     def _truncate(self, resume_step: int) -> None:
-        """Drops rows after the restored step, which the resumed run writes again."""
+        """Drops rows after the restored step, and rows that a kill cut short."""
+        broken = 0
         if os.path.exists(self.jsonl):
+            kept = []
             with open(self.jsonl) as f:
-                rows = [line for line in f if line.strip() and self._keep(json.loads(line), resume_step)]
-            with open(self.jsonl, "w") as f:
-                f.writelines(rows)
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        keep = self._keep(row, resume_step)
+                    except (ValueError, KeyError, TypeError):
+                        broken += bool(line.strip())
+                        continue
+                    if keep:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            self._rewrite(self.jsonl, "".join(kept))
         if os.path.exists(self.csv):
             with open(self.csv, newline="") as f:
-                rows = [r for r in csv.reader(f)]
-            with open(self.csv, "w", newline="") as f:
-                csv.writer(f).writerows(
-                    [rows[0]] + [r for r in rows[1:] if self._keep({"step": int(r[0]), "split": r[1]}, resume_step)]
-                )
+                rows = list(csv.reader(f))
+            kept = []
+            for r in rows[1:]:
+                try:
+                    step, split, _, value = r
+                    keep = self._keep({"step": int(step), "split": split}, resume_step)
+                    value == "" or float(value)  # an empty value: a missing number (None)
+                except ValueError:
+                    broken, keep = broken + 1, False
+                if keep:
+                    kept.append(r)
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows([["step", "split", "name", "value"], *kept])
+            self._rewrite(self.csv, buffer.getvalue())
+        if broken:
+            warnings.warn(f"dropped {broken} metric row(s) cut short by an interrupted write.", stacklevel=3)
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        new = not os.path.exists(self.csv)
-        with open(self.csv, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["step", "split", "name", "value"])
-            writer.writerows([[step, split, k, v] for k, v in values.items()])
-        for k, v in values.items():
-            self.tb.add_scalar(f"{split}/{k}", v, step)
-        self.tb.flush()
+        with run_dir.writing("metrics", self.jsonl):
+            row = run_dir.finite_or_none({"step": step, "split": split, **values})
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+            new = not os.path.exists(self.csv)
+            with open(self.csv, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(["step", "split", "name", "value"])
+                writer.writerows([[step, split, k, v] for k, v in values.items()])
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):  # TensorBoard has no missing values
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+            self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        with run_dir.writing("TensorBoard events", self.jsonl):
+            self.tb.close()
 
 
 # --------------------------------------------------------------------------------------
 # Checkpoints.
 
 
-def _manager(path: str, **options: Any):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        os.path.abspath(path),
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, **options),
-    )
-
-
-def save_checkpoint(manager, step: int, state: Any, metrics: dict | None = None) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
-    manager.wait_until_finished()
-
-
-def restore_latest(path: str, target: Any, keep: int) -> tuple[Any, int, Any]:
-    """``(state, step, manager)`` from the newest checkpoint that restores; ``(target, 0, manager)`` if none.
-
-    A checkpoint that fails to restore is moved to ``corrupt-<step>`` beside it, with a warning.
-    """
-    import orbax.checkpoint as ocp
-
-    manager = _manager(path, max_to_keep=keep)
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            state = manager.restore(step, args=ocp.args.StandardRestore(target))
-            return state, step, manager
-        except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-            step_dir = os.path.join(os.path.abspath(path), str(step))
-            aside = os.path.join(os.path.abspath(path), f"corrupt-{step}")
-            warnings.warn(
-                f"checkpoint {step_dir} could not be restored ({type(e).__name__}: {str(e)[:200]}); "
-                f"moved it to {aside} and falling back to the previous checkpoint.",
-                stacklevel=2,
-            )
-            manager.close()
-            shutil.rmtree(aside, ignore_errors=True)
-            os.rename(step_dir, aside)
-            manager = _manager(path, max_to_keep=keep)
-    return target, 0, manager
+Checkpoints = run_dir.Checkpoints
 
 
 def save_params(path: str, params: Any) -> None:
-    """The parameters as an ``.npz`` keyed by pytree path (for comparisons and export)."""
+    """The parameters as an ``.npz`` keyed by pytree path (for comparisons and export), written atomically."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    with run_dir.writing("the final parameters", path):
+        np.savez(tmp, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+        os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -482,20 +539,21 @@ class Data(NamedTuple):
     test: Sequence[np.ndarray]
 
 
+def prepare_workdir(config: Any) -> None:
+    """Checks ``config.workdir`` before anything compiles: refuses a changed config there
+    (:class:`ConfigMismatch`, nothing on disk touched) and an unwritable directory
+    (:class:`StorageError`). See :mod:`experiments.workdir` for what a rerun does."""
+    run_dir.check_resume(config)
+    run_dir.check_writable(config.workdir)
+
+
 def write_config(config: Any) -> None:
-    """Writes ``config.json``; a different earlier config is kept as ``config.<time>.json``."""
+    """Writes ``config.json`` (atomically); with ``overwrite`` first deletes the run already there."""
+    if getattr(config, "overwrite", False):
+        run_dir.overwrite(config.workdir)
+    run_dir.check_resume(config)
     os.makedirs(config.workdir, exist_ok=True)
-    path = os.path.join(config.workdir, "config.json")
-    text = json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        if old != text:
-            kept = os.path.join(config.workdir, f"config.{time.strftime('%Y%m%d-%H%M%S')}.json")
-            os.rename(path, kept)
-            warnings.warn(f"{path} held a different config; kept it as {kept}.", stacklevel=2)
-    with open(path, "w") as f:
-        f.write(text)
+    run_dir.write_json(os.path.join(config.workdir, "config.json"), dataclasses.asdict(config), "the config")
 
 
 def make_steps(task: Task, optimizer: optax.GradientTransformation, ema_decay: float = 0.0):
@@ -515,7 +573,12 @@ def make_steps(task: Task, optimizer: optax.GradientTransformation, ema_decay: f
         if "ema" in state:  # Polyak averaging of the iterates
             new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
         new["step"] = state["step"] + 1
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        # one flag for the divergence check: the loss, the gradient and the updated parameters
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree.leaves(params):
+            finite &= jnp.isfinite(leaf).all()
+        return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     def eval_step(params, batch):
         return task.loss(params, batch, None)
@@ -539,9 +602,13 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
     of each batch shape, ``compiled_shapes`` of them, ``compile_s`` seconds in all), evaluations and
     checkpoints.
 
-    Resumes from ``config.workdir`` when it holds checkpoints. ``key`` seeds the init, the
-    per-step PRNG keys (``fold_in(key, step)``) and the data order.
+    Resumes from ``config.workdir`` when it holds checkpoints (see :mod:`experiments.workdir`:
+    a changed config there is refused here, before anything compiles; damaged checkpoints are
+    set aside). ``key`` seeds the init, the per-step PRNG keys (``fold_in(key, step)``) and the
+    data order. A loss, gradient or parameter that turns non-finite stops the run with
+    :class:`Diverged`, naming the step; no checkpoint after the last finite step is written.
     """
+    prepare_workdir(config)
     optimizer = make_optimizer(config)
     devices = make_devices(config)
     train_step, eval_step = make_steps(task, optimizer, config.ema_decay)
@@ -575,11 +642,11 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             state["ema"] = jax.tree.map(jnp.zeros_like, params)
         state = jax.device_put(state, devices.replicated)
         ckpt_dir = os.path.join(config.workdir, "checkpoints")
-        state, start, latest = restore_latest(ckpt_dir, state, config.keep_checkpoints)
+        latest = Checkpoints(ckpt_dir, config.keep_checkpoints)
+        state, start = latest.restore_newest(state)
         state = jax.device_put(state, devices.replicated)
-        best = _manager(
-            os.path.join(config.workdir, "best"), max_to_keep=1, best_fn=lambda m: m["valid"], best_mode="min"
-        )
+        best = Checkpoints(os.path.join(config.workdir, "best"), 1, best=True)
+        best.check_restores(state)  # read only at the end: a damaged one is set aside now
         if start:
             print(f"resumed from {ckpt_dir}/{start}", flush=True)
         writer = MetricsWriter(config.workdir, start)
@@ -590,6 +657,7 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
         epoch_cache: dict[int, list[np.ndarray]] = {}
         pending: list[dict] = []
+        fetched: list[dict] = []
         t_start, s_start = time.perf_counter(), start
         # Wall time of the train steps alone: steps that compile (each new batch shape) are timed
         # apart, evaluations and checkpoints not at all.
@@ -609,6 +677,30 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
                 epoch_cache[epoch] = epoch_batches(train_lengths, config.batch_size, data_seed, epoch, config.bucket)
             return pad_batch(data.train, epoch_cache[epoch][i], config.pad_multiple)
 
+        def fetch(done: int) -> None:
+            """Fetches the pending steps' metrics; a non-finite one stops the run before any save."""
+            nonlocal pending
+            rows, pending = jax.device_get(pending), []
+            for i, m in enumerate(rows):
+                if not m["finite"]:
+                    stop(done - len(rows) + i + 1, m)
+            fetched.extend(rows)
+
+        def stop(step: int, m: dict) -> None:
+            saved = [s for s in latest.steps() if s < step]
+            keep = f"the last good checkpoint, {ckpt_dir}/{saved[-1]}," if saved else "no checkpoint"
+            writer.close()
+            latest.close()
+            best.close()
+            if bar is not None:
+                bar.close()
+            raise Diverged(
+                f"training diverged at step {step}: loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])} "
+                f"(the loss, gradient or updated parameters are not finite). Nothing after it was saved; {keep} "
+                "is kept.\n  fix:      lower --learning_rate (or set --clip_norm), then rerun with a new --workdir "
+                "or --overwrite=true."
+            )
+
         for step in range(start, config.steps):
             batch = batch_at(step)
             compiles = batch.xs.shape not in shapes
@@ -622,29 +714,31 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
                 compile_seconds += lap()
             if config.sleep_per_step:
                 time.sleep(config.sleep_per_step)
-            if done % config.log_every == 0 or done == config.steps:
-                fetched = jax.device_get(pending)
-                pending = []
+            evaluating = (config.eval_every and done % config.eval_every == 0) or done == config.steps
+            saving = done % config.checkpoint_every == 0 or done == config.steps
+            if done % config.log_every == 0 or done == config.steps or evaluating or saving:
+                fetch(done)
+            if fetched and (done % config.log_every == 0 or done == config.steps):
                 loss = float(np.mean([m["loss"] for m in fetched]))
                 rate = (done - s_start) / (time.perf_counter() - t_start)
                 writer.write(
                     done, "train", {"loss": loss, "grad_norm": float(fetched[-1]["grad_norm"]), "steps_per_s": rate}
                 )
+                fetched = []
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     bar.update(done - bar.n)
-            evaluating = (config.eval_every and done % config.eval_every == 0) or done == config.steps
-            if evaluating or done % config.checkpoint_every == 0:
+            if evaluating or saving:
                 step_seconds += lap()
             if evaluating:
                 valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
                 writer.write(done, "valid", {"nll": valid})
-                save_checkpoint(best, done, state, {"valid": valid})
+                best.save(done, state, {"valid": valid})
                 if bar is not None:
                     bar.write(f"step {done}: valid {valid:.4f}")
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(latest, done, state)
-            if evaluating or done % config.checkpoint_every == 0:
+            if saving:
+                latest.save(done, state)
+            if evaluating or saving:
                 lap()
         if bar is not None:
             bar.close()
@@ -653,18 +747,19 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         timing = {"compile_s": compile_seconds, "compiled_shapes": len(shapes), "ms_per_step": ms_per_step}
         result_path = os.path.join(config.workdir, "result.json")
         if start == config.steps and os.path.exists(result_path):  # nothing ran now: keep the earlier timing
-            with open(result_path) as f:
-                earlier = json.load(f)
-            timing = {k: earlier.get(k, float("nan")) for k in timing}
+            try:
+                with open(result_path) as f:
+                    earlier = json.load(f)
+                timing = {k: float("nan") if earlier.get(k) is None else earlier[k] for k in timing}
+            except (OSError, ValueError):
+                pass  # a damaged result file is written anew
         steps_per_s = (config.steps - s_start) / max(time.perf_counter() - t_start, 1e-9)
         valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
         test = evaluate(eval_step, eval_params(state), test_batches, devices)
         result = {"step": config.steps, "valid": valid, "test": test, **timing}
         best_step = best.best_step()
         if best_step is not None:
-            import orbax.checkpoint as ocp
-
-            best_state = best.restore(best_step, args=ocp.args.StandardRestore(state))
+            best_state = best.restore(best_step, state)
             result.update(
                 best_step=best_step,
                 best_valid=evaluate(eval_step, eval_params(best_state), valid_batches, devices),
@@ -674,8 +769,7 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         writer.close()
         latest.close()
         best.close()
-        with open(result_path, "w") as f:
-            json.dump(result, f, indent=1)
+        run_dir.write_json(result_path, run_dir.finite_or_none(result), "the result")
         params = jax.device_get(eval_params(state))
         save_params(os.path.join(config.workdir, "final_params.npz"), params)
         return {**result, "params": params, "steps_per_s": steps_per_s}

@@ -22,12 +22,10 @@ def best_params(config: pipeline.TrainConfig, params: Any) -> tuple[Any, int] | 
     ``params`` gives the structure (e.g. the final parameters of the same run); ``config`` is
     the run's config (its optimiser fixes the shape of the saved optimiser state).
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.path.join(config.workdir, "best"))
     if not os.path.isdir(path):
         return None
-    manager = pipeline._manager(path, max_to_keep=1, best_fn=lambda m: m["valid"], best_mode="min")
+    manager = pipeline.Checkpoints(path, 1, best=True)
     try:
         step = manager.best_step()
         if step is None:
@@ -40,7 +38,7 @@ def best_params(config: pipeline.TrainConfig, params: Any) -> tuple[Any, int] | 
         }
         if config.ema_decay:
             target["ema"] = params
-        state = manager.restore(step, args=ocp.args.StandardRestore(target))
+        state = manager.restore(step, target)
     finally:
         manager.close()
     if config.ema_decay:  # evaluate the debiased average, as the pipeline does

@@ -62,10 +62,9 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +73,8 @@ import optax
 from jax import lax
 
 import recurrent
-from experiments import music, pipeline
-from experiments.pipeline import ConfigError, DataError, field
+from experiments import errors, music, pipeline
+from experiments.pipeline import ConfigError, field
 
 #: The continuous hyperparameters, each a traced array with a population axis.
 HYPERS = (
@@ -265,9 +264,17 @@ population_evaluate = jax.jit(jax.vmap(evaluate_member, in_axes=(None, 0, 0, Non
 
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
-    """Search settings; ``python -m experiments.search --help`` lists them. The pipeline's
-    ``learning_rate``, ``momentum``, ``weight_decay``, ``clip_norm`` and ``schedule`` are not used:
-    the ``*_range`` fields set the hyperparameters (constant learning rate)."""
+    """Search settings; ``python -m experiments.search --help`` lists them. The ``*_range`` fields
+    set the hyperparameters (constant learning rate); the pipeline fields in :attr:`unused` are
+    not read, so they are left out of ``--help`` and refused on the command line."""
+
+    unused: ClassVar[frozenset[str]] = frozenset(
+        {"learning_rate", "schedule", "warmup_steps", "final_lr_fraction", "momentum", "clip_norm", "weight_decay",
+         "bucket", "pad_multiple", "checkpoint_every", "log_every", "ema_decay", "distributed", "progress",
+         "sleep_per_step"}
+    )  # fmt: skip
+    # The curves' shapes depend on steps, so a search cannot be extended on a rerun.
+    resume_safe: ClassVar[frozenset[str]] = (pipeline.TrainConfig.resume_safe - {"steps"}) | {"stop_after", "plots"}
 
     data: str = field("auto", "synthetic | auto | jsb | nottingham | music21 | path to a .mat file (as music)")
     data_dir: str = field("", "folder of JSB_Chorales.mat (default: ../shared/data)")
@@ -640,6 +647,7 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
     """Trains every member; returns ``{"members": DataFrame, "curves": DataFrame, "importance": dict}``
     and writes the tables and plots to ``config.workdir``. Resumes from its checkpoints."""
     check_config(config)
+    pipeline.prepare_workdir(config)
     data = load_data(config) if data is None else data
     members = sample_members(config)
     mesh = make_mesh(config.num_devices)
@@ -678,7 +686,8 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
         "valid_curve": np.full((n_evals, P), np.nan, np.float32),
     }
     ckpt_dir = os.path.join(config.workdir, "checkpoints")
-    search, start, manager = pipeline.restore_latest(ckpt_dir, search, config.keep_checkpoints)
+    manager = pipeline.Checkpoints(ckpt_dir, config.keep_checkpoints)
+    search, start = manager.restore_newest(search)
     search["groups"] = jax.device_put(search["groups"], pop)
     search = {k: (np.array(v) if k != "groups" else v) for k, v in search.items()}
     if start:
@@ -704,7 +713,7 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
             search["valid_curve"][e, r.members] = nll[:k]
         if done in rungs:
             halve(search, done, config.halving_keep)
-        pipeline.save_checkpoint(manager, done, search)
+        manager.save(done, search)
         curve = search["valid_curve"][e]
         log(
             f"step {done}: valid NLL best {np.nanmin(np.where(np.isfinite(curve), curve, np.nan)):.4f}, "
@@ -914,13 +923,11 @@ def main(argv: Sequence[str] | None = None, *, defaults: Config | None = None, p
         prog,
         "A population of LSTMs trained as one compiled program per group (see the module docstring).",
     )
-    try:
+    with errors.report():
         check_config(config)
+        pipeline.prepare_workdir(config)
         data = load_data(config)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return run_search(config, data, log=functools.partial(print, flush=True))
+        return run_search(config, data, log=functools.partial(print, flush=True))
 
 
 if __name__ == "__main__":

@@ -52,16 +52,15 @@ import csv
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import recurrent
-from experiments import music, pipeline
+from experiments import errors, music, pipeline
 from experiments.pipeline import ConfigError, DataError, field, override
 
 __all__ = ["COLUMNS", "Config", "ConfigError", "DataError", "VARIANTS", "format_table", "get_config", "main"]
@@ -73,6 +72,9 @@ KEYS = music.KEYS
 @dataclasses.dataclass(frozen=True)
 class Config(pipeline.TrainConfig):
     """The main job's settings; ``python -m experiments.variants --help`` lists them."""
+
+    # Resuming may change these too: which variants run, and the chorale cache's folder.
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"variants", "cache_dir"}
 
     data: str = field("music21", "music21 (the Bach chorales in music21) | jsb | nottingham | auto | a .mat path")
     cache_dir: str = field("", "where the music21 chorales are cached (default: ~/.cache/recurrent)")
@@ -372,15 +374,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Trains the LSTM-family variants ({', '.join(VARIANTS)}) on polyphonic music with the same budget;\n"
         "prints a table and writes a plot and summaries to --workdir.",
     )
-    try:
+    with errors.report():
         check_config(config)
         data = music.load_data(config)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    sizes = ", ".join(f"{len(getattr(data, s))} {s}" for s in ("train", "valid", "test"))
-    print(f"data: {music.data_path(config)} ({sizes} sequences); device: {jax.devices()[0]}", flush=True)
-    result = run(config, data)
+        sizes = ", ".join(f"{len(getattr(data, s))} {s}" for s in ("train", "valid", "test"))
+        print(f"data: {music.data_path(config)} ({sizes} sequences); device: {jax.devices()[0]}", flush=True)
+        result = run(config, data)
     print(
         f"\nNext-step NLL per time step (summed over 88 keys), {config.steps} Adam steps of batch {config.batch_size}, "
         f"seed {config.seed};\nvalid/test: the checkpoint with the best validation NLL. "
