@@ -149,17 +149,19 @@ def best_step(workdir):
     return step
 
 
-def test_damaged_latest_checkpoints_fall_back_and_every_rerun_resumes(mat, straight, tmp_path):
+@pytest.mark.parametrize("damaged", [(8, 6), (8, 6, 4)])
+def test_damaged_latest_checkpoints_fall_back_and_every_rerun_resumes(damaged, mat, straight, tmp_path):
     workdir = copy_of(straight, tmp_path)
-    damage(workdir / "checkpoints" / "8")  # the newest
-    damage(workdir / "checkpoints" / "6")
+    for step in damaged:  # with 4 damaged too, the rerun starts afresh and replays best/'s step 4
+        damage(workdir / "checkpoints" / str(step))
     for attempt in range(2):  # the second rerun finds a finished run and reports it again, unchanged
         out = run(args(mat, workdir))
         assert out.returncode == 0, out.stderr[-3000:]
         if attempt == 0:
-            assert "could not be restored" in out.stderr and "resumed from" in out.stdout
+            assert out.stderr.count("could not be restored") == len(damaged)
+            assert ("resumed from" in out.stdout) == (4 not in damaged)
         assert_same_run(workdir, straight)
-    assert {"corrupt-6", "corrupt-8"} <= set(os.listdir(workdir / "checkpoints"))
+    assert {f"corrupt-{step}" for step in damaged} <= set(os.listdir(workdir / "checkpoints"))
 
 
 def test_unreadable_checkpoint_metadata_is_set_aside(mat, straight, tmp_path):
