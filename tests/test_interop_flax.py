@@ -78,6 +78,37 @@ def test_linen_rnn_and_bidirectional(flax_cell, F, H, T, seed):
     exact(from_flax(*to_flax(layer, params))[1], params)
 
 
+@pytest.mark.parametrize("shared", ["cell", "rnn"])
+@pytest.mark.parametrize("flax_cell", [nn.LSTMCell, nn.GRUCell])
+def test_linen_bidirectional_sharing_one_cell(flax_cell, shared):
+    """Both nn.RNN of an nn.Bidirectional built on one cell instance (or one nn.RNN): Flax
+    keeps one set of weights, under ``forward_rnn``, and runs both directions with it."""
+    B, T, F, H = 3, 5, 2, 4
+    xs = inputs((B, T, F), 5)
+    lengths = jnp.array([5, 2, 3])
+    valid = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    cell = flax_cell(H)
+    one = nn.RNN(cell)
+    bi = nn.Bidirectional(*((one, one) if shared == "rnn" else (nn.RNN(cell), nn.RNN(cell))), return_carry=True)
+    bvars = jax.eval_shape(lambda: bi.init(jax.random.key(0), xs, seq_lengths=lengths))
+    assert set(bvars["params"]) == {"forward_rnn"}
+    bvars = {"params": randomize(bvars["params"], 21)}
+    (cf_ref, cb_ref), ys_ref = bi.apply(bvars, xs, seq_lengths=lengths)
+
+    layer, params = from_flax(bi, bvars)
+    exact(params.backward, params.forward)  # the one set, in each direction
+    assert all(b is not f for b, f in zip(jax.tree.leaves(params.backward), jax.tree.leaves(params.forward)))
+    carry, ys = layer.apply(params, xs, lengths=lengths)
+    close(np.asarray(ys)[valid], np.asarray(ys_ref)[valid])
+    jax.tree.map(close, flax_carry(carry.forward), cf_ref)
+    jax.tree.map(close, flax_carry(carry.backward), cb_ref)
+    assert not np.allclose(ys[..., :H], ys[..., H:])  # the directions differ: the test sees both
+
+    separate = nn.Bidirectional(nn.RNN(flax_cell(H)), nn.RNN(flax_cell(H)))
+    with pytest.raises(ValueError, match="backward_rnn"):
+        from_flax(separate, bvars)
+
+
 @pytest.mark.parametrize("kernel_size,spatial", [((3,), (6,)), ((2, 3), (4, 5)), ((2, 2, 3), (3, 3, 4))])
 def test_linen_conv_lstm(kernel_size, spatial):
     C, H = 2, 3

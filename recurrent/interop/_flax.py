@@ -116,6 +116,23 @@ def _linen_rnn(module, p, where):
     return rnn(cell, reverse=bool(module.reverse)), params
 
 
+def _backward_cell_params(module, p, where):
+    """The backward direction's cell variables of a linen ``nn.Bidirectional``. When both
+    ``nn.RNN`` share one cell instance (or are one ``nn.RNN``), Flax binds that cell once,
+    under ``forward_rnn``, and runs both directions with its one set of weights: the backward
+    direction reads them from there."""
+    if "backward_rnn" in p:
+        return p["backward_rnn"]["cell"]
+    if module.backward_rnn.cell is module.forward_rnn.cell:
+        return p["forward_rnn"]["cell"]
+    raise _core.error(
+        f"{where}: the variables of nn.Bidirectional have no 'backward_rnn'.",
+        expected="variables with 'forward_rnn' and 'backward_rnn' (or one cell instance shared by both nn.RNN)",
+        got=f"params with keys {sorted(p)}",
+        fix="pass the variables returned by this module's init.",
+    )
+
+
 def _nnx_cell(module, where):
     nnx = require("flax.nnx")
     _check_activations(module, where)
@@ -145,7 +162,9 @@ def from_flax(module: Any, variables: Any = None) -> tuple[Cell | Layer, Any]:
 
     linen: pass the module and its variables (``{"params": ...}``); cells come back as cells,
     ``nn.RNN`` as :func:`recurrent.rnn`, ``nn.Bidirectional`` as :func:`recurrent.bidirectional`
-    (its ``merge_fn`` is kept). NNX: pass the module alone (it holds its weights).
+    (its ``merge_fn`` is kept; where both directions share one cell, and so one set of weights,
+    each direction gets its own copy of them, trained apart from then on). NNX: pass the module
+    alone (it holds its weights).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from recurrent.interop import from_flax
@@ -175,7 +194,9 @@ def from_flax(module: Any, variables: Any = None) -> tuple[Cell | Layer, Any]:
         fwd, pf = _linen_rnn(module.forward_rnn, p["forward_rnn"], where)
         # Flax calls the backward RNN with reverse=True, keep_order=True whatever its settings,
         # as our bidirectional does with its backward layer.
-        bwd_cell, pb = _linen_cell(module.backward_rnn.cell, p["backward_rnn"]["cell"], where)
+        bwd_cell, pb = _linen_cell(module.backward_rnn.cell, _backward_cell_params(module, p, where), where)
+        if "backward_rnn" not in p:  # one set of weights: each direction gets its own copy
+            pb = jax.tree.map(jnp.array, pb)
         merge = "concat" if module.merge_fn.__name__ == "_concatenate" else module.merge_fn
         backward = rnn(bwd_cell)
         return bidirectional(fwd, backward, merge=merge), BidirectionalParams(pf, pb)
