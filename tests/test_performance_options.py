@@ -1,6 +1,7 @@
 """The speed options change no result: projection placement, remat and one-scan bidirectional."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,19 +50,45 @@ def test_auto_projection_is_chosen_per_backend():
         recurrent.rnn(recurrent.lstm(3), projection="inside")
 
 
-@pytest.mark.parametrize("name", ["lstm"])
+def count_scans(fn, *args):
+    """How many ``lax.scan`` loops the program of ``fn(*args)`` runs (nested ones included)."""
+
+    def count(jaxpr):
+        here = sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns)
+        return here + sum(count(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("name", CELLS)
 def test_bidirectional_in_one_scan_equals_two_scans(name):
-    one = recurrent.bidirectional(recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2), one_scan=True)
-    two = recurrent.bidirectional(recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2))
+    """``one_scan=True`` runs both directions in one scan (here the path with both step bodies
+    in one loop, as resets and traces take it), ``one_scan=False`` in two: the same values and
+    gradients, and by hand, two ``rnn`` layers, one run reversed."""
+    make = lambda one_scan, **kw: recurrent.bidirectional(  # noqa: E731
+        recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2, **kw), one_scan=one_scan
+    )
+    one, two = make(True), make(False)
     params = one.init(jax.random.key(0), (4,))
     xs = jax.random.normal(jax.random.key(1), (3, 6, 4))
-    resets = jnp.zeros((3, 6), bool).at[:, 2].set(True)
-    for kw in (dict(lengths=jnp.array([6, 3, 1]), resets=resets, key=jax.random.key(3), return_trace=True),):
-        _close(one.apply(params, xs, **kw), two.apply(params, xs, **kw), atol=1e-6)
-        grad = lambda layer: jax.grad(lambda p: jnp.sum(layer.apply(p, xs, **kw)[1] ** 2))(params)  # noqa: E731
-        _close(grad(one), grad(two))
-    tm = jnp.moveaxis(xs, 1, 0)
-    _close(one.apply(params, tm, time_major=True), two.apply(params, tm, time_major=True), atol=1e-6)
+    resets = jnp.zeros((3, 6), bool).at[:, 2].set(True).at[0, 4].set(True)
+    kw = dict(lengths=jnp.array([6, 3, 1]), resets=resets, key=jax.random.key(3), return_trace=True)
+    apply = lambda layer, kw: lambda p, x: layer.apply(p, x, **kw)  # noqa: E731
+    # the two sides take different paths: one loop against two
+    assert count_scans(apply(one, kw), params, xs) == 1
+    assert count_scans(apply(two, kw), params, xs) == 2
+    _close(one.apply(params, xs, **kw), two.apply(params, xs, **kw), atol=1e-6)
+    loss = lambda layer: lambda p: jnp.sum(layer.apply(p, xs, **kw)[1] ** 2)  # noqa: E731
+    _close(jax.grad(loss(one))(params), jax.grad(loss(two))(params))
+
+    # evaluation, against the two directions run by hand
+    kw = dict(lengths=kw["lengths"], resets=resets)
+    fwd = recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2)
+    bwd = recurrent.rnn(CELLS[name](), recurrent_dropout=0.3, zoneout=0.2, reverse=True)
+    (c_f, y_f), (c_b, y_b) = fwd.apply(params.forward, xs, **kw), bwd.apply(params.backward, xs, **kw)
+    by_hand = recurrent.BidirectionalState(c_f, c_b), jnp.concatenate([y_f, y_b], -1)
+    _close(one.apply(params, xs, **kw), by_hand, atol=1e-6)
+    _close(two.apply(params, xs, **kw), by_hand, atol=1e-6)
 
 
 @pytest.mark.parametrize("time_major", [False, True])
@@ -88,6 +115,8 @@ def test_bidirectional_batched_directions_equal_two_scans(monkeypatch, time_majo
     _close(one.apply(params, xs, **kw), two.apply(params, xs, **kw), atol=1e-6)
     _close(jax.grad(loss(one), argnums=(0, 1))(params, xs), jax.grad(loss(two), argnums=(0, 1))(params, xs))
     assert taken, "the batched path was not taken"
+    apply = lambda layer: lambda p, x: layer.apply(p, x, **kw)  # noqa: E731
+    assert (count_scans(apply(one), params, xs), count_scans(apply(two), params, xs)) == (1, 2)
     # training: the dropout masks are drawn (per direction), so the outputs move
     _, trained = one.apply(params, xs, key=jax.random.key(5), **kw)
     _, evaluated = one.apply(params, xs, **kw)
