@@ -87,14 +87,14 @@ def jitted(fn: Callable) -> Callable:
 
 @functools.cache
 def jitted_apply(layer: Layer, time_major: bool = False) -> Callable:
-    """``jax.jit`` of ``layer.apply`` taking ``(params, xs, lengths=None, carry=None)``."""
+    """``jax.jit`` of ``layer.apply`` taking ``(params, xs, lengths=None, carry=None, resets=None)``."""
 
     @jax.jit
-    def apply(params, xs, lengths, carry):
-        return layer.apply(params, xs, lengths=lengths, carry=carry, time_major=time_major)
+    def apply(params, xs, lengths, carry, resets):
+        return layer.apply(params, xs, lengths=lengths, carry=carry, time_major=time_major, resets=resets)
 
-    def call(params, xs, lengths=None, carry=None):  # one signature, so one compiled function per shape
-        return apply(params, xs, lengths, carry)
+    def call(params, xs, lengths=None, carry=None, resets=None):  # one signature, one compiled function per shape
+        return apply(params, xs, lengths, carry, resets)
 
     return call
 
@@ -150,6 +150,12 @@ class Spec:
         carry, ys = self.reference(params, np.flip(xs, axis), dtypes)
         return carry, np.flip(ys, axis)
 
+    def segment_carry(self, carries: list[Any], reverse: bool = False) -> Any:
+        """The final carry of a sequence cut into segments, each run alone, from the segments'
+        carries in time order: a part running forward ends with the last segment, a part
+        running backward (``reverse``) with the first."""
+        return carries[0] if reverse else carries[-1]
+
 
 class CellSpec(Spec):
     is_cell = True
@@ -183,16 +189,23 @@ class StackCells(Spec):
 
 
 class Rnn(Spec):
-    def __init__(self, cell: Spec, *, reverse: bool = False, unroll: int = 1):
+    """``recurrent.rnn(cell, ...)``; ``options`` are more of its keywords (``projection``,
+    ``remat``, ``implementation``): none of them changes the result, so the reference is the
+    cell's own step loop."""
+
+    def __init__(self, cell: Spec, *, reverse: bool = False, unroll: int = 1, **options: Any):
         assert cell.is_cell
-        self.cell, self.reverse, self.unroll = cell, reverse, unroll
+        self.cell, self.reverse, self.unroll, self.options = cell, reverse, unroll, options
         self.forward_only = not reverse
 
     def build(self, **dtypes):
-        return recurrent.rnn(self.cell.build(**dtypes), reverse=self.reverse, unroll=self.unroll)
+        return recurrent.rnn(self.cell.build(**dtypes), reverse=self.reverse, unroll=self.unroll, **self.options)
 
     def reference(self, params, xs, dtypes):
         return step_loop(built(self.cell, **dtypes), params, xs, reverse=self.reverse)
+
+    def segment_carry(self, carries, reverse=False):
+        return self.cell.segment_carry(carries, reverse != self.reverse)
 
 
 class Bidi(Spec):
@@ -211,6 +224,12 @@ class Bidi(Spec):
         merge = REFERENCE_MERGES[self.merge] if isinstance(self.merge, str) else self.merge
         return recurrent.BidirectionalState(c_f, c_b), merge(y_f, y_b)
 
+    def segment_carry(self, carries, reverse=False):
+        return recurrent.BidirectionalState(
+            self.forward.segment_carry([c.forward for c in carries], reverse),
+            (self.backward or self.forward).segment_carry([c.backward for c in carries], not reverse),
+        )
+
 
 class Stack(Spec):
     """``recurrent.stacked`` with at least one layer: a layer."""
@@ -225,6 +244,9 @@ class Stack(Spec):
 
     def reference(self, params, xs, dtypes):
         return _stack_reference(self.items, self.residual, params, xs, dtypes)
+
+    def segment_carry(self, carries, reverse=False):
+        return tuple(item.segment_carry([c[i] for c in carries], reverse) for i, item in enumerate(self.items))
 
 
 class Reversed(Spec):
@@ -241,6 +263,17 @@ class Reversed(Spec):
 
     def reference(self, params, xs, dtypes):
         return self.inner.reversed_reference(params, xs, dtypes)
+
+    def segment_carry(self, carries, reverse=False):
+        return self.inner.segment_carry(carries, not reverse)
+
+
+def _implementation(spec: Spec) -> str:
+    parts = [getattr(spec, name, None) for name in ("cell", "forward", "backward", "inner")]
+    parts += list(getattr(spec, "items", ()))
+    if getattr(spec, "options", {}).get("implementation", "scan") != "scan":
+        return spec.options["implementation"]
+    return next((i for i in (_implementation(p) for p in parts if p is not None) if i != "scan"), "scan")
 
 
 def _stack_reference(items, residual, params, xs, dtypes):
@@ -281,6 +314,12 @@ class Entry:
     def forward_only(self) -> bool:
         return self.spec.forward_only
 
+    @property
+    def implementation(self) -> str:
+        """The ``implementation`` of its ``rnn`` layers: ``"vjp"`` if any runs the hand-written
+        backward pass (which falls back to the scan, with a warning, where it does not apply)."""
+        return _implementation(self.spec)
+
     def make(self, **dtypes: Any) -> Cell | Layer:
         """The library object: a :class:`recurrent.Cell` or :class:`recurrent.Layer`."""
         return built(self.spec, **dtypes)
@@ -290,7 +329,7 @@ class Entry:
         return _as_layer(self.spec, _dtype_key(dtypes))
 
     def apply(self, *, time_major: bool = False, **dtypes: Any) -> Callable:
-        """Jitted ``layer.apply(params, xs, lengths=None, carry=None)``."""
+        """Jitted ``layer.apply(params, xs, lengths=None, carry=None, resets=None)``."""
         return jitted_apply(self.layer(**dtypes), time_major)
 
     def init(self, seed: int = 0, **dtypes: Any) -> Any:
@@ -324,6 +363,23 @@ class Entry:
             carries.append(carry)
         out = tuple(self.output_shape())
         return carries, np.stack(ys).reshape((*batch, T, *out)) if ys else np.zeros((*batch, T, *out))
+
+    def reference_with_resets(self, params: Any, xs: np.ndarray, lengths: np.ndarray, resets: np.ndarray, **dtypes):
+        """The reference with ``resets`` (booleans of shape ``(*batch, T)``): each sequence's
+        valid prefix is cut before every step where a reset falls, and each segment is run
+        alone from the initial carry (resets at step 0 or in the padding change nothing).
+        Returns ``(carries, ys)`` as :meth:`reference_with_lengths` does."""
+        batch = tuple(np.shape(lengths))
+        T = xs.shape[len(batch)]
+        ys, carries = [], []
+        for idx in np.ndindex(*batch):
+            L = int(lengths[idx])
+            cuts = [0, *(t for t in range(1, L) if resets[idx][t]), L]
+            pieces = [self.reference(params, xs[idx][a:b], **dtypes) for a, b in zip(cuts, cuts[1:])]
+            y = np.concatenate([np.asarray(y) for _, y in pieces], axis=0)
+            ys.append(np.concatenate([y, np.zeros((T - L, *y.shape[1:]), y.dtype)], axis=0))
+            carries.append(self.spec.segment_carry([carry for carry, _ in pieces]))
+        return carries, np.stack(ys).reshape((*batch, T, *self.output_shape()))
 
 
 @functools.cache
@@ -418,6 +474,22 @@ def _entries() -> list[Entry]:
         ),
         Entry("stacked_forward_layers", Stack([Rnn(C(L, 3)), C(G, 3), Rnn(C(CIFG, 3))], residual=True), (3,)),
         Entry("reversed_stacked", Reversed(Stack([Bidi(C(G, 2)), C(L, 3)])), (2,)),
+        # ---- the driver's other paths, which CPUs do not take by default: the projection of all
+        # steps before the loop (the GPU/TPU default), the hand-written backward pass, remat
+        Entry("rnn_lstm_hoisted", Rnn(C(L, 4), projection="hoisted"), (3,)),
+        Entry("rnn_gru_hoisted", Rnn(C(G, 4, bias_init=_bias), projection="hoisted"), (3,)),
+        Entry("rnn_lstm_vjp", Rnn(C(L, 4), implementation="vjp"), (3,)),
+        Entry("rnn_peephole_lstm_vjp", Rnn(C(P, 3, peephole_init=_peep), implementation="vjp"), (2,)),
+        Entry("rnn_cifg_lstm_vjp_hoisted", Rnn(C(CIFG, 3), implementation="vjp", projection="hoisted"), (2,)),
+        Entry("rnn_gru_vjp", Rnn(C(G, 4, bias_init=_bias), implementation="vjp"), (3,)),
+        Entry("rnn_gru_vjp_hoisted", Rnn(C(G, 3, bias_init=_bias), implementation="vjp", projection="hoisted"), (2,)),
+        Entry("bidirectional_lstm_vjp", Bidi(Rnn(C(L, 3), implementation="vjp")), (2,)),
+        Entry("rnn_lstm_remat", Rnn(C(L, 4), remat=True), (3,)),
+        Entry(
+            "rnn_stacked_remat_hoisted",
+            Rnn(StackCells([C(L, 3), C(G, 3)]), remat=True, projection="hoisted"),
+            (2,),
+        ),
     ]
 
 

@@ -8,9 +8,11 @@ functions are memoised per entry, so most checks reuse one compiled function.
 from __future__ import annotations
 
 import math
+import warnings
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,9 +21,12 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import recurrent
-from tests.registry import CELLS, FORWARD_ONLY, REGISTRY, jitted_apply, step_loop, to_numpy
+from tests.registry import CELLS, FORWARD_ONLY, REGISTRY, by_id, jitted_apply, step_loop, to_numpy
 
 each = pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.id)
+# Entries with implementation="vjp" are checked on the hand-written backward pass itself: a
+# fall-back to the scan (which warns) fails the check, but where the fall-back is by design.
+pytestmark = pytest.mark.filterwarnings("error::recurrent.FallbackWarning")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,9 +56,9 @@ def index(tree, idx):
     return jax.tree.map(lambda a: a[idx], tree)
 
 
-def run(entry, params, xs, lengths=None, carry=None, **options):
+def run(entry, params, xs, lengths=None, carry=None, resets=None, **options):
     """The entry's jitted ``apply``, results as NumPy arrays."""
-    return to_numpy(entry.apply(**options)(params, xs, lengths, carry))
+    return to_numpy(entry.apply(**options)(params, xs, lengths, carry, resets))
 
 
 def padding_mask(lengths, T):
@@ -210,6 +215,31 @@ def test_lengths_match_per_sequence_runs(entry, case, seed):
         assert_close(index(carry, idx), ref_carries[k])
         if lengths[idx] == 0:
             chex.assert_trees_all_equal(index(carry, idx), initial)
+
+
+# --------------------------------------------------------------------------------------
+# 3b. resets == each segment run alone from the initial carry
+
+
+@each
+def test_resets_match_separate_segments(entry):
+    params = entry.init()
+    xs = entry.sample(12, BATCH3, T)
+    resets = np.random.default_rng(12).random((*BATCH3, T)) < 0.3
+    resets[0, 2] = True  # a segment boundary inside a valid prefix, at least
+    resets[1, 3] = True  # in the padding of a sequence of length 2: changes nothing
+    with warnings.catch_warnings():
+        if entry.implementation == "vjp":  # resets are run by the scan, by design
+            warnings.simplefilter("ignore", recurrent.FallbackWarning)
+        carry, ys = run(entry, params, xs, LENGTHS3, resets=resets)
+
+    ref_carries, ref_ys = entry.reference_with_resets(params, xs, LENGTHS3, resets)
+    assert_close(ys, ref_ys)
+    assert_padding_is_zero(ys, LENGTHS3, T)
+    for k, idx in enumerate(np.ndindex(*BATCH3)):
+        assert_close(index(carry, idx), ref_carries[k])
+    _, ys_without = run(entry, params, xs, LENGTHS3)
+    assert not np.allclose(ys[0], ys_without[0]), "degenerate test: the resets change nothing"
 
 
 # --------------------------------------------------------------------------------------
@@ -438,3 +468,63 @@ def test_time_major_matches_batch_major(entry):
     assert_close(carry, c_b)
     assert_close(ys, np.moveaxis(y_b, 2, 0))
     assert_padding_is_zero(np.moveaxis(ys, 0, 2), lengths, T)
+
+
+# --------------------------------------------------------------------------------------
+# 11. the hand-written backward pass is taken where it applies
+
+
+def _primitives(fn, *args):
+    names = []
+
+    def walk(jaxpr):
+        names.extend(eqn.primitive.name for eqn in jaxpr.eqns)
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+def _different_vjp_directions():
+    lstm = recurrent.rnn(recurrent.lstm(3), implementation="vjp")
+    return recurrent.bidirectional(lstm, recurrent.rnn(recurrent.gru(3), implementation="vjp")), (2,)
+
+
+VJP = [pytest.param(lambda e=e: (e.layer(), e.input_shape), id=e.id) for e in REGISTRY if e.implementation == "vjp"]
+VJP.append(
+    pytest.param(
+        _different_vjp_directions,
+        id="bidirectional_lstm_gru_vjp",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="bidirectional runs two different rnn(..., implementation='vjp') directions in one "
+            "scan of their step bodies: the hand-written backward pass is silently not used",
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize("make", VJP)
+def test_vjp_entries_take_the_hand_written_backward_pass(make):
+    layer, input_shape = make()
+    params = layer.init(jax.random.key(0), input_shape)
+    xs = jnp.ones((*BATCH, T, *input_shape))
+    loss = lambda p, x: jnp.sum(layer.apply(p, x, lengths=LENGTHS)[1] ** 2)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)  # no fall-back to the scan
+        forward = _primitives(lambda p, x: layer.apply(p, x, lengths=LENGTHS), params, xs)
+        _primitives(jax.grad(loss, argnums=(0, 1)), params, xs)
+        _primitives(jax.vmap(lambda x: layer.apply(params, x)), xs)
+    assert any("custom_vjp" in name for name in forward), "the hand-written backward pass is not in the program"
+
+
+def test_vjp_fall_back_is_seen():
+    """The check above is live: where the hand-written pass does not apply, a warning says so."""
+    entry = by_id("rnn_lstm_vjp")
+    params = entry.init()
+    xs = jnp.ones((*BATCH, T, *entry.input_shape))
+    resets = jnp.zeros((*BATCH, T), bool)
+    with pytest.warns(recurrent.FallbackWarning, match="resets"):
+        forward = _primitives(lambda p, x: entry.layer().apply(p, x, resets=resets), params, xs)
+    assert not any("custom_vjp" in name for name in forward)
