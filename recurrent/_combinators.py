@@ -17,6 +17,7 @@ from recurrent._rnn import (
     check_lengths,
     check_rate,
     check_resets,
+    input_check,
     reverse_sequences,
     rnn,
     scan_parts,
@@ -88,6 +89,8 @@ def flipped(layer: Layer) -> Layer:
         carry, ys = out
         return carry, flip(ys)
 
+    if input_check(layer) is not None:
+        apply._check_inputs = input_check(layer)
     # Its options say it is flipped: equal options mean the same function (stacked's scan over
     # equal layers relies on it), and a flipped layer is not its original.
     options = None if layer.options is None else _core.Options({"flipped": layer.options})
@@ -224,13 +227,20 @@ def bidirectional(
         output_shape(input_shape)  # fail early on unmergeable directions
         return BidirectionalParams(fwd.init(k_f, input_shape), bwd.init(k_b, input_shape))
 
+    def check_inputs(params, xs):
+        for layer, p in ((fwd, params.forward), (bwd, params.backward)):
+            check = input_check(layer)
+            if check is not None:
+                check(p, xs)
+
     def initial_carry(params, x_shape):
         return BidirectionalState(
             fwd.initial_carry(params.forward, x_shape), bwd.initial_carry(params.backward, x_shape)
         )
 
     def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
-        batch, T, _ = split_sequence_shape(xs, fwd.input_rank, time_major, where=where)
+        batch, T, features = split_sequence_shape(xs, fwd.input_rank, time_major, where=where)
+        _core.check_params(params, init, features, where=where, inputs=lambda: check_inputs(params, xs))
         lengths = check_lengths(lengths, batch, T, where=where)
         resets = check_resets(resets, batch, T, time_major, where=where)
         if carry is not None and not (isinstance(carry, tuple) and len(carry) == 2):
@@ -287,6 +297,7 @@ def bidirectional(
         reversed=lambda: None,
         options=options,
     )
+    apply._check_inputs = check_inputs
     return layer._replace(reversed=lambda: flipped(layer))
 
 
@@ -511,6 +522,11 @@ def stacked(
         keys = jax.random.split(key, n)
         return tuple(layer.init(k, s) for layer, k, s in zip(layers, keys, shapes))
 
+    def check_inputs(params, xs):
+        check = input_check(layers[0])
+        if check is not None:
+            check(params[0], xs)
+
     def initial_carry(params, x_shape):
         x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
         batch, features = x_shape[: len(x_shape) - rank], x_shape[len(x_shape) - rank :]
@@ -550,10 +566,11 @@ def stacked(
         return fn
 
     def apply(params, ys, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
-        batch, T, _ = split_sequence_shape(ys, rank, time_major, where=where)
+        batch, T, features = split_sequence_shape(ys, rank, time_major, where=where)
+        check_tuple("params", params)
+        _core.check_params(params, init, features, where=where, inputs=lambda: check_inputs(params, ys))
         lengths = check_lengths(lengths, batch, T, where=where)
         resets = check_resets(resets, batch, T, time_major, where=where)
-        check_tuple("params", params)
         if carry is not None:
             check_tuple("carry", carry)
         keys = None if key is None else jax.random.split(key, 2 * n)
@@ -601,6 +618,7 @@ def stacked(
     def output_shape(input_shape):
         return _thread_shapes(layers, input_shape, residual, where)[-1]
 
+    apply._check_inputs = check_inputs
     return Layer(
         init=init,
         apply=apply,

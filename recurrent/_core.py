@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -40,7 +41,8 @@ class Cell(NamedTuple):
       initial_carry: ``initial_carry(params, x_shape) -> carry``; ``x_shape`` is one
         step's input shape *with* its leading batch axes (possibly none).
       step: ``step(params, carry, x) -> (carry, y)``, the ``lax.scan`` body order.
-        Works on any number of leading batch axes.
+        Works on any number of leading batch axes. Parameters whose structure or shapes
+        differ from what ``init`` makes for ``x``'s feature shape raise at trace time.
       project: ``project(params, x) -> xp``, the part of a step that does not depend on
         the carry (the input-to-gates transform). It accepts any number of leading axes,
         so the driver applies it to all time steps at once.
@@ -88,17 +90,26 @@ def make_cell(
     ``probe`` and ``project`` so the step semantics live in one function.
 
     What every cell checks is added here, once: ``init`` refuses input shapes that are not
-    tuples of positive ints (:func:`check_input_shape`)."""
+    tuples of positive ints (:func:`check_input_shape`), and ``step`` refuses parameters that
+    are not what ``init`` makes for the input's feature shape (:func:`check_params`)."""
 
     def recur(params, carry, xp, noise=None):
         carry, y, _ = probe(params, carry, xp, noise)
         return carry, y
 
-    def step(params, carry, x, noise=None):
-        return recur(params, carry, project(params, x), noise)
-
     def checked_init(key, input_shape):
         return init(key, check_input_shape(input_shape, where=f"{name}.init"))
+
+    def step(params, carry, x, noise=None):
+        if getattr(x, "ndim", -1) >= input_rank:  # else `project` says the input has too few axes
+            check_params(
+                params,
+                checked_init,
+                x.shape[x.ndim - input_rank :],
+                where=f"{name}.step",
+                inputs=lambda: only_input_errors(jax.eval_shape, project, params, x),
+            )
+        return recur(params, carry, project(params, x), noise)
 
     options = None if options is None else Options(options)
     return Cell(checked_init, initial_carry, step, project, recur, output_shape, input_rank, name, probe, options)
@@ -188,7 +199,9 @@ class Layer(NamedTuple):
         without batch or time axes.
       apply: ``apply(params, xs, *, lengths=None, carry=None, time_major=False)
         -> (carry, ys)`` with ``xs`` of shape ``(*batch, time, *features)``
-        (``(time, *batch, *features)`` when ``time_major``).
+        (``(time, *batch, *features)`` when ``time_major``). The layers of this library
+        raise at trace time on parameters whose structure or shapes differ from what
+        ``init`` makes for the input's feature shape (dtypes may differ).
       initial_carry: ``initial_carry(params, x_shape) -> carry`` as for a cell.
       output_shape: ``output_shape(input_shape) -> shape`` of one step's output.
       input_rank: number of trailing feature axes of one step's input.
@@ -253,8 +266,14 @@ def count_params(params: Params) -> int:
 # Errors. Every message says what was expected, what was received and how to fix it.
 
 
+class Error(ValueError):
+    """The library's error on user input (a ``ValueError``): what is wrong, then the expected,
+    got and fix lines. Its own class lets a check tell the library's clear errors from what
+    JAX raises on malformed input (see :func:`only_input_errors`)."""
+
+
 def error(what: str, *, expected: str, got: str, fix: str) -> ValueError:
-    return ValueError(f"{what}\n  expected: {expected}\n  got:      {got}\n  fix:      {fix}")
+    return Error(f"{what}\n  expected: {expected}\n  got:      {got}\n  fix:      {fix}")
 
 
 def check_shape(name: str, shape: Sequence[int], *, where: str) -> Shape:
@@ -444,3 +463,130 @@ def check_carry(carry: Carry, expected: Carry, *, where: str) -> None:
                 got=str(jnp.result_type(g)),
                 fix=fix + " Cell state is kept in float32; cast with `.astype` if you built it by hand.",
             )
+
+
+# --------------------------------------------------------------------------------------
+# Parameters: what ``init`` makes, checked on every ``apply`` and ``step``.
+
+_EXPECTED_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def expected_params(init: Callable[[PRNGKey, Shape], Params], input_shape: Shape) -> Any:
+    """What ``init(key, input_shape)`` makes, as a pytree of ``jax.ShapeDtypeStruct``: traced
+    (never run) once per ``init`` and input shape, then cached while ``init`` lives."""
+    input_shape = tuple(int(d) for d in input_shape)
+    per_shape = _EXPECTED_PARAMS.setdefault(init, {})
+    if input_shape not in per_shape:
+        per_shape[input_shape] = jax.eval_shape(lambda: init(jax.random.key(0), input_shape))
+    return per_shape[input_shape]
+
+
+def only_input_errors(check: Callable[..., Any], *args: Any) -> None:
+    """Runs ``check(*args)``, a cell's or layer's input checks, on parameters that may not be
+    its own: the library's errors (an input of another feature shape than the parameters
+    were made for) propagate; anything else, which the parameters break, is left to
+    :func:`check_params`."""
+    try:
+        check(*args)
+    except Error:
+        raise
+    except Exception:  # noqa: BLE001 - the parameter check explains it
+        pass
+
+
+def _is_array(x: Any) -> bool:
+    return x is not None and (hasattr(x, "shape") or isinstance(x, (int, float, complex, np.number)))
+
+
+def _describe(x: Any) -> str:
+    if x is None:
+        return "None"
+    if _is_array(x):
+        return f"an array of shape {tuple(np.shape(x))}"
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return f"{type(x).__name__}({', '.join(x._fields)})"
+    if isinstance(x, Mapping):
+        return f"a {type(x).__name__} with keys {sorted(map(str, x))}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)}"
+    return type(x).__name__
+
+
+def _node(tree: Any):
+    """One level of a pytree node: its definition (the node's type and keys) and its children."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+    return treedef, [(path[0], child) for path, child in flat]
+
+
+def _difference(got: Any, expected: Any, path: tuple, shapes: bool):
+    """``(path, expected, got)`` of the first place where ``got`` differs from ``expected`` (a
+    pytree of ``jax.ShapeDtypeStruct``) in structure, or in leaf shapes when ``shapes``; or None."""
+    if isinstance(expected, jax.ShapeDtypeStruct):
+        if not _is_array(got):
+            return path, _describe(expected), _describe(got)
+        if shapes and tuple(np.shape(got)) != tuple(expected.shape):
+            return path, str(tuple(expected.shape)), str(tuple(np.shape(got)))
+        return None
+    if expected is None:
+        return None if got is None else (path, "None (no such parameter here)", _describe(got))
+    if got is None or _is_array(got):
+        return path, _describe(expected), _describe(got)
+    (e_def, e_children), (g_def, g_children) = _node(expected), _node(got)
+    if e_def != g_def:
+        return path, _describe(expected), _describe(got)
+    for (key, e), (_, g) in zip(e_children, g_children):
+        found = _difference(g, e, (*path, key), shapes)
+        if found is not None:
+            return found
+    return None
+
+
+def check_params(
+    params: Params,
+    init: Callable[[PRNGKey, Shape], Params],
+    input_shape: Shape,
+    *,
+    where: str,
+    inputs: Callable[[], None] | None = None,
+) -> None:
+    """Raises unless ``params`` have the pytree structure and leaf shapes that
+    ``init(key, input_shape)`` makes (dtypes may differ: parameters cast to bfloat16 are fine),
+    naming the first leaf that differs. Parameters of another cell, hidden size or option
+    would otherwise run with some of them ignored, or fail deep inside JAX.
+
+    Only shapes are traced (:func:`expected_params`), so it costs nothing at run time and
+    raises at trace time under ``jit``. ``inputs`` runs the caller's input checks first when
+    the shapes differ (not the structure), so that inputs of another feature shape than the
+    parameters were made for get the input's error."""
+    try:
+        expected = expected_params(init, input_shape)
+    except Exception:
+        if inputs is not None:
+            inputs()
+        raise
+    leaves, treedef = jax.tree.flatten(params)
+    if treedef == jax.tree.structure(expected) and all(
+        tuple(np.shape(g)) == e.shape for g, e in zip(leaves, jax.tree.leaves(expected))
+    ):
+        return  # the usual case, without walking the tree
+    found = _difference(params, expected, (), shapes=False)
+    shaped = found is None
+    if shaped:
+        found = _difference(params, expected, (), shapes=True)
+        if found is None:
+            return
+        if inputs is not None:
+            inputs()
+    path, want, got = found
+    name = "params" + jax.tree_util.keystr(path)
+    if shaped:
+        what = f"{where}: {name} has the wrong shape."
+    else:
+        what = f"{where}: `params` has the wrong structure at {name} (parameters of another cell or layer?)."
+    raise error(
+        what,
+        expected=f"{want}, as `init(key, {tuple(input_shape)})` makes it",
+        got=got,
+        fix="apply parameters with the cell or layer (and options) they were made for, or make new ones "
+        f"with `init(key, {tuple(input_shape)})`; other dtypes (e.g. bfloat16 casts) are fine.",
+    )

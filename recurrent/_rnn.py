@@ -373,14 +373,24 @@ def rnn(
         name = _leaf_name(path)
         return rates["zoneout_cell"] if name == "c" else 0.0 if name == "gates" else rates["zoneout"]
 
+    def check_inputs(params, xs):
+        """The cell's input checks, on the caller's own shape (not the driver's internal one)."""
+        jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct(xs.shape, xs.dtype))
+
+    def check(params, xs, time_major):
+        """``(batch, T, features)`` of ``xs``, after checking it and the parameters."""
+        batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
+        inputs = lambda: _core.only_input_errors(check_inputs, params, xs)  # noqa: E731
+        _core.check_params(params, cell.init, features, where=where, inputs=inputs)
+        check_inputs(params, xs)
+        return batch, T, features
+
     def prepare(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
         """Everything but the scan: ``(carry, body, inputs, finish)`` such that
         ``finish(*lax.scan(body, carry, inputs, reverse=reverse))`` is ``apply``'s result.
         The body takes the true time index, so a combinator may scan several of them in
         one loop (both directions of ``bidirectional``)."""
-        batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
-        # the cell's input checks, on the caller's own shape (not the driver's internal one)
-        jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct(xs.shape, xs.dtype))
+        batch, T, features = check(params, xs, time_major)
         lengths = check_lengths(lengths, batch, T, where=where)
         resets = check_resets(resets, batch, T, time_major, where=where)
         nb, B = len(batch), math.prod(batch)
@@ -499,6 +509,7 @@ def rnn(
     def fast_apply(params, xs, lengths, carry, time_major, key, resets, return_trace):
         """The cuDNN call or the hand-written backward pass, or ``None`` after a
         :class:`FallbackWarning` where it does not apply."""
+        batch, T, features = check(params, xs, time_major)  # before the parameters are read
         cudnn = implementation == "cudnn"
         warn = lambda reason: _cudnn.warn(reason, implementation)  # noqa: E731
         reason = (
@@ -518,14 +529,12 @@ def rnn(
         if reason is not None:
             warn(reason)
             return None
-        batch, T, features = split_sequence_shape(xs, rank, time_major, where=where)
         lengths = check_lengths(lengths, batch, T, where=where)
         initial = cell.initial_carry(params, (*batch, *features))
         if carry is None:
             carry = initial
         else:
             _core.check_carry(carry, initial, where=where)
-        jax.eval_shape(cell.project, params, jax.ShapeDtypeStruct(xs.shape, xs.dtype))  # input checks
         nb, B = len(batch), math.prod(batch)
         lengths_B = None if lengths is None else lengths.reshape((B,))
         xs_BTF = (jnp.moveaxis(xs, 0, nb) if time_major else xs).reshape((B, T, *features))
@@ -568,8 +577,10 @@ def rnn(
         )
         return finish(*lax.scan(body, carry, inputs, reverse=reverse, unroll=unroll))
 
-    # private hook for combinators that fuse several scans into one (see ``scan_parts``)
+    # private hooks: for combinators that fuse several scans into one (see ``scan_parts``), and
+    # for combinators' parameter checks, to report inputs of the wrong size first (``input_check``)
     apply._scan_parts = ScanParts(prepare, reverse, unroll)
+    apply._check_inputs = lambda params, xs: _core.only_input_errors(check_inputs, params, xs)
 
     return Layer(
         init=cell.init,
@@ -596,6 +607,13 @@ class ScanParts(NamedTuple):
 def scan_parts(layer: Layer) -> ScanParts | None:
     """The :class:`ScanParts` of a layer made by :func:`rnn`, else ``None``."""
     return getattr(layer.apply, "_scan_parts", None)
+
+
+def input_check(layer: Layer) -> Callable[[Any, Any], None] | None:
+    """``check(params, xs)``: the input checks of a layer made by :func:`rnn` or a combinator,
+    raising the library's error for inputs of another feature shape than ``params`` were made
+    for, and nothing else (see :func:`recurrent._core.check_params`); ``None`` for other layers."""
+    return getattr(layer.apply, "_check_inputs", None)
 
 
 def _expand(mask_B: jax.Array, like: jax.Array) -> jax.Array:

@@ -53,7 +53,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import recurrent
@@ -99,22 +98,7 @@ def _make_params(init: Callable, input_shape: Shape, rngs: nnx.Rngs | None, para
         params = init(rngs.params(), input_shape)
     else:
         params = jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, params, is_leaf=_is_variable)
-        expected = jax.eval_shape(lambda key: init(key, input_shape), jax.random.key(0))
-        fix = f"pass params made by `init(key, {tuple(input_shape)})` of the same cell or layer."
-        s_got, s_exp = jax.tree.structure(params), jax.tree.structure(expected)
-        if s_got != s_exp:
-            raise _core.error(
-                f"{where}: `params` has the wrong structure.", expected=str(s_exp), got=str(s_got), fix=fix
-            )
-        paths = jax.tree_util.tree_flatten_with_path(expected)[0]
-        for (path, e), g in zip(paths, jax.tree.leaves(params), strict=True):
-            if tuple(np.shape(g)) != tuple(e.shape):
-                raise _core.error(
-                    f"{where}: params{jax.tree_util.keystr(path)} has the wrong shape.",
-                    expected=str(tuple(e.shape)),
-                    got=str(tuple(np.shape(g))),
-                    fix=fix,
-                )
+        _core.check_params(params, init, input_shape, where=where)
         params = jax.tree.map(jnp.asarray, params)
     return nnx.data(jax.tree.map(nnx.Param, params))
 
