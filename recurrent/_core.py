@@ -475,7 +475,10 @@ def expected_params(init: Callable[[PRNGKey, Shape], Params], input_shape: Shape
     """What ``init(key, input_shape)`` makes, as a pytree of ``jax.ShapeDtypeStruct``: traced
     (never run) once per ``init`` and input shape, then cached while ``init`` lives."""
     input_shape = tuple(int(d) for d in input_shape)
-    per_shape = _EXPECTED_PARAMS.setdefault(init, {})
+    try:
+        per_shape = _EXPECTED_PARAMS.setdefault(init, {})
+    except TypeError:  # an `init` that cannot be weakly referenced: not cached
+        per_shape = {}
     if input_shape not in per_shape:
         per_shape[input_shape] = jax.eval_shape(lambda: init(jax.random.key(0), input_shape))
     return per_shape[input_shape]
