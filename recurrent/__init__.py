@@ -22,9 +22,21 @@ from recurrent._combinators import (
     stacked,
 )
 from recurrent._conv import ConvGRUParams, ConvLSTMParams, conv_gru, conv_lstm
-from recurrent._core import Cell, Layer, LSTMState, StepNoise, count_params
-from recurrent._cudnn import FallbackWarning
+from recurrent._core import (
+    Cell,
+    CellSpec,
+    Layer,
+    LSTMState,
+    SequenceKernel,
+    StepNoise,
+    cell_spec,
+    count_params,
+    make_cell,
+    noisy_input,
+    zoneout,
+)
 from recurrent._gru import GRU_GATES, GRULayerNormParams, GRUParams, gru
+from recurrent._kernels import FallbackWarning
 from recurrent._lstm import (
     CIFG_GATES,
     GREFF_VARIANTS,
@@ -48,6 +60,7 @@ __all__ = [
     "BidirectionalState",
     "CIFG_GATES",
     "Cell",
+    "CellSpec",
     "ChronoInit",
     "FallbackWarning",
     "ConvGRUParams",
@@ -63,9 +76,11 @@ __all__ = [
     "Layer",
     "LayerNormParams",
     "LearnedCarryParams",
+    "SequenceKernel",
     "StepNoise",
     "Trace",
     "bidirectional",
+    "cell_spec",
     "chrono_init",
     "cifg_lstm",
     "conv_gru",
@@ -75,9 +90,12 @@ __all__ = [
     "learned_initial_carry",
     "lstm",
     "lstm_variant",
+    "make_cell",
+    "noisy_input",
     "peephole_lstm",
     "reverse_sequences",
     "rnn",
     "stacked",
     "truncated_bptt",
+    "zoneout",
 ]

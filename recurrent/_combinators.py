@@ -9,20 +9,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from recurrent import _core
+from recurrent import _core, _kernels, _scan
 from recurrent._core import Cell, Layer
-from recurrent._rnn import (
-    _is_off,
-    _keep_mask,
-    check_lengths,
-    check_rate,
-    check_resets,
-    input_check,
-    reverse_sequences,
-    rnn,
-    scan_parts,
-    split_sequence_shape,
-)
+from recurrent._regularisers import check_rate
+from recurrent._regularisers import is_off as _is_off
+from recurrent._regularisers import keep_mask as _keep_mask
+from recurrent._rnn import rnn
+from recurrent._sequence import read_sequence, reverse_sequences
 
 
 class BidirectionalParams(NamedTuple):
@@ -62,10 +55,8 @@ def flipped(layer: Layer) -> Layer:
     where = f"reversed({layer.name})"
 
     def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
-        batch, T, _ = split_sequence_shape(xs, rank, time_major, where=where)
-        lengths = check_lengths(lengths, batch, T, where=where)
-        resets = check_resets(resets, batch, T, time_major, where=where)
-        axis = 0 if time_major else len(batch)
+        seq = read_sequence(xs, rank, lengths=lengths, resets=resets, time_major=time_major, where=where)
+        lengths, resets, T, axis = seq.lengths, seq.resets, seq.T, seq.time_axis
         flip = lambda a: reverse_sequences(a, lengths, axis)  # noqa: E731
         if resets is not None:  # in reversed order a segment starts where the next one started
             shifted = jnp.concatenate(
@@ -89,12 +80,12 @@ def flipped(layer: Layer) -> Layer:
         carry, ys = out
         return carry, flip(ys)
 
-    if input_check(layer) is not None:
-        apply._check_inputs = input_check(layer)
     # Its options say it is flipped: equal options mean the same function (stacked's scan over
     # equal layers relies on it), and a flipped layer is not its original.
     options = None if layer.options is None else _core.Options({"flipped": layer.options})
-    return layer._replace(apply=apply, name=f"reversed({layer.name})", reversed=lambda: layer, options=options)
+    return layer._replace(
+        apply=apply, name=f"reversed({layer.name})", reversed=lambda: layer, options=options, loop=None
+    )
 
 
 _MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
@@ -110,7 +101,7 @@ def bidirectional(
     backward: Cell | Layer | None = None,
     *,
     merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
-    one_scan: bool | str = "auto",
+    one_scan: bool | str = True,
 ) -> Layer:
     r"""A bidirectional layer (Schuster & Paliwal 1997): one direction forward in time, one backward.
 
@@ -139,12 +130,13 @@ def bidirectional(
         :func:`rnn`, one scan runs both step bodies (at step ``k`` the forward direction takes
         time ``k`` and the backward one time ``T-1-k``); other layers fall back to two scans.
         The values are the same either way (in training the dropout masks come from another
-        random stream). ``"auto"`` (the default) is one scan, as measured
-        (``benchmarks/README.md``): on an H200 one batched scan takes 0.52x the
+        random stream). One scan is the default because it was faster on every backend
+        measured (``benchmarks/README.md``): on an H200 one batched scan takes 0.52x the
         forward+backward time of two; on a quiet 2-core CPU the forward is 1.3-1.6x faster
-        and training 1.0-1.1x (1.16x with ``rnn(..., implementation="vjp")``, whose
-        hand-written backward pass is then batched over the two directions too). On a CPU
-        crowded by other processes two scans were faster: pass ``one_scan=False`` there.
+        and training 1.07-1.12x (1.16x with ``rnn(..., implementation="vjp")``, whose
+        hand-written backward pass is then batched over the two directions too). ``False``
+        runs two scans, one after the other (on a CPU crowded by other processes they were
+        faster). ``"auto"`` is accepted as another name of ``True``.
 
     Returns:
       A :class:`Layer` with parameters :class:`BidirectionalParams` ``(forward, backward)``
@@ -191,21 +183,22 @@ def bidirectional(
     if one_scan not in (True, False, "auto"):
         raise _core.error(
             f"{where}: unknown `one_scan`.",
-            expected='True, False or "auto"',
+            expected='True (one scan, the default), False (two scans), or "auto" (the same as True)',
             got=repr(one_scan),
-            fix='pass one_scan="auto" (one scan, the measured default), True or False.',
+            fix="pass one_scan=True or one_scan=False.",
         )
-    parts = scan_parts(fwd), scan_parts(bwd)
-    fused = parts if one_scan and None not in parts and not parts[0].reverse and parts[1].reverse else None
+    one = one_scan is not False
+    loops = fwd.loop, bwd.loop
+    directions = one and None not in loops and not loops[0].reverse and loops[1].reverse
     # Both directions the same rnn layer (but for the direction): one vmapped scan, so each
-    # step's two recurrent matmuls are one batched matmul.
-    strip = lambda o: None if o is None else {k: v for k, v in o.items() if k != "reverse"}  # noqa: E731
+    # step's two recurrent matmuls are one batched matmul (through each layer's own apply, so
+    # a kernel it runs with is batched too).
     batchable = (
-        fused is not None
-        and fwd.options is not None
-        and fwd.options.get("reverse") is False
-        and _core.same_options(strip(fwd.options), strip(bwd.options))
+        directions and loops[0].signature is not None and _core.same_options(loops[0].signature, loops[1].signature)
     )
+    # Otherwise both step bodies in one scan; not for layers that run a kernel (which the
+    # fused scan would bypass): those run as two layers, each taking its kernel or saying why not.
+    fused = loops if directions and all(loop.implementation == "scan" for loop in loops) else None
 
     def output_shape(input_shape):
         a, b = fwd.output_shape(input_shape), bwd.output_shape(input_shape)
@@ -229,9 +222,8 @@ def bidirectional(
 
     def check_inputs(params, xs):
         for layer, p in ((fwd, params.forward), (bwd, params.backward)):
-            check = input_check(layer)
-            if check is not None:
-                check(p, xs)
+            if layer.check_inputs is not None:
+                layer.check_inputs(p, xs)
 
     def initial_carry(params, x_shape):
         return BidirectionalState(
@@ -239,10 +231,9 @@ def bidirectional(
         )
 
     def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
-        batch, T, features = split_sequence_shape(xs, fwd.input_rank, time_major, where=where)
-        _core.check_params(params, init, features, where=where, inputs=lambda: check_inputs(params, xs))
-        lengths = check_lengths(lengths, batch, T, where=where)
-        resets = check_resets(resets, batch, T, time_major, where=where)
+        seq = read_sequence(xs, fwd.input_rank, lengths=lengths, resets=resets, time_major=time_major, where=where)
+        _core.check_params(params, init, seq.features, where=where, inputs=lambda: check_inputs(params, xs))
+        batch, T, lengths, resets = seq.batch, seq.T, seq.lengths, seq.resets
         if carry is not None and not (isinstance(carry, tuple) and len(carry) == 2):
             raise _core.error(
                 f"{where}: carry must be a (forward, backward) pair.",
@@ -253,7 +244,6 @@ def bidirectional(
         c_f, c_b = (None, None) if carry is None else carry
         k_f, k_b = (None, None) if key is None else jax.random.split(key)
         kw = dict(lengths=lengths, time_major=time_major, resets=resets, return_trace=return_trace)
-        one = one_scan is not False  # "auto": one scan on every backend
         same_shapes = one and batchable and _signature(params.forward) == _signature(params.backward)
         if same_shapes and resets is None and not return_trace:
             out_f, out_b = _batched_directions(fwd, params, xs, c_f, c_b, k_f, k_b, lengths, time_major, batch)
@@ -296,8 +286,8 @@ def bidirectional(
         name=f"bidirectional({fwd.name})",
         reversed=lambda: None,
         options=options,
+        check_inputs=check_inputs,
     )
-    apply._check_inputs = check_inputs
     return layer._replace(reversed=lambda: flipped(layer))
 
 
@@ -328,24 +318,25 @@ def _batched_directions(fwd, params, xs, c_f, c_b, k_f, k_b, lengths, time_major
     return (pick(0), ys[0]), (pick(1), reverse_sequences(ys[1], lengths, time_axis))
 
 
-def _one_scan(parts, params, xs, c_f, c_b, k_f, k_b, kw):
+def _one_scan(loops, params, xs, c_f, c_b, k_f, k_b, kw):
     """Both directions of a bidirectional layer in one ``lax.scan``: the backward direction's
     scan inputs are visited in reverse time order, which is exactly what its own reversed
     scan does, so every option (lengths, resets, regularisers, traces) keeps its meaning."""
-    (prep_f, _, unroll_f), (prep_b, _, unroll_b) = parts
-    carry_f, body_f, in_f, finish_f = prep_f(params.forward, xs, carry=c_f, key=k_f, **kw)
-    carry_b, body_b, in_b, finish_b = prep_b(params.backward, xs, carry=c_b, key=k_b, **kw)
+    loop_f = loops[0].prepare(params.forward, xs, carry=c_f, key=k_f, **kw)
+    loop_b = loops[1].prepare(params.backward, xs, carry=c_b, key=k_b, **kw)
     flip = lambda tree: jax.tree.map(lambda a: jnp.flip(a, 0), tree)  # noqa: E731
 
     def body(carry, inputs):
         (carry_f, carry_b), (x_f, x_b) = carry, inputs
-        carry_f, out_f = body_f(carry_f, x_f)
-        carry_b, out_b = body_b(carry_b, x_b)
+        carry_f, out_f = loop_f.body(carry_f, x_f)
+        carry_b, out_b = loop_b.body(carry_b, x_b)
         return (carry_f, carry_b), (out_f, out_b)
 
-    unroll = max(int(unroll_f), int(unroll_b))
-    (carry_f, carry_b), (out_f, out_b) = lax.scan(body, (carry_f, carry_b), (in_f, flip(in_b)), unroll=unroll)
-    return finish_f(carry_f, out_f), finish_b(carry_b, flip(out_b))
+    unroll = max(int(loops[0].unroll), int(loops[1].unroll))
+    (carry_f, carry_b), (out_f, out_b) = _scan.run_scan(
+        body, (loop_f.carry, loop_b.carry), (loop_f.inputs, flip(loop_b.inputs)), unroll=unroll
+    )
+    return loop_f.finish(carry_f, out_f), loop_b.finish(carry_b, flip(out_b))
 
 
 def _thread_shapes(items, input_shape, residual, where):
@@ -511,6 +502,12 @@ def stacked(
             output_shape=output_shape,
             input_rank=rank,
             name="stacked(" + ", ".join(c.name for c in cells) + ")",
+            options=(
+                None
+                if any(c.options is None for c in cells)
+                else {"stacked": tuple(c.options for c in cells), "residual": residual, "dropout": dropout}
+            ),
+            spec=_stacked_spec(cells),
         )
 
     layers = tuple(as_layer(item, where=where) for item in items)
@@ -523,9 +520,8 @@ def stacked(
         return tuple(layer.init(k, s) for layer, k, s in zip(layers, keys, shapes))
 
     def check_inputs(params, xs):
-        check = input_check(layers[0])
-        if check is not None:
-            check(params[0], xs)
+        if layers[0].check_inputs is not None:
+            layers[0].check_inputs(params[0], xs)
 
     def initial_carry(params, x_shape):
         x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
@@ -566,11 +562,10 @@ def stacked(
         return fn
 
     def apply(params, ys, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
-        batch, T, features = split_sequence_shape(ys, rank, time_major, where=where)
+        seq = read_sequence(ys, rank, lengths=lengths, resets=resets, time_major=time_major, where=where)
         check_tuple("params", params)
-        _core.check_params(params, init, features, where=where, inputs=lambda: check_inputs(params, ys))
-        lengths = check_lengths(lengths, batch, T, where=where)
-        resets = check_resets(resets, batch, T, time_major, where=where)
+        _core.check_params(params, init, seq.features, where=where, inputs=lambda: check_inputs(params, ys))
+        lengths, resets = seq.lengths, seq.resets
         if carry is not None:
             check_tuple("carry", carry)
         keys = None if key is None else jax.random.split(key, 2 * n)
@@ -601,7 +596,7 @@ def stacked(
                 None if keys is None else keys[n + start : n + stop],
                 jnp.arange(start, stop) > 0,
             )
-            ys, (cs, ts) = lax.scan(
+            ys, (cs, ts) = _scan.run_scan(
                 lambda ys, x: one(
                     start, *x[:4], ys, lengths, resets, x[4] if start == 0 else True, time_major, return_trace
                 ),
@@ -618,7 +613,6 @@ def stacked(
     def output_shape(input_shape):
         return _thread_shapes(layers, input_shape, residual, where)[-1]
 
-    apply._check_inputs = check_inputs
     return Layer(
         init=init,
         apply=apply,
@@ -629,6 +623,7 @@ def stacked(
         reversed=lambda: stacked(
             [layer.reversed() for layer in layers], residual=residual, dropout=dropout, scan_layers=scan_layers
         ),
+        check_inputs=check_inputs,
     )
 
 
@@ -711,4 +706,41 @@ def learned_initial_carry(cell: Cell, *, init: Any = jax.nn.initializers.zeros) 
         output_shape=cell.output_shape,
         input_rank=rank,
         name=f"learned_initial_carry({cell.name})",
+        options=None if cell.options is None else {"learned_initial_carry": cell.options, "init": init},
+        spec=_learned_carry_spec(cell.spec),
+    )
+
+
+def _learned_carry_spec(spec: _core.CellSpec) -> _core.CellSpec:
+    """The wrapped cell's spec, its parameters and kernels found under ``params.cell``."""
+    flags = spec.recurrent_kernels
+    return spec._replace(
+        recurrent_kernels=None
+        if flags is None
+        else lambda params: LearnedCarryParams(flags(params.cell), jax.tree.map(lambda _: False, params.carry)),
+        kernels=_core.Options(_kernels.within(spec.kernels, lambda params: params.cell)),
+    )
+
+
+def _stacked_spec(cells: Sequence[Cell]) -> _core.CellSpec:
+    """The spec of a stacked cell, whose carry and parameters are tuples with one entry per
+    layer: each layer's part as its own spec says (no kernels: a stack has none)."""
+    specs = [c.spec for c in cells]
+
+    def per_layer(get):
+        return lambda tree: tuple(None if get(s) is None else get(s)(t) for s, t in zip(specs, tree))
+
+    narrow = [s.compute_dtype for s in specs if s.compute_dtype is not None and _core.narrow_float(s.compute_dtype)]
+    return _core.CellSpec(
+        recurrent_input=None
+        if all(s.recurrent_input is None for s in specs)
+        else per_layer(lambda s: s.recurrent_input),
+        carry_roles=per_layer(lambda s: s.carry_roles),
+        recurrent_kernels=None
+        if all(s.recurrent_kernels is None for s in specs)
+        else lambda params: tuple(
+            jax.tree.map(lambda _: False, p) if s.recurrent_kernels is None else s.recurrent_kernels(p)
+            for s, p in zip(specs, params)
+        ),
+        compute_dtype=narrow[0] if narrow else None,
     )

@@ -359,6 +359,9 @@ def conv_lstm(
         input_rank=n + 1,
         name="conv_lstm",
         options=options,
+        spec=_core.cell_spec(
+            recurrent_input="h", cell_state=("c",), recurrent_kernels=("recurrent_kernel",), compute_dtype=dtype
+        ),
     )
 
 
@@ -449,7 +452,7 @@ def conv_gru(
 
     def probe(params, h_prev, xp, noise=None):
         cdt, sdt = _dtypes(params)
-        h = _core.noisy_input(noise, h_prev, None)  # the recurrent input; the update uses h_prev
+        h = _core.noisy_input(noise, h_prev)  # the recurrent input; the update uses h_prev
         U = params.recurrent_kernel.astype(cdt)
         norm = lambda v, sl: _normalize(v, params.layer_norm.recurrent_scale[sl].astype(sdt), None, n, eps)  # noqa: E731
         x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
@@ -481,4 +484,5 @@ def conv_gru(
         input_rank=n + 1,
         name="conv_gru",
         options=options,
+        spec=_core.cell_spec(recurrent_input=None, recurrent_kernels=("recurrent_kernel",), compute_dtype=dtype),
     )

@@ -31,8 +31,115 @@ Params = Any
 Carry = Any
 
 
+class SequenceKernel(NamedTuple):
+    """An exact implementation of a whole layer of one cell (a hand-written backward pass, a
+    cuDNN call), which a cell's factory attaches to its :class:`CellSpec` only where it computes
+    exactly what the scanned step computes.
+
+    Attributes:
+      apply: ``apply(params, xs_BTF, lengths_B, carry_B, *, hoist, unroll) -> (carry_B, ys_BTH)``
+        over one flattened batch axis, forward in time (the driver reverses sequences for a
+        reversed layer); padded outputs are zero and the carry is the one after each
+        sequence's last valid step.
+      reason: ``reason(params, xs) -> str | None``: why it cannot run on these parameters and
+        inputs (their dtypes, the backend), or ``None`` if it can.
+      batchable: whether it runs under ``jax.vmap`` (a cuDNN call does not).
+      remat: whether it honours ``rnn(..., remat=True)`` (a backward pass that stores every
+        step's gates does not, so the driver scans instead).
+    """
+
+    apply: Callable[..., tuple[Carry, jax.Array]]
+    reason: Callable[[Params, jax.Array], str | None] = lambda params, xs: None
+    batchable: bool = True
+    remat: bool = True
+
+
+class CellSpec(NamedTuple):
+    """What a cell declares about itself, so that the driver and the combinators never read a
+    cell's name, options or leaf names. Build one with :func:`cell_spec`.
+
+    Attributes:
+      recurrent_input: ``recurrent_input(carry) -> part`` picks the part of a carry-shaped tree
+        that the cell reads through its recurrent weights (``h``); recurrent dropout draws its
+        masks for that part and hands them to the cell as ``noise.recurrent``, which the cell
+        applies with :func:`noisy_input`. ``None``: the cell has no such input, and recurrent
+        dropout is refused.
+      carry_roles: ``carry_roles(carry) -> roles``, a tree like the carry with ``"hidden"``
+        (zoneout at ``zoneout``'s rate), ``"cell"`` (``zoneout_cell``'s rate) or ``"fixed"`` (never
+        zoned out) at each leaf.
+      recurrent_kernels: ``recurrent_kernels(params) -> flags``, a tree like the parameters,
+        True at the recurrent kernels that DropConnect drops; ``None``: DropConnect is refused.
+      kernels: exact whole-layer implementations by name (``"vjp"``, ``"cudnn"``, or a name of
+        the cell's own), a mapping from name to :class:`SequenceKernel`, or to a string that
+        says why the cell has none under that name (the driver's fallback warning repeats it).
+      compute_dtype: the compute dtype the cell was built with, if one was given (a 16-bit
+        float makes the driver keep float32 copies of the carry in the loop on CPU).
+    """
+
+    recurrent_input: Callable[[Any], Any] | None = None
+    carry_roles: Callable[[Carry], Any] = lambda carry: jax.tree.map(lambda _: "hidden", carry)
+    recurrent_kernels: Callable[[Params], Any] | None = None
+    kernels: Mapping[str, SequenceKernel | str] = types.MappingProxyType({})
+    compute_dtype: Any = None
+
+
+def _field(tree: Any, name: str | None) -> Any:
+    return tree if name is None else getattr(tree, name)
+
+
+def cell_spec(
+    *,
+    recurrent_input: str | None | bool = False,
+    cell_state: Sequence[str] = (),
+    fixed: Sequence[str] = (),
+    recurrent_kernels: Sequence[str] | None = None,
+    kernels: Mapping[str, SequenceKernel | str] | None = None,
+    compute_dtype: Any = None,
+) -> CellSpec:
+    """A :class:`CellSpec` from field names, for a cell whose carry and parameters are
+    named tuples (or a single array).
+
+    Args:
+      recurrent_input: the carry field read through the recurrent weights (``"h"``), ``None``
+        when the whole carry is (a GRU's array carry), or ``False`` for none.
+      cell_state: carry fields zoned out at ``zoneout_cell``'s rate (``("c",)``).
+      fixed: carry fields never zoned out.
+      recurrent_kernels: parameter fields that DropConnect drops (``("recurrent_kernel",)``).
+      kernels: exact whole-layer implementations by name.
+      compute_dtype: the compute dtype option of the cell.
+
+    >>> from recurrent import LSTMState, cell_spec
+    >>> spec = cell_spec(recurrent_input="h", cell_state=("c",), recurrent_kernels=("recurrent_kernel",))
+    >>> spec.carry_roles(LSTMState(h=0.0, c=0.0))
+    LSTMState(h='hidden', c='cell')
+    """
+    cell_state, fixed = tuple(cell_state), tuple(fixed)
+
+    def roles(carry):
+        if not hasattr(carry, "_fields"):
+            return jax.tree.map(lambda _: "hidden", carry)
+        role = lambda name: "cell" if name in cell_state else "fixed" if name in fixed else "hidden"  # noqa: E731
+        return type(carry)(*(jax.tree.map(lambda _, r=role(n): r, v) for n, v in zip(carry._fields, carry)))
+
+    def kernel_flags(params):
+        names = tuple(recurrent_kernels)
+        return type(params)(*(jax.tree.map(lambda _, hit=n in names: hit, v) for n, v in zip(params._fields, params)))
+
+    return CellSpec(
+        recurrent_input=None if recurrent_input is False else functools.partial(_field, name=recurrent_input),
+        carry_roles=roles,
+        recurrent_kernels=None if recurrent_kernels is None else kernel_flags,
+        kernels=Options(kernels or {}),
+        compute_dtype=compute_dtype,
+    )
+
+
 class Cell(NamedTuple):
     """One time step of a recurrent network: a bundle of pure functions.
+
+    A cell holds its primary parts only; ``step`` and ``recur`` are derived from ``project``
+    and ``probe`` where they are used, so replacing a part (``cell._replace(project=f)``)
+    changes every use of it.
 
     Attributes:
       init: ``init(key, input_shape) -> params``; ``input_shape`` is one step's input
@@ -40,39 +147,79 @@ class Cell(NamedTuple):
         positive sizes.
       initial_carry: ``initial_carry(params, x_shape) -> carry``; ``x_shape`` is one
         step's input shape *with* its leading batch axes (possibly none).
-      step: ``step(params, carry, x) -> (carry, y)``, the ``lax.scan`` body order.
-        Works on any number of leading batch axes. Parameters whose structure or shapes
-        differ from what ``init`` makes for ``x``'s feature shape raise at trace time.
       project: ``project(params, x) -> xp``, the part of a step that does not depend on
         the carry (the input-to-gates transform). It accepts any number of leading axes,
-        so the driver applies it to all time steps at once.
-      recur: ``recur(params, carry, xp, noise=None) -> (carry, y)``, the rest of the step.
-        ``step(p, c, x) == recur(p, c, project(p, x))`` always. ``noise`` is a
+        so the driver may apply it to all time steps at once.
+      probe: ``probe(params, carry, xp, noise=None) -> (carry, y, gates)``: the rest of the
+        step, also returning the step's gate activations (a dict from gate name to array, a
+        tuple of dicts for a stacked cell) for analysis and plots. ``noise`` is a
         :class:`StepNoise` the driver passes when regularisers are on.
       output_shape: ``output_shape(input_shape) -> shape`` of one step's output, without
         batch axes, so combinators can thread shapes without a forward pass.
       input_rank: number of trailing feature axes of one step's input (1 for dense
         cells, ``len(kernel_size) + 1`` for ConvLSTM).
       name: a short human-readable name, e.g. ``"lstm"``.
-      probe: ``probe(params, carry, xp, noise=None) -> (carry, y, gates)``: ``recur`` that
-        also returns the step's gate activations, a dict from gate name to array (a tuple of
-        dicts for a stacked cell), for analysis and plots.
       options: the options the cell was built with (a read-only mapping from argument name
         to value, e.g. ``{"hidden_size": 128, "peephole": False, ...}``), or ``None`` for
-        cells that do not record them. Converters and fast paths read it to tell a plain
-        cell from one with options that leave no trace in the parameters.
+        cells that do not record them. Equal options mean the same function (layers of
+        equal cells can share one traced function), and converters read them to tell a
+        plain cell from one with options that leave no trace in the parameters.
+      spec: the :class:`CellSpec`: what the driver needs to know about the cell.
+
+    Derived:
+      step: ``step(params, carry, x) -> (carry, y)``, the ``lax.scan`` body order; works on
+        any number of leading batch axes. ``step(p, c, x) == recur(p, c, project(p, x))``.
+        Parameters whose structure or shapes differ from what ``init`` makes for ``x``'s
+        feature shape raise at trace time.
+      recur: ``recur(params, carry, xp, noise=None) -> (carry, y)``: ``probe`` without the gates.
     """
 
     init: Callable[[PRNGKey, Shape], Params]
     initial_carry: Callable[[Params, Shape], Carry]
-    step: Callable[..., tuple[Carry, jax.Array]]
     project: Callable[[Params, jax.Array], jax.Array]
-    recur: Callable[..., tuple[Carry, jax.Array]]
+    probe: Callable[..., tuple[Carry, jax.Array, Any]]
     output_shape: Callable[[Shape], Shape]
     input_rank: int
     name: str
-    probe: Callable[..., tuple[Carry, jax.Array, Any]]
     options: Mapping[str, Any] | None = None
+    spec: CellSpec = CellSpec()
+
+    @property
+    def recur(self) -> Callable[..., tuple[Carry, jax.Array]]:
+        return _recur(self.probe)
+
+    @property
+    def step(self) -> Callable[..., tuple[Carry, jax.Array]]:
+        return _step(self.init, self.project, self.probe, self.input_rank, self.name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _recur(probe):
+    def recur(params, carry, xp, noise=None):
+        carry, y, _ = probe(params, carry, xp, noise)
+        return carry, y
+
+    return recur
+
+
+@functools.lru_cache(maxsize=4096)
+def _step(init, project, probe, input_rank, name):
+    """The step of a cell, made once per set of parts (so ``cell.step`` is the same function
+    each time it is read, and ``jax.jit(cell.step)`` caches)."""
+
+    def step(params, carry, x, noise=None):
+        if getattr(x, "ndim", -1) >= input_rank:  # else `project` says the input has too few axes
+            check_params(
+                params,
+                init,
+                x.shape[x.ndim - input_rank :],
+                where=f"{name}.step",
+                inputs=lambda: only_input_errors(jax.eval_shape, project, params, x),
+            )
+        carry, y, _ = probe(params, carry, project(params, x), noise)
+        return carry, y
+
+    return step
 
 
 def make_cell(
@@ -85,34 +232,27 @@ def make_cell(
     input_rank: int,
     name: str,
     options: Mapping[str, Any] | None = None,
+    spec: CellSpec | None = None,
 ) -> Cell:
-    """Builds a :class:`Cell` from its parts; ``recur`` and ``step`` are derived from
-    ``probe`` and ``project`` so the step semantics live in one function.
+    """Builds a :class:`Cell` from its parts. What every cell checks is added here, once:
+    ``init`` refuses input shapes that are not tuples of positive ints
+    (:func:`check_input_shape`), and ``step`` parameters that are not what ``init`` makes for
+    the input's feature shape (:func:`check_params`).
 
-    What every cell checks is added here, once: ``init`` refuses input shapes that are not
-    tuples of positive ints (:func:`check_input_shape`), and ``step`` refuses parameters that
-    are not what ``init`` makes for the input's feature shape (:func:`check_params`)."""
-
-    def recur(params, carry, xp, noise=None):
-        carry, y, _ = probe(params, carry, xp, noise)
-        return carry, y
+    Args:
+      init, initial_carry, project, probe, output_shape, input_rank, name, options: the
+        :class:`Cell`'s parts.
+      spec: what the cell declares about itself (:func:`cell_spec`); by default it declares no
+        recurrent input, no recurrent kernels and no kernels, and zoneout treats every carry
+        leaf as hidden state.
+    """
 
     def checked_init(key, input_shape):
         return init(key, check_input_shape(input_shape, where=f"{name}.init"))
 
-    def step(params, carry, x, noise=None):
-        if getattr(x, "ndim", -1) >= input_rank:  # else `project` says the input has too few axes
-            check_params(
-                params,
-                checked_init,
-                x.shape[x.ndim - input_rank :],
-                where=f"{name}.step",
-                inputs=lambda: only_input_errors(jax.eval_shape, project, params, x),
-            )
-        return recur(params, carry, project(params, x), noise)
-
     options = None if options is None else Options(options)
-    return Cell(checked_init, initial_carry, step, project, recur, output_shape, input_rank, name, probe, options)
+    spec = spec or CellSpec()
+    return Cell(checked_init, initial_carry, project, probe, output_shape, input_rank, name, options, spec)
 
 
 class Options(Mapping):
@@ -149,9 +289,10 @@ class StepNoise(NamedTuple):
     """Regularisation noise for one step, built by the driver (:func:`recurrent.rnn`).
 
     Attributes:
-      recurrent: ``None``, or multiplicative masks shaped like the carry; a cell multiplies
-        its recurrent input (``h``) by the mask of ``h`` before the recurrent transform
-        (variational dropout, Gal & Ghahramani 2016).
+      recurrent: ``None``, or multiplicative masks shaped like the cell's recurrent input
+        (the part of the carry its :attr:`CellSpec.recurrent_input` picks: ``h``); the cell
+        multiplies its recurrent input by it before the recurrent transform, with
+        :func:`noisy_input` (variational dropout, Gal & Ghahramani 2016).
       zoneout: ``None``, or values ``d`` shaped like the carry (scalars broadcast): each
         carry entry becomes ``d * old + (1 - d) * new`` (zoneout, Krueger et al. 2017), with
         ``d`` a Bernoulli mask in training and the rate at evaluation.
@@ -164,12 +305,12 @@ class StepNoise(NamedTuple):
     key: jax.Array | None = None
 
 
-def noisy_input(noise: StepNoise | None, h: jax.Array, field: str | None = "h") -> jax.Array:
-    """The recurrent input ``h`` with the variational dropout mask applied, if any."""
+def noisy_input(noise: StepNoise | None, h: jax.Array) -> jax.Array:
+    """The recurrent input ``h`` with its variational dropout mask applied, if any: the mask
+    is the part of the carry that the cell's :attr:`CellSpec.recurrent_input` picks."""
     if noise is None or noise.recurrent is None:
         return h
-    mask = noise.recurrent if field is None else getattr(noise.recurrent, field)
-    return h * mask.astype(h.dtype)
+    return h * noise.recurrent.astype(h.dtype)
 
 
 def zoneout(noise: StepNoise | None, old: Carry, new: Carry) -> Carry:
@@ -214,6 +355,12 @@ class Layer(NamedTuple):
         options compute the same function, which lets :func:`~recurrent.stacked` run a run of
         equal layers through one traced function, or scan it over stacked parameters. A
         layer made by hand with ``layer._replace(apply=...)`` must drop or change them.
+      loop: for a layer made by :func:`~recurrent.rnn`, the :class:`ScanLoop` that ``apply``
+        runs, so a combinator can run several such loops in one ``lax.scan`` (both
+        directions of :func:`~recurrent.bidirectional`); ``None`` for other layers.
+      check_inputs: ``check_inputs(params, xs)`` raises the library's error for inputs of
+        another feature shape than ``params`` were made for (used by combinators to report
+        that before a parameter mismatch); ``None`` if the layer has no such check.
     """
 
     init: Callable[[PRNGKey, Shape], Params]
@@ -224,6 +371,33 @@ class Layer(NamedTuple):
     name: str
     reversed: Callable[[], Layer]
     options: Mapping[str, Any] | None = None
+    loop: ScanLoop | None = None
+    check_inputs: Callable[[Params, jax.Array], None] | None = None
+
+
+class Loop(NamedTuple):
+    """Everything of a layer's ``apply`` but the ``lax.scan``: ``finish(*run_scan(body, carry,
+    inputs, ...))`` is its result. The body takes the true time index among its inputs, so
+    a combinator may scan several loops in one ``lax.scan``."""
+
+    carry: Carry
+    body: Callable[[Carry, Any], tuple[Carry, Any]]
+    inputs: Any
+    finish: Callable[[Carry, Any], Any]
+
+
+class ScanLoop(NamedTuple):
+    """How a layer made by :func:`~recurrent.rnn` runs: ``prepare(params, xs, **apply_kwargs)
+    -> Loop``, the scan's direction and unroll, and ``signature``: the layer's options without
+    its direction (equal signatures: the same step, so two directions can share one batched
+    scan), or ``None`` if unknown; ``implementation``: the layer's ``implementation``, whose
+    kernel a fused scan would bypass (so a combinator fuses ``"scan"`` loops only)."""
+
+    prepare: Callable[..., Loop]
+    reverse: bool
+    unroll: int | bool
+    signature: Mapping[str, Any] | None = None
+    implementation: str = "scan"
 
 
 def same_options(a: Any, b: Any) -> bool:

@@ -14,68 +14,22 @@ vector with all weights first and all biases after. Our one bias goes to ``b_ih`
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from recurrent import _kernels
 from recurrent._core import Cell, LSTMState
 
-IMPLEMENTATIONS = ("scan", "cudnn", "vjp")
-
-
-class FallbackWarning(UserWarning):
-    """A requested fast path (``rnn(..., implementation="cudnn")``) does not apply, and the
-    portable ``lax.scan`` implementation runs instead; the message says why."""
-
-
-# The options of a plain LSTM: any other value changes the step's maths.
-_PLAIN = {
-    "peephole": False,
-    "coupled": False,
-    "input_gate": True,
-    "forget_gate": True,
-    "output_gate": True,
-    "gate_recurrence": False,
-    "proj_size": None,
-    "layer_norm": False,
-    "cell_clip": None,
-    "proj_clip": None,
-}
-
-# The LSTM options implementation="vjp" computes too (the peephole and CIFG LSTMs).
-_VJP_EXTRA = ("peephole", "coupled")
-
-# The options of the GRU that implementation="vjp" computes.
-_DEFAULT_GRU = {"reset_after": True, "layer_norm": False}
+IMPLEMENTATIONS = _kernels.IMPLEMENTATIONS
+FallbackWarning = _kernels.FallbackWarning
 
 
 def cell_reason(cell: Cell, implementation: str = "cudnn") -> str | None:
-    """Why ``cell`` cannot run with ``implementation`` (``None`` if it can), from its recorded
-    options: both fast paths compute the plain LSTM (cuDNN in float32; ``"vjp"`` in any
-    compute dtype), and ``"vjp"`` also its peephole and CIFG variants and the default GRU
-    (``reset_after=True``, no layer norm)."""
-    what = "cuDNN runs" if implementation == "cudnn" else f'implementation="{implementation}" covers'
-    options = cell.options
-    if implementation == "vjp" and cell.name == "gru" and options is not None:
-        odd = {k: options[k] for k, v in _DEFAULT_GRU.items() if options[k] != v}
-        return f"{what} the GRU with reset_after=True and no layer norm only; this cell has {odd}" if odd else None
-    if options is None or not all(k in options for k in _PLAIN):  # not the LSTM family (e.g. conv_lstm)
-        plain = "LSTM (plain, peephole, CIFG) and the GRU" if implementation == "vjp" else "plain LSTM"
-        return f"{what} the {plain} only, and {cell.name!r} is not one"
-    covered = _PLAIN if implementation == "cudnn" else {k: v for k, v in _PLAIN.items() if k not in _VJP_EXTRA}
-    odd = {k: options[k] for k, v in covered.items() if options[k] is not v and options[k] != v}
-    if options["input_activation"] is not jnp.tanh or options["output_activation"] is not jnp.tanh:
-        odd["activations"] = "not tanh"
-    if implementation == "cudnn":
-        if options["dtype"] not in (None, jnp.float32) or options["param_dtype"] not in (jnp.float32, "float32"):
-            odd["dtype"] = f"{options['dtype']}/{options['param_dtype']}"
-    if odd:
-        if implementation == "vjp":
-            return f"{what} the plain, peephole and CIFG LSTMs only; this cell has {odd}"
-        return f"{what} the plain float32 LSTM only; this cell has {odd}"
-    return None
+    """Why ``cell`` cannot run with ``implementation`` (``None`` if it can), as its spec declares."""
+    kernel = _kernels.declared(cell.spec, cell.name, implementation)
+    return kernel if isinstance(kernel, str) else None
 
 
 def backend_reason() -> str | None:
@@ -90,15 +44,6 @@ def backend_reason() -> str | None:
     if getattr(jrnn, "gpu_rnn", None) is None:  # pragma: no cover - a ROCm or CPU-only jaxlib
         return "this jaxlib has no cuDNN RNN kernels (jax.experimental.rnn.gpu_rnn is missing)"
     return None
-
-
-def warn(reason: str, implementation: str = "cudnn") -> None:
-    warnings.warn(
-        f'rnn(..., implementation="{implementation}") fell back to the lax.scan implementation: {reason}. '
-        "The results are the same; only the speed differs.",
-        FallbackWarning,
-        stacklevel=4,
-    )
 
 
 def pack_weights(params: Any) -> jax.Array:

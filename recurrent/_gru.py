@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from recurrent import _core
+from recurrent import _core, _kernels
 from recurrent._core import Cell
 from recurrent._lstm import (
     Initializer,
@@ -198,7 +198,7 @@ def gru(
         cdt, sdt = _dtypes(params)
         U = params.recurrent_kernel.astype(cdt)
         x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
-        h = _core.noisy_input(noise, h_prev, None)  # the recurrent input; the update uses h_prev
+        h = _core.noisy_input(noise, h_prev)  # the recurrent input; the update uses h_prev
         h_c = h.astype(cdt)
         ln = params.layer_norm
         norm = lambda v, scale: normalize(v, scale.astype(sdt), eps=layer_norm_epsilon) if layer_norm else v  # noqa: E731
@@ -233,4 +233,10 @@ def gru(
         input_rank=1,
         name="gru",
         options=options,
+        spec=_core.cell_spec(
+            recurrent_input=None,  # the carry is h itself
+            recurrent_kernels=("recurrent_kernel",),
+            kernels=_kernels.gru_kernels(options, GRUParams),
+            compute_dtype=dtype,
+        ),
     )

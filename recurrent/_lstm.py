@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recurrent import _core
+from recurrent import _core, _kernels
 from recurrent._core import Cell, LSTMState
 
 Initializer = jax.nn.initializers.Initializer
@@ -484,7 +484,7 @@ def _lstm_family(
 
     def probe(params, carry, xp, noise=None):
         cdt, sdt = _dtypes(params)
-        h, c = _core.noisy_input(noise, carry[0]), carry[1]
+        h, c = _core.noisy_input(noise, carry.h), carry.c
         rec = _core.matmul(h.astype(cdt), params.recurrent_kernel.astype(cdt), sdt)
         if layer_norm:
             rec = normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), eps=layer_norm_epsilon)
@@ -546,6 +546,14 @@ def _lstm_family(
     def output_shape(input_shape):
         return (R,)
 
+    spec = _core.cell_spec(
+        recurrent_input="h",
+        cell_state=("c",),
+        fixed=("gates",),  # the full gate recurrence's previous gates: no zoneout
+        recurrent_kernels=("recurrent_kernel",),
+        kernels=_kernels.lstm_kernels(options, LSTMParams),
+        compute_dtype=dtype,
+    )
     return _core.make_cell(
         init=init,
         initial_carry=initial_carry,
@@ -555,6 +563,7 @@ def _lstm_family(
         input_rank=1,
         name=name,
         options=options,
+        spec=spec,
     )
 
 

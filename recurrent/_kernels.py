@@ -1,0 +1,176 @@
+"""Exact whole-layer implementations that cells declare in their :class:`~recurrent.CellSpec`:
+the hand-written backward pass (``"vjp"``: :mod:`recurrent._fastlstm`, :mod:`recurrent._fastgru`)
+and cuDNN (``"cudnn"``: :mod:`recurrent._cudnn`), chosen with ``rnn(..., implementation=...)``.
+
+A factory attaches a :class:`~recurrent.SequenceKernel` under a name only where it computes
+exactly what the scanned step computes; otherwise it records, under the same name, why not
+(a string), which the driver's :class:`FallbackWarning` repeats. The driver asks the spec, never
+the cell's name or options.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from recurrent import _core
+from recurrent._core import SequenceKernel
+
+IMPLEMENTATIONS = ("scan", "cudnn", "vjp")
+
+#: Which of the library's cells declare each kernel (for the messages of cells that do not).
+COVERED = {
+    "vjp": "the LSTM (plain, peephole, CIFG) and the GRU only",
+    "cudnn": "the plain LSTM only",
+}
+
+
+class FallbackWarning(UserWarning):
+    """A requested fast path (``rnn(..., implementation="cudnn")``) does not apply, and the
+    portable ``lax.scan`` implementation runs instead; the message says why."""
+
+
+def warn(reason: str, implementation: str) -> None:
+    warnings.warn(
+        f'rnn(..., implementation="{implementation}") fell back to the lax.scan implementation: {reason}. '
+        "The results are the same; only the speed differs.",
+        FallbackWarning,
+        stacklevel=4,
+    )
+
+
+def what(implementation: str) -> str:
+    return "cuDNN runs" if implementation == "cudnn" else f'implementation="{implementation}" covers'
+
+
+def declared(spec: _core.CellSpec, name: str, implementation: str) -> SequenceKernel | str:
+    """The kernel a cell's spec declares for ``implementation``, or why there is none."""
+    kernel = spec.kernels.get(implementation)
+    if kernel is None:
+        covered = COVERED.get(implementation, "the cells that declare it in their spec")
+        return f"{what(implementation)} {covered}, and {name!r} declares no such kernel"
+    return kernel
+
+
+# --------------------------------------------------------------------------------------
+# What the factories attach.
+
+# The options of a plain LSTM: any other value changes the step's maths.
+_PLAIN_LSTM = {
+    "peephole": False,
+    "coupled": False,
+    "input_gate": True,
+    "forget_gate": True,
+    "output_gate": True,
+    "gate_recurrence": False,
+    "proj_size": None,
+    "layer_norm": False,
+    "cell_clip": None,
+    "proj_clip": None,
+}
+# The LSTM options implementation="vjp" computes too (the peephole and CIFG LSTMs).
+_VJP_EXTRA = ("peephole", "coupled")
+
+
+def _odd(options: Mapping[str, Any], plain: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: options[k] for k, v in plain.items() if options[k] is not v and options[k] != v}
+
+
+def lstm_kernels(options: Mapping[str, Any], params_type: type) -> dict[str, SequenceKernel | str]:
+    """The kernels of an LSTM-family cell built with ``options``: ``"vjp"`` for the plain,
+    peephole and CIFG LSTMs with tanh activations (any compute dtype), ``"cudnn"`` for the plain
+    float32 LSTM; for other options, why not."""
+    tanh = options["input_activation"] is jnp.tanh and options["output_activation"] is jnp.tanh
+    vjp_odd = _odd(options, {k: v for k, v in _PLAIN_LSTM.items() if k not in _VJP_EXTRA})
+    cudnn_odd = _odd(options, _PLAIN_LSTM)
+    if not tanh:
+        vjp_odd["activations"] = cudnn_odd["activations"] = "not tanh"
+    if options["dtype"] not in (None, jnp.float32) or options["param_dtype"] not in (jnp.float32, "float32"):
+        cudnn_odd["dtype"] = f"{options['dtype']}/{options['param_dtype']}"
+    dtype, coupled = options["dtype"], options["coupled"]
+    kernels: dict[str, SequenceKernel | str] = {}
+    if vjp_odd:
+        kernels["vjp"] = f"{what('vjp')} the plain, peephole and CIFG LSTMs only; this cell has {vjp_odd}"
+    else:
+
+        def vjp(params, xs_BTF, lengths_B, carry_B, *, hoist, unroll):
+            from recurrent import _fastlstm
+
+            cdt = _core.compute_dtype(dtype, params.input_kernel)
+            return _fastlstm.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt, unroll, coupled=coupled)
+
+        kernels["vjp"] = SequenceKernel(vjp, _vjp_reason(params_type), remat=False)
+    if cudnn_odd:
+        kernels["cudnn"] = f"{what('cudnn')} the plain float32 LSTM only; this cell has {cudnn_odd}"
+    else:
+        kernels["cudnn"] = cudnn_kernel(params_type)
+    return kernels
+
+
+def gru_kernels(options: Mapping[str, Any], params_type: type) -> dict[str, SequenceKernel | str]:
+    """The kernels of a GRU built with ``options``: ``"vjp"`` with ``reset_after=True`` and no
+    layer norm; no cuDNN kernel."""
+    odd = _odd(options, {"reset_after": True, "layer_norm": False})
+    if odd:
+        return {"vjp": f"{what('vjp')} the GRU with reset_after=True and no layer norm only; this cell has {odd}"}
+    dtype = options["dtype"]
+
+    def vjp(params, xs_BTF, lengths_B, carry_B, *, hoist, unroll):
+        from recurrent import _fastgru
+
+        cdt = _core.compute_dtype(dtype, params.input_kernel)
+        return _fastgru.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt, unroll)
+
+    return {"vjp": SequenceKernel(vjp, _vjp_reason(params_type), remat=False)}
+
+
+def _vjp_reason(params_type: type):
+    def reason(params, xs):
+        if not isinstance(params, params_type):
+            return f"the parameters are a {type(params).__name__}"
+        if xs.dtype != params.input_kernel.dtype:
+            return f"inputs {xs.dtype} and parameters {params.input_kernel.dtype} differ"
+        return None
+
+    return reason
+
+
+def cudnn_kernel(params_type: type) -> SequenceKernel:
+    """One plain float32 LSTM layer as one cuDNN call (:mod:`recurrent._cudnn`)."""
+
+    def apply(params, xs_BTF, lengths_B, carry_B, *, hoist, unroll):
+        from recurrent import _cudnn
+
+        return _cudnn.apply(params, xs_BTF, lengths_B, carry_B)
+
+    def reason(params, xs):
+        from recurrent import _cudnn
+
+        why = _cudnn.backend_reason()
+        if why is None and not isinstance(params, params_type):
+            why = f"the parameters are a {type(params).__name__}"
+        if why is None and (xs.dtype != jnp.float32 or params.input_kernel.dtype != jnp.float32):
+            why = f"cuDNN runs float32 here, got inputs {xs.dtype}, parameters {params.input_kernel.dtype}"
+        return why
+
+    return SequenceKernel(apply, reason, batchable=False)
+
+
+def within(kernels: Mapping[str, SequenceKernel | str], part: Any) -> dict[str, SequenceKernel | str]:
+    """The kernels of a wrapped cell for a wrapper whose parameters hold the wrapped cell's at
+    ``part(params)`` (e.g. :func:`~recurrent.learned_initial_carry`)."""
+    out: dict[str, SequenceKernel | str] = {}
+    for name, kernel in kernels.items():
+        if isinstance(kernel, str):
+            out[name] = kernel
+            continue
+        out[name] = SequenceKernel(
+            lambda params, *args, _k=kernel, **kwargs: _k.apply(part(params), *args, **kwargs),
+            lambda params, xs, _k=kernel: _k.reason(part(params), xs),
+            kernel.batchable,
+            kernel.remat,
+        )
+    return out
