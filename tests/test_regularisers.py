@@ -65,13 +65,17 @@ def probe_cell() -> recurrent.Cell:
         kernel = jnp.broadcast_to(params.recurrent_kernel, (*xp.shape[:-1], K))
         return carry, jnp.concatenate([xp, carry * mask, kernel], axis=-1), {}
 
-    def recur(params, carry, xp, noise=None):
-        return probe(params, carry, xp, noise)[:2]
-
-    def step(params, carry, x, noise=None):
-        return recur(params, carry, project(params, x), noise)
-
-    return recurrent.Cell(init, initial_carry, step, project, recur, lambda s: (2 * s[-1] + K,), 1, "probe", probe)
+    return recurrent.make_cell(
+        init=init,
+        initial_carry=initial_carry,
+        project=project,
+        probe=probe,
+        output_shape=lambda s: (2 * s[-1] + K,),
+        input_rank=1,
+        name="probe",
+        # its whole carry is its recurrent input; DropConnect acts on its recurrent_kernel
+        spec=recurrent.cell_spec(recurrent_input=None, recurrent_kernels=("recurrent_kernel",)),
+    )
 
 
 PROBE = probe_cell()
