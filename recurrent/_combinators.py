@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -437,7 +438,6 @@ def stacked(
     for item in items:
         as_layer(item, where=where)  # type check with a clear error
     dropout = check_rate("dropout", dropout, where=where)
-    dropping = not _is_off(dropout)
     n = len(items)
     if not isinstance(scan_layers, bool):
         raise _core.error(
@@ -447,70 +447,82 @@ def stacked(
             fix="pass scan_layers=True to scan runs of equal layers over stacked parameters (very deep stacks).",
         )
 
-    def check_tuple(what, value):
-        if not isinstance(value, tuple) or len(value) != n:
-            raise _core.error(
-                f"{where}: {what} must be a tuple with one entry per layer.",
-                expected=f"a tuple of {n}",
-                got=f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}",
-                fix=f"use the {what} made by this stack's init / initial_carry, or returned by it.",
-            )
-
+    check_tuple = functools.partial(_check_tuple, n=n, where=where)
     if all(isinstance(item, Cell) for item in items):
-        cells = items
-        rank = cells[0].input_rank
+        return _stacked_cells(items, residual, dropout, check_tuple, where)
+    layers = tuple(as_layer(item, where=where) for item in items)
+    return _stacked_layers(layers, residual, dropout, scan_layers, check_tuple, where)
 
-        def init(key, input_shape):
-            input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
-            shapes = _thread_shapes(cells, input_shape, residual, where)
-            keys = jax.random.split(key, n)
-            return tuple(c.init(k, s) for c, k, s in zip(cells, keys, shapes))
 
-        def initial_carry(params, x_shape):
-            x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
-            batch, features = x_shape[: len(x_shape) - rank], x_shape[len(x_shape) - rank :]
-            shapes = _thread_shapes(cells, features, residual, where)
-            return tuple(c.initial_carry(p, (*batch, *s)) for c, p, s in zip(cells, params, shapes))
-
-        def project(params, x):
-            return cells[0].project(params[0], x)
-
-        def probe(params, carry, xp, noise=None):
-            check_tuple("params", params)
-            check_tuple("carry", carry)
-            new, gates, y = [], [], None
-            for i, (cell, p, c) in enumerate(zip(cells, params, carry)):
-                layer_noise = _core.split_noise(noise, i)
-                if i > 0:
-                    if dropping and layer_noise is not None and layer_noise.key is not None:
-                        y = y * _keep_mask(layer_noise.key, dropout, y.shape, y.dtype)
-                    xp = cell.project(p, y)
-                c, out, g = cell.probe(p, c, xp, layer_noise)
-                y = out + y if residual and i > 0 else out
-                new.append(c)
-                gates.append(g)
-            return tuple(new), y, tuple(gates)
-
-        def output_shape(input_shape):
-            return _thread_shapes(cells, input_shape, residual, where)[-1]
-
-        return _core.make_cell(
-            init=init,
-            initial_carry=initial_carry,
-            project=project,
-            probe=probe,
-            output_shape=output_shape,
-            input_rank=rank,
-            name="stacked(" + ", ".join(c.name for c in cells) + ")",
-            options=(
-                None
-                if any(c.options is None for c in cells)
-                else {"stacked": tuple(c.options for c in cells), "residual": residual, "dropout": dropout}
-            ),
-            spec=_stacked_spec(cells),
+def _check_tuple(what, value, *, n, where):
+    if not isinstance(value, tuple) or len(value) != n:
+        raise _core.error(
+            f"{where}: {what} must be a tuple with one entry per layer.",
+            expected=f"a tuple of {n}",
+            got=f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}",
+            fix=f"use the {what} made by this stack's init / initial_carry, or returned by it.",
         )
 
-    layers = tuple(as_layer(item, where=where) for item in items)
+
+def _stacked_cells(cells, residual, dropout, check_tuple, where) -> Cell:
+    """``stacked`` of cells: a cell whose one step advances every layer."""
+    n, dropping = len(cells), not _is_off(dropout)
+    rank = cells[0].input_rank
+
+    def init(key, input_shape):
+        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
+        shapes = _thread_shapes(cells, input_shape, residual, where)
+        keys = jax.random.split(key, n)
+        return tuple(c.init(k, s) for c, k, s in zip(cells, keys, shapes))
+
+    def initial_carry(params, x_shape):
+        x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
+        batch, features = x_shape[: len(x_shape) - rank], x_shape[len(x_shape) - rank :]
+        shapes = _thread_shapes(cells, features, residual, where)
+        return tuple(c.initial_carry(p, (*batch, *s)) for c, p, s in zip(cells, params, shapes))
+
+    def project(params, x):
+        return cells[0].project(params[0], x)
+
+    def probe(params, carry, xp, noise=None):
+        check_tuple("params", params)
+        check_tuple("carry", carry)
+        new, gates, y = [], [], None
+        for i, (cell, p, c) in enumerate(zip(cells, params, carry)):
+            layer_noise = _core.split_noise(noise, i)
+            if i > 0:
+                if dropping and layer_noise is not None and layer_noise.key is not None:
+                    y = y * _keep_mask(layer_noise.key, dropout, y.shape, y.dtype)
+                xp = cell.project(p, y)
+            c, out, g = cell.probe(p, c, xp, layer_noise)
+            y = out + y if residual and i > 0 else out
+            new.append(c)
+            gates.append(g)
+        return tuple(new), y, tuple(gates)
+
+    def output_shape(input_shape):
+        return _thread_shapes(cells, input_shape, residual, where)[-1]
+
+    return _core.make_cell(
+        init=init,
+        initial_carry=initial_carry,
+        project=project,
+        probe=probe,
+        output_shape=output_shape,
+        input_rank=rank,
+        name="stacked(" + ", ".join(c.name for c in cells) + ")",
+        options=(
+            None
+            if any(c.options is None for c in cells)
+            else {"stacked": tuple(c.options for c in cells), "residual": residual, "dropout": dropout}
+        ),
+        spec=_stacked_spec(cells),
+    )
+
+
+def _stacked_layers(layers, residual, dropout, scan_layers, check_tuple, where) -> Layer:
+    """``stacked`` of layers: each layer over the whole sequence in turn."""
+    n, dropping = len(layers), not _is_off(dropout)
     rank = layers[0].input_rank
 
     def init(key, input_shape):
