@@ -21,3 +21,16 @@ if jax.default_backend() != "cpu":
 collect_ignore = [
     f"recurrent/interop/_{peer}.py" for peer in ("keras", "torch") if importlib.util.find_spec(peer) is None
 ]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _clear_jax_caches():
+    """Each test worker compiles thousands of small programs; JAX keeps every executable and trace
+    cached for the life of the process. Dropping them after each test module keeps a worker's
+    memory flat over the whole suite (XLA's CPU compiler crashed in workers that had grown to
+    several GB)."""
+    yield
+    jax.clear_caches()
