@@ -384,11 +384,6 @@ def _kernel_apply(s: _Settings, implementation, kernel, params, xs, lengths, car
     return seq.unflat(carry), seq.from_batch_first(ys)
 
 
-def scan_loop(layer: Layer) -> ScanLoop | None:
-    """The :class:`~recurrent._core.ScanLoop` of a layer made by :func:`rnn`, else ``None``."""
-    return layer.loop
-
-
 def truncated_bptt(
     step_fn: Callable[[Any, Any, Any], tuple[Any, Any, Any]],
     state: Any,
