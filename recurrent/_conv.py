@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -13,32 +13,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from recurrent import _core
-from recurrent._core import Cell, LSTMState
-from recurrent._gru import GRU_GATES, GRULayerNormParams
-from recurrent._lstm import (
-    LSTM_GATES,
-    Initializer,
-    LayerNormParams,
-    fused_blocks,
-    init_bias,
-    init_recurrent_bias,
-    lstm_gates,
-    lstm_pointwise,
-    project_input,
-    resolve_forget_bias,
-)
+from recurrent._core import Cell
+from recurrent._gru import GRULayerNormParams, _gru_family
+from recurrent._lstm import Initializer, LayerNormParams, _lstm_family, lstm_pointwise
 
 
 class ConvLSTMParams(NamedTuple):
-    """Parameters of a ConvLSTM with ``n = len(kernel_size)`` spatial axes.
+    """Parameters of a ConvLSTM with ``n = len(kernel_size)`` spatial axes and ``G`` gate blocks
+    (4 for the full set, 3 without one).
 
     Attributes:
-      input_kernel: ``(*kernel_size, C, 4H)``, input-to-state convolution, gate blocks in
-        ``LSTM_GATES`` order (i, f, g, o).
-      recurrent_kernel: ``(*kernel_size, H, 4H)``, state-to-state convolution.
-      bias: ``(4H,)``.
+      input_kernel: ``(*kernel_size, C, G*H)``, input-to-state convolution, gate blocks in
+        ``LSTM_GATES`` order (i, f, g, o) with absent gates dropped (``CIFG_GATES`` for CIFG).
+      recurrent_kernel: ``(*kernel_size, H, G*H)``, state-to-state convolution.
+      bias: ``(G*H,)``.
       peephole_input, peephole_forget, peephole_output: ``(*S, H)`` Hadamard peepholes
         (one weight per position and channel, as in the paper), or ``None``.
+      layer_norm: :class:`LayerNormParams` of per-channel gains, or ``None``.
     """
 
     input_kernel: jax.Array
@@ -152,13 +143,44 @@ def _normalize(x, scale, offset, n, eps):
     return y if offset is None else y + offset
 
 
-class _Spatial(NamedTuple):
-    """Validated spatial settings shared by the convolutional cells."""
+class ConvTransform(NamedTuple):
+    """The transform of the convolutional cells: a 'same' convolution (:func:`_conv`) over
+    ``len(kernel_size)`` spatial axes, channels last, where the dense cells have a matmul; the
+    protocol is :class:`recurrent._lstm.DenseTransform`'s.
+
+    Layer normalisation takes its statistics over a step's spatial and channel axes, with a gain
+    (and offset) per channel, so its parameters do not depend on the spatial size. Peepholes are
+    ``(*S, H)``, one weight per position and channel: the Hadamard product of Shi et al. 2015."""
 
     where: str
-    H: int
     kernel_size: tuple[int, ...]
-    n: int
+
+    sequence_kernels = False  # the whole-layer kernels run matmuls
+
+    @property
+    def n(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def input_rank(self) -> int:
+        return self.n + 1
+
+    def split(self, input_shape):
+        input_shape = _core.check_shape("input_shape", input_shape, where=f"{self.where}.init")
+        self.check_input_shape(input_shape, "init")
+        return tuple(input_shape[:-1]), input_shape[-1]
+
+    def kernel_shape(self, fan_in, fan_out):
+        return (*self.kernel_size, fan_in, fan_out)
+
+    def apply(self, x, kernel, out_dtype):
+        return _conv(x, kernel, self.n, out_dtype)
+
+    def norm(self, x, scale, offset=None, *, eps):
+        return _normalize(x, scale, offset, self.n, eps)
+
+    def output_shape(self, input_shape, size):
+        return (*tuple(input_shape)[:-1], size)
 
     def check_input_shape(self, input_shape, what):
         if len(input_shape) != self.n + 1:
@@ -191,9 +213,14 @@ class _Spatial(NamedTuple):
                 x, (*x.shape[x.ndim - self.n - 1 : -1], C), where=self.where, fix="give inputs with C channels last."
             )
 
+    @staticmethod
+    def lstm_pointwise(*args):
+        return lstm_pointwise(*args)  # read from this module when traced
 
-def _spatial(where, hidden_channels, kernel_size) -> _Spatial:
-    H = _core.check_positive_int("hidden_channels", hidden_channels, where=where)
+
+def _transform(where, hidden_channels, kernel_size) -> ConvTransform:
+    """Checks ``hidden_channels`` and ``kernel_size``; the transform of ``kernel_size``."""
+    _core.check_positive_int("hidden_channels", hidden_channels, where=where)
     try:
         kernel_size = tuple(_core.check_positive_int("kernel_size[i]", k, where=where) for k in kernel_size)
     except TypeError:
@@ -210,7 +237,41 @@ def _spatial(where, hidden_channels, kernel_size) -> _Spatial:
             got=f"kernel_size={kernel_size}",
             fix="give one kernel size per spatial axis.",
         )
-    return _Spatial(where, H, kernel_size, len(kernel_size))
+    return ConvTransform(where, kernel_size)
+
+
+# The options of recurrent.lstm that have no field in ConvLSTMParams, with the values that add nothing.
+_DENSE_ONLY = {
+    "proj_size": None,
+    "proj_clip": None,
+    "projection_init": None,
+    "gate_recurrence": False,
+    "gate_recurrent_kernel_init": None,
+}
+
+
+def _refuse_dense_only(where: str, given: dict[str, Any]) -> None:
+    """Raises on options of :func:`recurrent.lstm` that the ConvLSTM does not have (a projection,
+    the full gate recurrence), and on unknown options."""
+    for name, value in given.items():
+        if name in _DENSE_ONLY and value is _DENSE_ONLY[name]:
+            continue
+        if name not in _DENSE_ONLY:
+            raise _core.error(
+                f"{where}: unknown option `{name}`.",
+                expected="an option of recurrent.conv_lstm (see its docstring)",
+                got=f"{name}={value!r}",
+                fix="check the spelling; conv_lstm takes every option of recurrent.lstm but the projection "
+                "and the full gate recurrence.",
+            )
+        raise _core.error(
+            f"{where}: `{name}` belongs to the projection (LSTMP) or the full gate recurrence (FGR) of "
+            "recurrent.lstm, which the ConvLSTM does not have (ConvLSTMParams holds no such weights).",
+            expected=f"{name}={_DENSE_ONLY[name]!r} (the default)",
+            got=f"{name}={value!r}",
+            fix="drop it; to change the number of output channels, apply a 1x1 convolution to the layer's "
+            "outputs, or use recurrent.lstm on flattened inputs.",
+        )
 
 
 def conv_lstm(
@@ -218,8 +279,15 @@ def conv_lstm(
     kernel_size: Sequence[int],
     *,
     peephole: bool = False,
+    coupled: bool = False,
+    input_gate: bool = True,
+    forget_gate: bool = True,
+    output_gate: bool = True,
+    input_activation: Callable[[jax.Array], jax.Array] | None = jnp.tanh,
+    output_activation: Callable[[jax.Array], jax.Array] | None = jnp.tanh,
     layer_norm: bool = False,
     layer_norm_epsilon: float = 1e-5,
+    cell_clip: float | jax.Array | None = None,
     kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
     recurrent_kernel_init: Initializer = jax.nn.initializers.orthogonal(),
     bias_init: Initializer = jax.nn.initializers.zeros,
@@ -227,11 +295,13 @@ def conv_lstm(
     forget_bias: float | jax.Array | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
+    **dense_only: Any,
 ) -> Cell:
     r"""Convolutional LSTM (Shi et al. 2015), 'same' padding, channels last.
 
-    Input-to-state and state-to-state transitions are convolutions (:math:`*`); the optional
-    peepholes are Hadamard products (:math:`\circ`) with the cell state:
+    The LSTM of :func:`recurrent.lstm` with convolutions (:math:`*`) for the input-to-state and
+    state-to-state transitions; the optional peepholes are Hadamard products (:math:`\circ`)
+    with the cell state:
 
     .. math::
 
@@ -241,27 +311,45 @@ def conv_lstm(
         o_t &= \sigma(W_{xo} * X_t + W_{ho} * H_{t-1} [+ W_{co} \circ C_t] + b_o) \\
         H_t &= o_t \circ \tanh(C_t)
 
+    The gate arithmetic is the LSTM family's, so its options compose here as there: CIFG
+    (``coupled``), Greff et al.'s gate ablations and activations, layer normalisation, cell
+    clipping, chrono initialisation. The projection (``proj_size``, ``proj_clip``) and the
+    full gate recurrence (``gate_recurrence``) have no weights in :class:`ConvLSTMParams` and
+    are refused.
+
     The spatial rank (1, 2 or 3) is ``len(kernel_size)``; one step's input is
     ``(*batch, *S, C)`` and its output ``(*batch, *S, H)``.
 
-    Parameters (:class:`ConvLSTMParams`): ``input_kernel (*K, C, 4H)``,
-    ``recurrent_kernel (*K, H, 4H)``, ``bias (4H,)`` in ``LSTM_GATES`` order (i, f, g, o), with
-    ``peephole=True`` three ``(*S, H)`` peephole arrays, and with ``layer_norm=True`` a
-    :class:`LayerNormParams` of per-channel gains. Carry: :class:`LSTMState` ``(h, c)``, each
-    ``(*batch, *S, H)``, ``c`` in float32.
+    Parameters (:class:`ConvLSTMParams`), ``G`` gate blocks (4, or 3 with one gate removed or
+    coupled) fused in ``LSTM_GATES`` order (i, f, g, o) with absent gates dropped:
+    ``input_kernel (*K, C, G*H)``, ``recurrent_kernel (*K, H, G*H)``, ``bias (G*H,)``; with
+    ``peephole=True`` a ``(*S, H)`` peephole per sigmoid gate present (one weight per position
+    and channel, as in the paper, so they fix the spatial size); with ``layer_norm=True`` a
+    :class:`LayerNormParams` of per-channel gains. Parameter count ``G H (k (C + H) + 1)`` with
+    ``k = prod(kernel_size)``, plus ``prod(S) H`` per peephole and ``2 G H + 2 H`` for layer
+    norm. Carry: :class:`LSTMState` ``(h, c)``, each ``(*batch, *S, H)``, ``c`` in float32.
 
     Args:
       hidden_channels: ``H``, channels of the hidden and cell states.
       kernel_size: the convolution window, one int per spatial axis.
       peephole: add the Hadamard peepholes of the paper.
+      coupled: ``i = 1 - f`` (CIFG); drops the input block.
+      input_gate, forget_gate, output_gate: ``False`` removes the gate (fixed to 1) with its
+        blocks and peephole.
+      input_activation, output_activation: applied to the candidate and to the cell state in
+        ``H = o * act(C)`` (``tanh``); ``None`` for the identity.
       layer_norm: layer normalisation (Ba et al. 2016) of ``W * X``, ``U * H`` and ``C`` before
         the output activation, with statistics over each step's spatial and channel axes and a
         gain per channel (and an offset for ``C``), as in :func:`recurrent.lstm`.
       layer_norm_epsilon: added to the variance in layer normalisation.
+      cell_clip: clip ``C`` to ``[-cell_clip, cell_clip]`` after each update.
       kernel_init: initialiser of each ``(*K, C, H)`` block of ``input_kernel``.
       recurrent_kernel_init: initialiser of each ``(*K, H, H)`` block (orthogonal by default,
         over the flattened receptive field).
-      bias_init, peephole_init, forget_bias, dtype, param_dtype: as for :func:`recurrent.lstm`.
+      bias_init, peephole_init, forget_bias, dtype, param_dtype: as for :func:`recurrent.lstm`
+        (``bias_init`` may be :func:`recurrent.chrono_init`).
+      **dense_only: ``proj_size``, ``proj_clip``, ``gate_recurrence`` and their initialisers
+        are accepted only at their defaults; anything else raises.
 
     Example:
 
@@ -272,96 +360,20 @@ def conv_lstm(
     >>> carry, y = cell.step(params, cell.initial_carry(params, x.shape), x)
     >>> y.shape
     (4, 16, 16, 8)
+    >>> cell = recurrent.conv_lstm(4, (3,), coupled=True, peephole=True, layer_norm=True, cell_clip=3.0)
+    >>> params = cell.init(jax.random.key(0), (10, 2))
+    >>> params.input_kernel.shape, params.peephole_input, params.peephole_forget.shape
+    ((3, 2, 12), None, (10, 4))
+    >>> carry, ys = recurrent.rnn(cell).apply(params, jnp.ones((5, 7, 10, 2)))
+    >>> ys.shape, bool(jnp.abs(carry.c).max() <= 3.0)
+    ((5, 7, 10, 4), True)
     """
-    options = dict(locals())
-    sp = _spatial("recurrent.conv_lstm", hidden_channels, kernel_size)
-    where, H, kernel_size, n = sp
-    forget = LSTM_GATES.index("forget")
-    forget_bias = resolve_forget_bias(forget_bias, bias_init, LSTM_GATES, where=where)
-    eps = layer_norm_epsilon
-
-    def init(key, input_shape):
-        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
-        sp.check_input_shape(input_shape, "init")
-        *S, C = input_shape
-        k_in, k_rec, k_b, k_pi, k_pf, k_po = jax.random.split(key, 6)
-        bias = init_bias(bias_init, k_b, H, LSTM_GATES, param_dtype)
-        bias = bias.at[forget * H : (forget + 1) * H].add(jnp.asarray(forget_bias, param_dtype))
-        peep = lambda k: peephole_init(k, (*S, H), param_dtype) if peephole else None  # noqa: E731
-        ones = lambda m: jnp.ones((m,), param_dtype)  # noqa: E731
-        return ConvLSTMParams(
-            input_kernel=fused_blocks(kernel_init, k_in, (*kernel_size, C, H), 4, param_dtype),
-            recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (*kernel_size, H, H), 4, param_dtype),
-            bias=bias,
-            peephole_input=peep(k_pi),
-            peephole_forget=peep(k_pf),
-            peephole_output=peep(k_po),
-            layer_norm=(
-                LayerNormParams(ones(4 * H), ones(4 * H), ones(H), jnp.zeros((H,), param_dtype)) if layer_norm else None
-            ),
-        )
-
-    def _dtypes(params):
-        cdt = _core.compute_dtype(dtype, params.input_kernel)
-        return cdt, _core.state_dtype(cdt)
-
-    def initial_carry(params, x_shape):
-        x_shape = sp.check_x_shape(x_shape)
-        cdt, sdt = _dtypes(params)
-        shape = (*x_shape[:-1], H)
-        return LSTMState(h=jnp.zeros(shape, cdt), c=jnp.zeros(shape, sdt))
-
-    def project(params, x):
-        spatial = None if params.peephole_forget is None else tuple(params.peephole_forget.shape[:-1])
-        sp.check_x(x, params.input_kernel.shape[-2], spatial)
-        norm = (lambda v, scale: _normalize(v, scale, None, n, eps)) if layer_norm else None
-        return project_input(lambda v, k, out: _conv(v, k, n, out), x, params, norm, *_dtypes(params))
-
-    def probe(params, carry, xp, noise=None):
-        cdt, sdt = _dtypes(params)
-        h, c = _core.noisy_input(noise, carry.h), carry.c
-        rec = _conv(h.astype(cdt), params.recurrent_kernel.astype(cdt), n, sdt)
-        if layer_norm:
-            rec = _normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), None, n, eps)
-        i, f, g, o = jnp.split(xp.astype(sdt) + rec, 4, axis=-1)
-        if peephole:
-            i = i + params.peephole_input.astype(sdt) * c
-            f = f + params.peephole_forget.astype(sdt) * c
-        if not layer_norm:  # the elementwise half with a written-out derivative, as for lstm()
-            p_o = params.peephole_output.astype(sdt) if peephole else None
-            m, c_new = lstm_pointwise(False, f, i, g, o, c, p_o)
-            new = _core.zoneout(noise, carry, LSTMState(m.astype(cdt), c_new))
-            # the gates for `return_trace`: unused they cost nothing; XLA merges them with the same
-            # expressions inside `lstm_pointwise`
-            gates = lstm_gates(False, f, i, g, o, c, p_o)[:4]
-            return new, new.h, dict(zip(("input", "forget", "cell", "output"), gates))
-        i, f, g = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g)
-        c = f * c + i * g
-        if peephole:
-            o = o + params.peephole_output.astype(sdt) * c
-        o = jax.nn.sigmoid(o)
-        c_out = c
-        if layer_norm:
-            ln = params.layer_norm
-            c_out = _normalize(c, ln.cell_scale.astype(sdt), ln.cell_offset.astype(sdt), n, eps)
-        new = _core.zoneout(noise, carry, LSTMState((o * jnp.tanh(c_out)).astype(cdt), c))
-        return new, new.h, {"input": i, "forget": f, "cell": g, "output": o}
-
-    def output_shape(input_shape):
-        return (*tuple(input_shape)[:-1], H)
-
-    return _core.make_cell(
-        init=init,
-        initial_carry=initial_carry,
-        project=project,
-        probe=probe,
-        output_shape=output_shape,
-        input_rank=n + 1,
-        name="conv_lstm",
-        options=options,
-        spec=_core.cell_spec(
-            recurrent_input="h", cell_state=("c",), recurrent_kernels=("recurrent_kernel",), compute_dtype=dtype
-        ),
+    options = {k: v for k, v in locals().items() if k != "dense_only"}
+    transform = _transform("recurrent.conv_lstm", hidden_channels, kernel_size)
+    _refuse_dense_only("recurrent.conv_lstm", dense_only)
+    family = {k: v for k, v in options.items() if k not in ("hidden_channels", "kernel_size")}
+    return _lstm_family(
+        hidden_channels, name="conv_lstm", transform=transform, params_type=ConvLSTMParams, record=options, **family
     )
 
 
@@ -380,7 +392,8 @@ def conv_gru(
 ) -> Cell:
     r"""Convolutional GRU (Ballas et al. 2016), 'same' padding, channels last.
 
-    The GRU of :func:`recurrent.gru` with convolutions (:math:`*`) for both transitions:
+    The GRU of :func:`recurrent.gru` with convolutions (:math:`*`) for both transitions, from
+    the same code, so every option of :func:`recurrent.gru` is here too:
 
     .. math::
 
@@ -400,10 +413,11 @@ def conv_gru(
       hidden_channels: ``H``.
       kernel_size: one int per spatial axis.
       reset_after: where the reset gate is applied, as for :func:`recurrent.gru`.
-      layer_norm: layer normalisation of the two convolutions' outputs, with statistics over
-        each step's spatial and channel axes and a gain per channel.
+      layer_norm: layer normalisation of the two convolutions' outputs, as for
+        :func:`recurrent.gru` but with statistics over each step's spatial and channel axes and
+        a gain per channel.
       layer_norm_epsilon, kernel_init, recurrent_kernel_init, bias_init, dtype, param_dtype:
-        as for :func:`conv_lstm`.
+        as for :func:`recurrent.gru` (``bias_init`` may be :func:`recurrent.chrono_init`).
 
     Example:
 
@@ -413,76 +427,14 @@ def conv_gru(
     >>> carry, ys = recurrent.rnn(cell).apply(params, jnp.ones((5, 7, 10, 2)))
     >>> ys.shape, carry.shape
     ((5, 7, 10, 4), (5, 10, 4))
+    >>> cell = recurrent.conv_gru(4, (3, 3), reset_after=False, layer_norm=True)
+    >>> params = cell.init(jax.random.key(0), (6, 6, 2))
+    >>> params.recurrent_bias, params.layer_norm.recurrent_scale.shape
+    (None, (12,))
     """
     options = dict(locals())
-    sp = _spatial("recurrent.conv_gru", hidden_channels, kernel_size)
-    where, H, kernel_size, n = sp
-    eps = layer_norm_epsilon
-
-    def init(key, input_shape):
-        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
-        sp.check_input_shape(input_shape, "init")
-        C = input_shape[-1]
-        k_in, k_rec, k_b, k_rb = jax.random.split(key, 4)
-        return ConvGRUParams(
-            input_kernel=fused_blocks(kernel_init, k_in, (*kernel_size, C, H), 3, param_dtype),
-            recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (*kernel_size, H, H), 3, param_dtype),
-            bias=init_bias(bias_init, k_b, H, GRU_GATES, param_dtype),
-            recurrent_bias=init_recurrent_bias(bias_init, k_rb, H, param_dtype) if reset_after else None,
-            layer_norm=(
-                GRULayerNormParams(jnp.ones((3 * H,), param_dtype), jnp.ones((3 * H,), param_dtype))
-                if layer_norm
-                else None
-            ),
-        )
-
-    def _dtypes(params):
-        cdt = _core.compute_dtype(dtype, params.input_kernel)
-        return cdt, _core.state_dtype(cdt)
-
-    def initial_carry(params, x_shape):
-        x_shape = sp.check_x_shape(x_shape)
-        _, sdt = _dtypes(params)
-        return jnp.zeros((*x_shape[:-1], H), sdt)
-
-    def project(params, x):
-        sp.check_x(x, params.input_kernel.shape[-2])
-        norm = (lambda v, scale: _normalize(v, scale, None, n, eps)) if layer_norm else None
-        return project_input(lambda v, k, out: _conv(v, k, n, out), x, params, norm, *_dtypes(params))
-
-    def probe(params, h_prev, xp, noise=None):
-        cdt, sdt = _dtypes(params)
-        h = _core.noisy_input(noise, h_prev)  # the recurrent input; the update uses h_prev
-        U = params.recurrent_kernel.astype(cdt)
-        norm = lambda v, sl: _normalize(v, params.layer_norm.recurrent_scale[sl].astype(sdt), None, n, eps)  # noqa: E731
-        x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
-        if reset_after:
-            rec = _conv(h.astype(cdt), U, n, sdt)
-            rec = norm(rec, slice(None)) if layer_norm else rec
-            h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
-            r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
-            cand = jnp.tanh(x_n + r * (h_n + params.recurrent_bias.astype(sdt)))
-        else:
-            rec = _conv(h.astype(cdt), U[..., : 2 * H], n, sdt)
-            rec = norm(rec, slice(0, 2 * H)) if layer_norm else rec
-            h_r, h_z = jnp.split(rec, 2, axis=-1)
-            r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
-            rec_n = _conv((r * h).astype(cdt), U[..., 2 * H :], n, sdt)
-            cand = jnp.tanh(x_n + (norm(rec_n, slice(2 * H, None)) if layer_norm else rec_n))
-        h = _core.zoneout(noise, h_prev, (1.0 - z) * cand + z * h_prev)
-        return h, h.astype(cdt), {"reset": r, "update": z, "candidate": cand}
-
-    def output_shape(input_shape):
-        return (*tuple(input_shape)[:-1], H)
-
-    return _core.make_cell(
-        init=init,
-        initial_carry=initial_carry,
-        project=project,
-        probe=probe,
-        output_shape=output_shape,
-        input_rank=n + 1,
-        name="conv_gru",
-        options=options,
-        spec=_core.cell_spec(recurrent_input=None, recurrent_kernels=("recurrent_kernel",), compute_dtype=dtype),
+    transform = _transform("recurrent.conv_gru", hidden_channels, kernel_size)
+    family = {k: v for k, v in options.items() if k not in ("hidden_channels", "kernel_size")}
+    return _gru_family(
+        hidden_channels, name="conv_gru", transform=transform, params_type=ConvGRUParams, record=options, **family
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,12 +11,14 @@ import jax.numpy as jnp
 from recurrent import _core, _kernels
 from recurrent._core import Cell
 from recurrent._lstm import (
+    DenseTransform,
     Initializer,
+    dtypes,
+    field_keys,
     fused_blocks,
     init_bias,
     init_recurrent_bias,
-    normalize,
-    project_input,
+    transformed_input,
 )
 
 #: Order of the fused gate blocks of a GRU (PyTorch's): reset, update, candidate.
@@ -84,6 +87,125 @@ class GRULayerNormParams(NamedTuple):
     recurrent_scale: jax.Array
 
 
+class _GRUSettings(NamedTuple):
+    """The resolved options of one GRU-family cell, read by the functions that make its parts."""
+
+    where: str
+    transform: Any
+    params_type: type
+    H: int
+    reset_after: bool
+    layer_norm: bool
+    eps: float
+    inits: dict[str, Initializer]  # by parameter field
+    dtype: Any
+    param_dtype: Any
+
+
+def _gru_init(s: _GRUSettings, key, input_shape):
+    _, F = s.transform.split(input_shape)
+    H, dt, shape = s.H, s.param_dtype, s.transform.kernel_shape
+    keys, init = field_keys(s.params_type, key), s.inits
+    return s.params_type(
+        input_kernel=fused_blocks(init["input_kernel"], keys["input_kernel"], shape(F, H), 3, dt),
+        recurrent_kernel=fused_blocks(init["recurrent_kernel"], keys["recurrent_kernel"], shape(H, H), 3, dt),
+        bias=init_bias(init["bias"], keys["bias"], H, GRU_GATES, dt),
+        recurrent_bias=init_recurrent_bias(init["bias"], keys["recurrent_bias"], H, dt) if s.reset_after else None,
+        layer_norm=GRULayerNormParams(jnp.ones((3 * H,), dt), jnp.ones((3 * H,), dt)) if s.layer_norm else None,
+    )
+
+
+def _gru_initial_carry(s: _GRUSettings, params, x_shape):
+    batch = s.transform.check_x_shape(x_shape)[:-1]  # with a convolution's spatial axes
+    return jnp.zeros((*batch, s.H), dtypes(s.dtype, params)[1])
+
+
+def _gru_project(s: _GRUSettings, params, x):
+    return transformed_input(s.transform, params, x, layer_norm=s.layer_norm, eps=s.eps, dtype=s.dtype)
+
+
+def _gru_recurrent(s: _GRUSettings, params, h, part: slice, cdt, sdt):
+    """The recurrent transform of ``h`` by the kernel's blocks ``part``, layer-normalised with
+    the gains of those blocks when ``layer_norm``."""
+    rec = s.transform.apply(h.astype(cdt), params.recurrent_kernel[..., part].astype(cdt), sdt)
+    if not s.layer_norm:
+        return rec
+    return s.transform.norm(rec, params.layer_norm.recurrent_scale[part].astype(sdt), eps=s.eps)
+
+
+def _gru_probe(s: _GRUSettings, params, h_prev, xp, noise=None):
+    cdt, sdt = dtypes(s.dtype, params)
+    x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
+    h = _core.noisy_input(noise, h_prev)  # the recurrent input; the update uses h_prev
+    H = s.H
+    if s.reset_after:
+        h_r, h_z, h_n = jnp.split(_gru_recurrent(s, params, h, slice(None), cdt, sdt), 3, axis=-1)
+        zr, zz, h_n = x_r + h_r, x_z + h_z, h_n + params.recurrent_bias.astype(sdt)
+        new = _core.zoneout(noise, h_prev, gru_pointwise(zr, zz, x_n, h_n, h_prev))
+        # the gates for `return_trace`: unused they cost nothing; XLA merges them with the same
+        # expressions inside `gru_pointwise`
+        r, z, n, _ = gru_gates(zr, zz, x_n, h_n, h_prev)
+        return new, new.astype(cdt), {"reset": r, "update": z, "candidate": n}
+    h_r, h_z = jnp.split(_gru_recurrent(s, params, h, slice(0, 2 * H), cdt, sdt), 2, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + _gru_recurrent(s, params, r * h, slice(2 * H, None), cdt, sdt))
+    new = _core.zoneout(noise, h_prev, (1.0 - z) * n + z * h_prev)
+    return new, new.astype(cdt), {"reset": r, "update": z, "candidate": n}
+
+
+def _gru_family(
+    hidden_size: int,
+    *,
+    name: str,
+    record: dict[str, Any],
+    transform: Any = None,
+    params_type: type = GRUParams,
+    reset_after: bool = True,
+    layer_norm: bool = False,
+    layer_norm_epsilon: float = 1e-5,
+    kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
+    recurrent_kernel_init: Initializer = jax.nn.initializers.orthogonal(),
+    bias_init: Initializer = jax.nn.initializers.zeros,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> Cell:
+    """The GRU over ``transform`` (a :class:`~recurrent._lstm.DenseTransform` by default; the
+    convolution of :func:`recurrent.conv_gru`), with parameters of ``params_type`` and the
+    options record ``record``."""
+    where = f"recurrent.{name}"
+    transform = DenseTransform(where, "recurrent.conv_gru") if transform is None else transform
+    s = _GRUSettings(
+        where=where,
+        transform=transform,
+        params_type=params_type,
+        H=_core.check_positive_int("hidden_size", hidden_size, where=where),
+        reset_after=reset_after,
+        layer_norm=layer_norm,
+        eps=layer_norm_epsilon,
+        inits={"input_kernel": kernel_init, "recurrent_kernel": recurrent_kernel_init, "bias": bias_init},
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    kernels = _kernels.gru_kernels(record, params_type) if transform.sequence_kernels else {}
+    return _core.make_cell(
+        init=functools.partial(_gru_init, s),
+        initial_carry=functools.partial(_gru_initial_carry, s),
+        project=functools.partial(_gru_project, s),
+        probe=functools.partial(_gru_probe, s),
+        output_shape=lambda input_shape: transform.output_shape(input_shape, s.H),
+        input_rank=transform.input_rank,
+        name=name,
+        options=record,
+        spec=_core.cell_spec(
+            recurrent_input=None,  # the carry is h itself
+            recurrent_kernels=("recurrent_kernel",),
+            kernels=kernels,
+            compute_dtype=dtype,
+        ),
+    )
+
+
 def gru(
     hidden_size: int,
     *,
@@ -144,99 +266,4 @@ def gru(
     ((16,), 1216)
     """
     options = dict(locals())
-    where = "recurrent.gru"
-    H = _core.check_positive_int("hidden_size", hidden_size, where=where)
-
-    def init(key, input_shape):
-        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
-        if len(input_shape) != 1:
-            raise _core.error(
-                f"{where}.init: `input_shape` must be one step's input without batch or time axes.",
-                expected="(features,)",
-                got=repr(input_shape),
-                fix="pass input_shape=(xs.shape[-1],).",
-            )
-        (F,) = input_shape
-        k_in, k_rec, k_b, k_rb = jax.random.split(key, 4)
-        return GRUParams(
-            input_kernel=fused_blocks(kernel_init, k_in, (F, H), 3, param_dtype),
-            recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (H, H), 3, param_dtype),
-            bias=init_bias(bias_init, k_b, H, GRU_GATES, param_dtype),
-            recurrent_bias=init_recurrent_bias(bias_init, k_rb, H, param_dtype) if reset_after else None,
-            layer_norm=(
-                GRULayerNormParams(jnp.ones((3 * H,), param_dtype), jnp.ones((3 * H,), param_dtype))
-                if layer_norm
-                else None
-            ),
-        )
-
-    def _dtypes(params):
-        cdt = _core.compute_dtype(dtype, params.input_kernel)
-        return cdt, _core.state_dtype(cdt)
-
-    def initial_carry(params, x_shape):
-        x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
-        if len(x_shape) < 1:
-            raise _core.error(
-                f"{where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
-                expected="(*batch, features)",
-                got=repr(x_shape),
-                fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
-            )
-        _, sdt = _dtypes(params)
-        return jnp.zeros((*x_shape[:-1], H), sdt)
-
-    def project(params, x):
-        F = params.input_kernel.shape[0]
-        _core.check_input(
-            x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
-        )
-        norm = (lambda v, scale: normalize(v, scale, eps=layer_norm_epsilon)) if layer_norm else None
-        return project_input(_core.matmul, x, params, norm, *_dtypes(params))
-
-    def probe(params, h_prev, xp, noise=None):
-        cdt, sdt = _dtypes(params)
-        U = params.recurrent_kernel.astype(cdt)
-        x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
-        h = _core.noisy_input(noise, h_prev)  # the recurrent input; the update uses h_prev
-        h_c = h.astype(cdt)
-        ln = params.layer_norm
-        norm = lambda v, scale: normalize(v, scale.astype(sdt), eps=layer_norm_epsilon) if layer_norm else v  # noqa: E731
-        if reset_after:
-            rec = norm(_core.matmul(h_c, U, sdt), ln.recurrent_scale if layer_norm else None)
-            h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
-            zr, zz, h_n = x_r + h_r, x_z + h_z, h_n + params.recurrent_bias.astype(sdt)
-            h = _core.zoneout(noise, h_prev, gru_pointwise(zr, zz, x_n, h_n, h_prev))
-            # the gates for `return_trace`: unused they cost nothing; XLA merges them with the same
-            # expressions inside `gru_pointwise`
-            r, z, n, _ = gru_gates(zr, zz, x_n, h_n, h_prev)
-            return h, h.astype(cdt), {"reset": r, "update": z, "candidate": n}
-        else:
-            rec = norm(_core.matmul(h_c, U[:, : 2 * H], sdt), ln.recurrent_scale[: 2 * H] if layer_norm else None)
-            h_r, h_z = jnp.split(rec, 2, axis=-1)
-            r = jax.nn.sigmoid(x_r + h_r)
-            z = jax.nn.sigmoid(x_z + h_z)
-            rec_n = _core.matmul((r * h).astype(cdt), U[:, 2 * H :], sdt)
-            n = jnp.tanh(x_n + norm(rec_n, ln.recurrent_scale[2 * H :] if layer_norm else None))
-        h = _core.zoneout(noise, h_prev, (1.0 - z) * n + z * h_prev)
-        return h, h.astype(cdt), {"reset": r, "update": z, "candidate": n}
-
-    def output_shape(input_shape):
-        return (H,)
-
-    return _core.make_cell(
-        init=init,
-        initial_carry=initial_carry,
-        project=project,
-        probe=probe,
-        output_shape=output_shape,
-        input_rank=1,
-        name="gru",
-        options=options,
-        spec=_core.cell_spec(
-            recurrent_input=None,  # the carry is h itself
-            recurrent_kernels=("recurrent_kernel",),
-            kernels=_kernels.gru_kernels(options, GRUParams),
-            compute_dtype=dtype,
-        ),
-    )
+    return _gru_family(name="gru", record=options, **options)

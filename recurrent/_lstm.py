@@ -338,10 +338,366 @@ def _lstm_pointwise_jvp(coupled, primals, tangents):
     return (m, c), (dm, dc)
 
 
+class DenseTransform(NamedTuple):
+    """The transform of the dense cells: one step's input is ``(*batch, F)`` and a kernel
+    ``(F, O)`` multiplies it (a matmul).
+
+    A transform is what the gate arithmetic of a family (:func:`_lstm_family`,
+    ``recurrent._gru._gru_family``) leaves open, so that one implementation serves a dense cell
+    and its convolutional twin (``recurrent._conv.ConvTransform``):
+
+    - ``input_rank``: axes of one step's input without batch axes;
+    - ``split(input_shape) -> (spatial, features)``: ``init``'s input shape, checked;
+    - ``kernel_shape(fan_in, fan_out)``: the shape of one gate block of a kernel;
+    - ``apply(x, kernel, out_dtype)``: the input and the recurrent transform;
+    - ``norm(x, scale, offset, eps=...)``: layer normalisation of one step's values, with
+      a gain (and offset) per feature or channel;
+    - ``output_shape(input_shape, size)``;
+    - ``check_x_shape(x_shape)`` and ``check_x(x, features, spatial)``: the checks of
+      ``initial_carry`` and ``project`` (``spatial`` is what peepholes fix, or ``None``);
+    - ``sequence_kernels``: whether the exact whole-layer kernels of ``recurrent._kernels``,
+      which run matmuls, may be declared;
+    - ``lstm_pointwise``: :func:`lstm_pointwise`, read when traced (tests swap in the plain
+      expression to compare derivatives).
+
+    Peepholes are ``(*spatial, H)``: ``(H,)`` here, one weight per position and channel for a
+    convolution.
+    """
+
+    where: str
+    image_cell: str  # the convolutional twin, named in the error on image-shaped inputs
+
+    input_rank = 1
+    sequence_kernels = True
+
+    def split(self, input_shape):
+        input_shape = _core.check_shape("input_shape", input_shape, where=f"{self.where}.init")
+        if len(input_shape) != 1:
+            raise _core.error(
+                f"{self.where}.init: `input_shape` must be one step's input without batch or time axes.",
+                expected="(features,)",
+                got=repr(input_shape),
+                fix=f"pass input_shape=(xs.shape[-1],); for images use {self.image_cell}.",
+            )
+        return (), input_shape[0]
+
+    def kernel_shape(self, fan_in, fan_out):
+        return (fan_in, fan_out)
+
+    def apply(self, x, kernel, out_dtype):
+        return _core.matmul(x, kernel, out_dtype)
+
+    def norm(self, x, scale, offset=None, *, eps):
+        return normalize(x, scale, offset, eps=eps)
+
+    def output_shape(self, input_shape, size):
+        return (size,)
+
+    def check_x_shape(self, x_shape):
+        x_shape = _core.check_shape("x_shape", x_shape, where=f"{self.where}.initial_carry")
+        if len(x_shape) < 1:
+            raise _core.error(
+                f"{self.where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
+                expected="(*batch, features)",
+                got=repr(x_shape),
+                fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
+            )
+        return x_shape
+
+    def check_x(self, x, features, spatial=None):
+        fix = f"give inputs of shape (*batch, {features}) or re-init with input_shape=(x.shape[-1],)."
+        _core.check_input(x, (features,), where=self.where, fix=fix)
+
+    @staticmethod
+    def lstm_pointwise(*args):
+        return lstm_pointwise(*args)
+
+
+def dtypes(dtype: Any, params: Any) -> tuple[Any, Any]:
+    """``(compute dtype, state dtype)`` of a cell with the ``dtype`` option and ``params``."""
+    cdt = _core.compute_dtype(dtype, params.input_kernel)
+    return cdt, _core.state_dtype(cdt)
+
+
+def transformed_input(transform, params, x, *, layer_norm: bool, eps: float, dtype: Any, spatial=None):
+    """The ``project`` of a family member: ``x`` checked, transformed, normalised (with
+    ``layer_norm``) and biased (:func:`project_input`)."""
+    transform.check_x(x, params.input_kernel.shape[-2], spatial)
+    norm = (lambda v, scale: transform.norm(v, scale, eps=eps)) if layer_norm else None
+    return project_input(transform.apply, x, params, norm, *dtypes(dtype, params))
+
+
+# --------------------------------------------------------------------------------------
+# The LSTM family: its options resolved once, then one small function per part of the cell.
+
+
+class _LSTMSettings(NamedTuple):
+    """The resolved options of one LSTM-family cell, read by the functions that make its parts."""
+
+    where: str
+    transform: Any
+    params_type: type
+    H: int
+    P: int | None
+    gates: tuple[str, ...]  # the fused blocks present, in LSTM_GATES order
+    coupled: bool
+    peephole: bool
+    gate_recurrence: bool
+    layer_norm: bool
+    eps: float
+    cell_clip: Any
+    proj_clip: Any
+    act_in: Callable[[jax.Array], jax.Array]
+    act_out: Callable[[jax.Array], jax.Array]
+    inits: dict[str, Initializer]  # by parameter field
+    forget_bias: Any
+    dtype: Any
+    param_dtype: Any
+
+    @property
+    def R(self) -> int:
+        """Size of ``h``, the recurrent input."""
+        return self.H if self.P is None else self.P
+
+    @property
+    def sigmoid_gates(self) -> tuple[str, ...]:
+        return tuple(g for g in self.gates if g != "cell")
+
+    @property
+    def fast(self) -> bool:
+        """Whether the elementwise half is the usual LSTM's, with its written-out derivative
+        (:func:`lstm_pointwise`); other activations, missing gates, clipping or a normalised cell
+        take the general code."""
+        return (
+            self.act_in is jnp.tanh
+            and self.act_out is jnp.tanh
+            and {"forget", "output"} <= set(self.gates)
+            and ("input" in self.gates or self.coupled)
+            and self.cell_clip is None
+            and not self.layer_norm
+        )
+
+
+def _check_gates(where: str, coupled: bool, input_gate: bool, forget_gate: bool) -> None:
+    if coupled and not forget_gate:
+        raise _core.error(
+            f"{where}: a coupled input-forget gate (i = 1 - f) needs the forget gate.",
+            expected="coupled=False or forget_gate=True",
+            got="coupled=True, forget_gate=False",
+            fix="drop one of the two options.",
+        )
+    if coupled and not input_gate:
+        raise _core.error(
+            f"{where}: `coupled=True` already replaces the input gate by 1 - f.",
+            expected="input_gate=True (the default) with coupled=True",
+            got="coupled=True, input_gate=False",
+            fix="pass only coupled=True for CIFG, or only input_gate=False for NIG.",
+        )
+
+
+def _check_clips(where: str, cell_clip: Any, proj_clip: Any, P: int | None) -> None:
+    for clip_name, clip in (("cell_clip", cell_clip), ("proj_clip", proj_clip)):
+        if clip is not None and not isinstance(clip, jax.core.Tracer) and jnp.any(jnp.asarray(clip) <= 0):
+            raise _core.error(
+                f"{where}: `{clip_name}` must be positive.",
+                expected=f"{clip_name} > 0, or None for no clipping",
+                got=repr(clip),
+                fix=f"pass e.g. {clip_name}=3.0.",
+            )
+    if proj_clip is not None and P is None:
+        raise _core.error(
+            f"{where}: `proj_clip` clips the projection, but there is none.",
+            expected="proj_size set when proj_clip is given",
+            got=f"proj_size=None, proj_clip={proj_clip!r}",
+            fix="pass proj_size=..., or use cell_clip to clip the cell state.",
+        )
+
+
+def _lstm_settings(where, transform, params_type, o: dict[str, Any]) -> _LSTMSettings:
+    """Checks the options ``o`` of :func:`_lstm_family` and resolves them."""
+    H = _core.check_positive_int("hidden_size", o["hidden_size"], where=where)
+    P = None if o["proj_size"] is None else _core.check_positive_int("proj_size", o["proj_size"], where=where)
+    _check_gates(where, o["coupled"], o["input_gate"], o["forget_gate"])
+    _check_clips(where, o["cell_clip"], o["proj_clip"], P)
+    has = {"input": o["input_gate"] and not o["coupled"], "forget": o["forget_gate"], "output": o["output_gate"]}
+    gates = tuple(g for g in LSTM_GATES if has.get(g, True))
+    return _LSTMSettings(
+        where=where,
+        transform=transform,
+        params_type=params_type,
+        H=H,
+        P=P,
+        gates=gates,
+        coupled=o["coupled"],
+        peephole=o["peephole"],
+        gate_recurrence=o["gate_recurrence"],
+        layer_norm=o["layer_norm"],
+        eps=o["layer_norm_epsilon"],
+        cell_clip=o["cell_clip"],
+        proj_clip=o["proj_clip"],
+        act_in=_identity if o["input_activation"] is None else o["input_activation"],
+        act_out=_identity if o["output_activation"] is None else o["output_activation"],
+        inits={
+            "input_kernel": o["kernel_init"],
+            "recurrent_kernel": o["recurrent_kernel_init"],
+            "bias": o["bias_init"],
+            "peephole": o["peephole_init"],
+            "gate_recurrent_kernel": o["gate_recurrent_kernel_init"],
+            "projection": o["projection_init"],
+        },
+        forget_bias=resolve_forget_bias(o["forget_bias"], o["bias_init"], gates, where=where),
+        dtype=o["dtype"],
+        param_dtype=o["param_dtype"],
+    )
+
+
+def field_keys(params_type: type, key: jax.Array) -> dict[str, jax.Array]:
+    """One key per parameter field but ``layer_norm`` (which is drawn from none), in field
+    order, so a cell's draws depend only on its parameter type."""
+    names = [f for f in params_type._fields if f != "layer_norm"]
+    return dict(zip(names, jax.random.split(key, len(names))))
+
+
+def _lstm_init(s: _LSTMSettings, key, input_shape):
+    spatial, F = s.transform.split(input_shape)
+    H, G, S, dt = s.H, len(s.gates), len(s.sigmoid_gates), s.param_dtype
+    keys, init, shape = field_keys(s.params_type, key), s.inits, s.transform.kernel_shape
+    bias = init_bias(init["bias"], keys["bias"], H, s.gates, dt)
+    if "forget" in s.gates:
+        f = s.gates.index("forget")
+        bias = bias.at[f * H : (f + 1) * H].add(jnp.asarray(s.forget_bias, dt))
+
+    def peep(gate):
+        present = s.peephole and gate in s.gates
+        return init["peephole"](keys[f"peephole_{gate}"], (*spatial, H), dt) if present else None
+
+    fields = dict(
+        input_kernel=fused_blocks(init["input_kernel"], keys["input_kernel"], shape(F, H), G, dt),
+        recurrent_kernel=fused_blocks(init["recurrent_kernel"], keys["recurrent_kernel"], shape(s.R, H), G, dt),
+        bias=bias,
+        peephole_input=peep("input"),
+        peephole_forget=peep("forget"),
+        peephole_output=peep("output"),
+        layer_norm=(
+            LayerNormParams(jnp.ones((G * H,), dt), jnp.ones((G * H,), dt), jnp.ones((H,), dt), jnp.zeros((H,), dt))
+            if s.layer_norm
+            else None
+        ),
+    )
+    if s.gate_recurrence:
+        gr_init = init["gate_recurrent_kernel"]
+        fields["gate_recurrent_kernel"] = fused_blocks(gr_init, keys["gate_recurrent_kernel"], (S * H, H), S, dt)
+    if s.P is not None:
+        fields["projection"] = init["projection"](keys["projection"], (H, s.P), dt)
+    return s.params_type(**fields)
+
+
+def _lstm_initial_carry(s: _LSTMSettings, params, x_shape):
+    batch = s.transform.check_x_shape(x_shape)[:-1]  # with a convolution's spatial axes
+    cdt, sdt = dtypes(s.dtype, params)
+    h, c = jnp.zeros((*batch, s.R), cdt), jnp.zeros((*batch, s.H), sdt)
+    if s.gate_recurrence:
+        return LSTMGateState(h, c, jnp.zeros((*batch, len(s.sigmoid_gates) * s.H), sdt))
+    return LSTMState(h, c)
+
+
+def peephole_spatial(params) -> tuple[int, ...] | None:
+    """The spatial shape that peepholes ``(*spatial, H)`` fix, or ``None`` without them."""
+    peepholes = [p for p in (params.peephole_input, params.peephole_forget, params.peephole_output) if p is not None]
+    return tuple(peepholes[0].shape[:-1]) if peepholes else None
+
+
+def _lstm_project(s: _LSTMSettings, params, x):
+    return transformed_input(
+        s.transform, params, x, layer_norm=s.layer_norm, eps=s.eps, dtype=s.dtype, spatial=peephole_spatial(params)
+    )
+
+
+def _lstm_preactivations(s: _LSTMSettings, params, carry, xp, noise, cdt, sdt) -> dict[str, jax.Array]:
+    """The gate pre-activations by gate name: the projected input plus the recurrent transform of
+    ``h`` (layer-normalised with ``layer_norm``), plus the previous gates with gate recurrence."""
+    h = _core.noisy_input(noise, carry.h)
+    rec = s.transform.apply(h.astype(cdt), params.recurrent_kernel.astype(cdt), sdt)
+    if s.layer_norm:
+        rec = s.transform.norm(rec, params.layer_norm.recurrent_scale.astype(sdt), eps=s.eps)
+    blocks = dict(zip(s.gates, jnp.split(xp.astype(sdt) + rec, len(s.gates), axis=-1)))
+    if s.gate_recurrence:
+        extra = carry.gates @ params.gate_recurrent_kernel.astype(sdt)
+        for g, e in zip(s.sigmoid_gates, jnp.split(extra, len(s.sigmoid_gates), axis=-1)):
+            blocks[g] = blocks[g] + e
+    return blocks
+
+
+def _with_peephole(s: _LSTMSettings, params, gate: str, z: jax.Array, c: jax.Array, sdt) -> jax.Array:
+    """The pre-activation ``z`` of ``gate`` plus its diagonal peephole times the cell state ``c``."""
+    return z + getattr(params, f"peephole_{gate}").astype(sdt) * c if s.peephole else z
+
+
+def _fast_pointwise(s: _LSTMSettings, params, blocks, c, sdt):
+    """``(m, c, gates)`` of the usual LSTM, through :func:`lstm_pointwise`."""
+    zf = _with_peephole(s, params, "forget", blocks["forget"], c, sdt)
+    zi = None if s.coupled else _with_peephole(s, params, "input", blocks["input"], c, sdt)
+    p_o = params.peephole_output.astype(sdt) if s.peephole else None
+    m, c_new = s.transform.lstm_pointwise(s.coupled, zf, zi, blocks["cell"], blocks["output"], c, p_o)
+    # The gates for `return_trace` and the gate recurrence; unused, they cost nothing, and XLA
+    # merges them with the same expressions inside `lstm_pointwise`.
+    i, f, g, o, _, _ = lstm_gates(s.coupled, zf, zi, blocks["cell"], blocks["output"], c, p_o)
+    return m, c_new, {"input": i, "forget": f, "cell": g, "output": o}
+
+
+def _general_pointwise(s: _LSTMSettings, params, blocks, c, sdt):
+    """``(m, c, gates)`` of any member: absent gates are 1 (``None`` here), ``i = 1 - f`` when
+    coupled; the cell state clipped, and normalised on its way out with layer norm."""
+    f = jax.nn.sigmoid(_with_peephole(s, params, "forget", blocks["forget"], c, sdt)) if "forget" in s.gates else None
+    if s.coupled:
+        i = 1.0 - f
+    elif "input" in s.gates:
+        i = jax.nn.sigmoid(_with_peephole(s, params, "input", blocks["input"], c, sdt))
+    else:
+        i = None
+    g = s.act_in(blocks["cell"])
+    c = (c if f is None else f * c) + (g if i is None else i * g)
+    if s.cell_clip is not None:
+        c = jnp.clip(c, -s.cell_clip, s.cell_clip)
+    o = jax.nn.sigmoid(_with_peephole(s, params, "output", blocks["output"], c, sdt)) if "output" in s.gates else None
+    c_out = c
+    if s.layer_norm:
+        ln = params.layer_norm
+        c_out = s.transform.norm(c, ln.cell_scale.astype(sdt), ln.cell_offset.astype(sdt), eps=s.eps)
+    m = s.act_out(c_out)
+    return (m if o is None else o * m), c, {"input": i, "forget": f, "cell": g, "output": o}
+
+
+def _lstm_output(s: _LSTMSettings, params, m, cdt, sdt) -> jax.Array:
+    """``h`` from the gated cell output ``m``: projected (and clipped) with ``proj_size``."""
+    if s.P is not None:
+        m = _core.matmul(m.astype(cdt), params.projection.astype(cdt), sdt)
+        if s.proj_clip is not None:
+            m = jnp.clip(m, -s.proj_clip, s.proj_clip)
+    return m.astype(cdt)
+
+
+def _lstm_probe(s: _LSTMSettings, params, carry, xp, noise=None):
+    cdt, sdt = dtypes(s.dtype, params)
+    blocks = _lstm_preactivations(s, params, carry, xp, noise, cdt, sdt)
+    pointwise = _fast_pointwise if s.fast else _general_pointwise
+    m, c, values = pointwise(s, params, blocks, carry.c, sdt)
+    h = _lstm_output(s, params, m, cdt, sdt)
+    if s.gate_recurrence:
+        new = LSTMGateState(h, c, jnp.concatenate([values[g] for g in s.sigmoid_gates], axis=-1))
+    else:
+        new = LSTMState(h, c)
+    new = _core.zoneout(noise, carry, new)
+    return new, new.h, {g: values[g] for g in s.gates}
+
+
 def _lstm_family(
     hidden_size: int,
     *,
     name: str,
+    transform: Any = None,
+    params_type: type = LSTMParams,
+    record: dict[str, Any] | None = None,
     peephole: bool = False,
     coupled: bool = False,
     input_gate: bool = True,
@@ -365,204 +721,31 @@ def _lstm_family(
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> Cell:
-    options = {k: v for k, v in locals().items() if k != "name"}
+    """The LSTM family over ``transform`` (a :class:`DenseTransform` by default; the
+    convolution of :func:`recurrent.conv_lstm`), with parameters of ``params_type``.
+    ``record`` is the options record of the cell (by default these options)."""
+    options = {k: v for k, v in locals().items() if k not in ("name", "transform", "params_type", "record")}
     where = f"recurrent.{name}"
-    H = _core.check_positive_int("hidden_size", hidden_size, where=where)
-    P = None if proj_size is None else _core.check_positive_int("proj_size", proj_size, where=where)
-    if coupled and not forget_gate:
-        raise _core.error(
-            f"{where}: a coupled input-forget gate (i = 1 - f) needs the forget gate.",
-            expected="coupled=False or forget_gate=True",
-            got="coupled=True, forget_gate=False",
-            fix="drop one of the two options.",
-        )
-    if coupled and not input_gate:
-        raise _core.error(
-            f"{where}: `coupled=True` already replaces the input gate by 1 - f.",
-            expected="input_gate=True (the default) with coupled=True",
-            got="coupled=True, input_gate=False",
-            fix="pass only coupled=True for CIFG, or only input_gate=False for NIG.",
-        )
-    for clip_name, clip in (("cell_clip", cell_clip), ("proj_clip", proj_clip)):
-        if clip is not None and not isinstance(clip, jax.core.Tracer) and jnp.any(jnp.asarray(clip) <= 0):
-            raise _core.error(
-                f"{where}: `{clip_name}` must be positive.",
-                expected=f"{clip_name} > 0, or None for no clipping",
-                got=repr(clip),
-                fix=f"pass e.g. {clip_name}=3.0.",
-            )
-    if proj_clip is not None and P is None:
-        raise _core.error(
-            f"{where}: `proj_clip` clips the projection, but there is none.",
-            expected="proj_size set when proj_clip is given",
-            got=f"proj_size=None, proj_clip={proj_clip!r}",
-            fix="pass proj_size=..., or use cell_clip to clip the cell state.",
-        )
-    act_in = _identity if input_activation is None else input_activation
-    act_out = _identity if output_activation is None else output_activation
-
-    has = {"input": input_gate and not coupled, "forget": forget_gate, "cell": True, "output": output_gate}
-    gates = tuple(g for g in LSTM_GATES if has[g])
-    forget_bias = resolve_forget_bias(forget_bias, bias_init, gates, where=where)
-    G = len(gates)
-    sigmoid_gates = tuple(g for g in gates if g != "cell")
-    S = len(sigmoid_gates)
-    R = H if P is None else P
-    # The usual LSTM's elementwise half has a written-out derivative (`lstm_pointwise`); variants
-    # with other activations, missing gates, clipping or a normalised cell take the general code.
-    fast_pointwise = (
-        input_activation is jnp.tanh
-        and output_activation is jnp.tanh
-        and has["forget"]
-        and has["output"]
-        and (has["input"] or coupled)
-        and cell_clip is None
-        and not layer_norm
-    )
-
-    def init(key, input_shape):
-        input_shape = _core.check_shape("input_shape", input_shape, where=f"{where}.init")
-        if len(input_shape) != 1:
-            raise _core.error(
-                f"{where}.init: `input_shape` must be one step's input without batch or time axes.",
-                expected="(features,)",
-                got=repr(input_shape),
-                fix="pass input_shape=(xs.shape[-1],); for images use recurrent.conv_lstm.",
-            )
-        (F,) = input_shape
-        keys = iter(jax.random.split(key, 8))
-        k_in, k_rec, k_b, k_pi, k_pf, k_po, k_gr, k_proj = keys
-        bias = init_bias(bias_init, k_b, H, gates, param_dtype)
-        if has["forget"]:
-            f = gates.index("forget")
-            bias = bias.at[f * H : (f + 1) * H].add(jnp.asarray(forget_bias, param_dtype))
-        peep = lambda k, gate: peephole_init(k, (H,), param_dtype) if peephole and has[gate] else None  # noqa: E731
-        ones = lambda n: jnp.ones((n,), param_dtype)  # noqa: E731
-        return LSTMParams(
-            input_kernel=fused_blocks(kernel_init, k_in, (F, H), G, param_dtype),
-            recurrent_kernel=fused_blocks(recurrent_kernel_init, k_rec, (R, H), G, param_dtype),
-            bias=bias,
-            peephole_input=peep(k_pi, "input"),
-            peephole_forget=peep(k_pf, "forget"),
-            peephole_output=peep(k_po, "output"),
-            gate_recurrent_kernel=(
-                fused_blocks(gate_recurrent_kernel_init, k_gr, (S * H, H), S, param_dtype) if gate_recurrence else None
-            ),
-            projection=None if P is None else projection_init(k_proj, (H, P), param_dtype),
-            layer_norm=(
-                LayerNormParams(ones(G * H), ones(G * H), ones(H), jnp.zeros((H,), param_dtype)) if layer_norm else None
-            ),
-        )
-
-    def _dtypes(params):
-        cdt = _core.compute_dtype(dtype, params.input_kernel)
-        return cdt, _core.state_dtype(cdt)
-
-    def initial_carry(params, x_shape):
-        x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
-        if len(x_shape) < 1:
-            raise _core.error(
-                f"{where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
-                expected="(*batch, features)",
-                got=repr(x_shape),
-                fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
-            )
-        cdt, sdt = _dtypes(params)
-        batch = x_shape[:-1]
-        h, c = jnp.zeros((*batch, R), cdt), jnp.zeros((*batch, H), sdt)
-        if gate_recurrence:
-            return LSTMGateState(h, c, jnp.zeros((*batch, S * H), sdt))
-        return LSTMState(h, c)
-
-    def project(params, x):
-        F = params.input_kernel.shape[0]
-        _core.check_input(
-            x, (F,), where=where, fix=f"give inputs of shape (*batch, {F}) or re-init with input_shape=(x.shape[-1],)."
-        )
-        norm = (lambda v, scale: normalize(v, scale, eps=layer_norm_epsilon)) if layer_norm else None
-        return project_input(_core.matmul, x, params, norm, *_dtypes(params))
-
-    def probe(params, carry, xp, noise=None):
-        cdt, sdt = _dtypes(params)
-        h, c = _core.noisy_input(noise, carry.h), carry.c
-        rec = _core.matmul(h.astype(cdt), params.recurrent_kernel.astype(cdt), sdt)
-        if layer_norm:
-            rec = normalize(rec, params.layer_norm.recurrent_scale.astype(sdt), eps=layer_norm_epsilon)
-        z = xp.astype(sdt) + rec
-        blocks = dict(zip(gates, jnp.split(z, G, axis=-1)))
-        if gate_recurrence:
-            extra = carry.gates @ params.gate_recurrent_kernel.astype(sdt)
-            for g, e in zip(sigmoid_gates, jnp.split(extra, S, axis=-1)):
-                blocks[g] = blocks[g] + e
-        peep = lambda name, state: getattr(params, name).astype(sdt) * state if peephole else 0.0  # noqa: E731
-
-        if fast_pointwise:
-            zf = blocks["forget"] + peep("peephole_forget", c)
-            zi = None if coupled else blocks["input"] + peep("peephole_input", c)
-            p_o = params.peephole_output.astype(sdt) if peephole else None
-            m, c_new = lstm_pointwise(coupled, zf, zi, blocks["cell"], blocks["output"], c, p_o)
-            # The gates for `return_trace` and the gate recurrence; unused, they cost nothing, and
-            # XLA merges them with the same expressions inside `lstm_pointwise`.
-            i, f, g, o, _, _ = lstm_gates(coupled, zf, zi, blocks["cell"], blocks["output"], c, p_o)
-            c = c_new
-        else:
-            m, c, i, f, g, o = general_pointwise(params, blocks, c, peep)
-        if P is not None:
-            m = _core.matmul(m.astype(cdt), params.projection.astype(cdt), sdt)
-            if proj_clip is not None:
-                m = jnp.clip(m, -proj_clip, proj_clip)
-        h = m.astype(cdt)
-        values = {"input": i, "forget": f, "cell": g, "output": o}
-        if gate_recurrence:
-            new = LSTMGateState(h, c, jnp.concatenate([values[g] for g in sigmoid_gates], axis=-1))
-        else:
-            new = LSTMState(h, c)
-        new = _core.zoneout(noise, carry, new)
-        return new, new.h, {k: values[k] for k in gates}
-
-    def general_pointwise(params, blocks, c, peep):
-        sdt = _dtypes(params)[1]
-        f = jax.nn.sigmoid(blocks["forget"] + peep("peephole_forget", c)) if has["forget"] else None
-        if coupled:
-            i = 1.0 - f
-        elif has["input"]:
-            i = jax.nn.sigmoid(blocks["input"] + peep("peephole_input", c))
-        else:
-            i = None
-        g = act_in(blocks["cell"])
-        c = (c if f is None else f * c) + (g if i is None else i * g)
-        if cell_clip is not None:
-            c = jnp.clip(c, -cell_clip, cell_clip)
-        o = jax.nn.sigmoid(blocks["output"] + peep("peephole_output", c)) if has["output"] else None
-        c_out = c
-        if layer_norm:
-            ln = params.layer_norm
-            c_out = normalize(c, ln.cell_scale.astype(sdt), ln.cell_offset.astype(sdt), eps=layer_norm_epsilon)
-        m = act_out(c_out)
-        if o is not None:
-            m = o * m
-        return m, c, i, f, g, o
-
-    def output_shape(input_shape):
-        return (R,)
-
+    transform = DenseTransform(where, "recurrent.conv_lstm") if transform is None else transform
+    s = _lstm_settings(where, transform, params_type, options)
+    kernels = _kernels.lstm_kernels(options, params_type) if transform.sequence_kernels else {}
     spec = _core.cell_spec(
         recurrent_input="h",
         cell_state=("c",),
         fixed=("gates",),  # the full gate recurrence's previous gates: no zoneout
         recurrent_kernels=("recurrent_kernel",),
-        kernels=_kernels.lstm_kernels(options, LSTMParams),
+        kernels=kernels,
         compute_dtype=dtype,
     )
     return _core.make_cell(
-        init=init,
-        initial_carry=initial_carry,
-        project=project,
-        probe=probe,
-        output_shape=output_shape,
-        input_rank=1,
+        init=functools.partial(_lstm_init, s),
+        initial_carry=functools.partial(_lstm_initial_carry, s),
+        project=functools.partial(_lstm_project, s),
+        probe=functools.partial(_lstm_probe, s),
+        output_shape=lambda input_shape: transform.output_shape(input_shape, s.R),
+        input_rank=transform.input_rank,
         name=name,
-        options=options,
+        options=options if record is None else record,
         spec=spec,
     )
 
@@ -671,32 +854,7 @@ def lstm(
     >>> cell.step(params, cell.initial_carry(params, x.shape), x)[1].shape
     (2, 4)
     """
-    return _lstm_family(
-        hidden_size,
-        name="lstm",
-        peephole=peephole,
-        coupled=coupled,
-        input_gate=input_gate,
-        forget_gate=forget_gate,
-        output_gate=output_gate,
-        input_activation=input_activation,
-        output_activation=output_activation,
-        gate_recurrence=gate_recurrence,
-        proj_size=proj_size,
-        layer_norm=layer_norm,
-        layer_norm_epsilon=layer_norm_epsilon,
-        cell_clip=cell_clip,
-        proj_clip=proj_clip,
-        kernel_init=kernel_init,
-        recurrent_kernel_init=recurrent_kernel_init,
-        bias_init=bias_init,
-        peephole_init=peephole_init,
-        gate_recurrent_kernel_init=gate_recurrent_kernel_init,
-        projection_init=projection_init,
-        forget_bias=forget_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-    )
+    return _lstm_family(name="lstm", **locals())
 
 
 def _check_preset(name: str, preset: dict[str, Any], options: dict[str, Any]) -> None:

@@ -99,15 +99,17 @@ def lstm(
     h0=None,
     c0=None,
     gates0=None,
+    conv=False,
 ):
     """The LSTM family, every option at once.
 
     Args:
-      xs: ``(B, T, F)``.
+      xs: ``(B, T, F)``, or ``(B, T, *S, C)`` with ``conv``.
       W, U, b: ``(F, G*H)``, ``(Rin, G*H)``, ``(G*H,)``; the blocks present in order (i, f, g, o):
         i only when ``input_gate and not coupled``, f only with ``forget_gate``, o only with
-        ``output_gate``.
-      p_i, p_f, p_o: diagonal peepholes ``(H,)`` or ``None``.
+        ``output_gate``. With ``conv``: ``(*K, C, G*H)``, ``(*K, H, G*H)``, ``(G*H,)``.
+      p_i, p_f, p_o: diagonal peepholes ``(H,)`` or ``None`` (``(*S, H)`` Hadamard peepholes
+        with ``conv``).
       R: full gate recurrence ``(S*H, S*H)`` from the sigmoid gates at t-1, concatenated in the
         order (i, f, o) of those computed by a sigmoid, to the same gates at t; or ``None``.
       P: projection ``(H, P)`` or ``None``.
@@ -117,6 +119,9 @@ def lstm(
         Greff's NIAF / NOAF).
       cell_clip, proj_clip: clipping bounds or ``None``.
       h0, c0, gates0: initial carry (zeros by default).
+      conv: ConvLSTM (Shi et al. 2015): every ``x @ W`` and ``h @ U`` becomes the 'same'
+        convolution ``same_conv``, and layer norm takes its statistics over each step's spatial
+        and channel axes (the gains are per channel). ``R`` and ``P`` have no convolutional form.
     """
     xs, W, U, b = _f64(xs), _f64(W), _f64(U), _f64(b)
     p_i, p_f, p_o, R, P = _f64(p_i), _f64(p_f), _f64(p_o), _f64(R), _f64(P)
@@ -125,21 +130,25 @@ def lstm(
     sig = [n for n in ("i", "f", "o") if n in names]
     H = W.shape[-1] // len(names)
     B = xs.shape[0]
+    S = xs.shape[2:-1] if conv else ()  # spatial axes
+    assert not (conv and (R is not None or P is not None)), "no convolutional gate recurrence or projection"
+    transform = same_conv if conv else np.matmul
+    step_axes = tuple(range(1, 2 + len(S)))  # a step's (spatial and) feature axes
     Wb, Ub, bb = _blocks(W, names), _blocks(U, names), _blocks(b, names)
     if ln is not None:
         g_x, g_h, g_c, b_c = (_f64(a) for a in ln)
     out_size = H if P is None else P.shape[1]
-    h = np.zeros((B, out_size)) if h0 is None else _f64(h0)
-    c = np.zeros((B, H)) if c0 is None else _f64(c0)
-    gates = np.zeros((B, len(sig) * H)) if gates0 is None else _f64(gates0)
+    h = np.zeros((B, *S, out_size)) if h0 is None else _f64(h0)
+    c = np.zeros((B, *S, H)) if c0 is None else _f64(c0)
+    gates = np.zeros((B, *S, len(sig) * H)) if gates0 is None else _f64(gates0)
     ys = []
     for t in range(xs.shape[1]):
         x = xs[:, t]
         if ln is None:
-            a = {n: x @ Wb[n] + h @ Ub[n] + bb[n] for n in names}
+            a = {n: transform(x, Wb[n]) + transform(h, Ub[n]) + bb[n] for n in names}
         else:
-            ax = _blocks(layer_norm(x @ W, g_x, eps=eps), names)
-            ah = _blocks(layer_norm(h @ U, g_h, eps=eps), names)
+            ax = _blocks(layer_norm(transform(x, W), g_x, axes=step_axes, eps=eps), names)
+            ah = _blocks(layer_norm(transform(h, U), g_h, axes=step_axes, eps=eps), names)
             a = {n: ax[n] + ah[n] + bb[n] for n in names}
         if R is not None:
             extra = _blocks(gates @ R, sig)
@@ -157,7 +166,7 @@ def lstm(
         if cell_clip is not None:
             c = np.clip(c, -cell_clip, cell_clip)
         o = sigmoid(a["o"] + (0.0 if p_o is None else p_o * c)) if output_gate else np.ones_like(c)
-        c_hat = c if ln is None else layer_norm(c, g_c, b_c, eps=eps)
+        c_hat = c if ln is None else layer_norm(c, g_c, b_c, axes=step_axes, eps=eps)
         m = o * output_activation(c_hat)
         if P is not None:
             m = m @ P
@@ -168,15 +177,17 @@ def lstm(
         gates = np.concatenate([values[n] for n in sig], axis=-1) if sig else gates
         ys.append(h)
     carry = (h, c, gates) if R is not None else (h, c)
-    return _stack(ys, B, (out_size,)), carry
+    return _stack(ys, B, (*S, out_size)), carry
 
 
 # --------------------------------------------------------------------------------------
 # GRU
 
 
-def gru(xs, *, W, U, b, b_hn=None, reset_after=True, ln=None, eps=1e-5, h0=None):
-    """GRU with optional layer normalisation ``ln = (g_x (3H,), g_h (3H,))``.
+def gru(xs, *, W, U, b, b_hn=None, reset_after=True, ln=None, eps=1e-5, h0=None, conv=False):
+    """GRU with optional layer normalisation ``ln = (g_x (3H,), g_h (3H,))``; with ``conv`` the
+    ConvGRU (Ballas et al. 2016): 'same' convolutions (``same_conv``) for both transitions, layer
+    norm over each step's spatial and channel axes, ``xs (B, T, *S, C)``.
 
     r = σ(a_r), z = σ(a_z), h' = (1 - z) n + z h, with, writing LN_x(v) = LN(v; g_x) and
     LN_h(v; s) = LN(v; g_h[s]) (identity maps without ``ln``):
@@ -185,97 +196,54 @@ def gru(xs, *, W, U, b, b_hn=None, reset_after=True, ln=None, eps=1e-5, h0=None)
       otherwise:    [h_r, h_z] = LN_h(h U_rz; :2H); n = tanh(x_n + LN_h((r h) U_n; 2H:))
     """
     xs, W, U, b, b_hn = _f64(xs), _f64(W), _f64(U), _f64(b), _f64(b_hn)
-    H = U.shape[0]
+    H = U.shape[-2]
     B = xs.shape[0]
-    h = np.zeros((B, H)) if h0 is None else _f64(h0)
+    S = xs.shape[2:-1] if conv else ()  # spatial axes
+    transform = same_conv if conv else np.matmul
+    step_axes = tuple(range(1, 2 + len(S)))  # a step's (spatial and) feature axes
+    h = np.zeros((B, *S, H)) if h0 is None else _f64(h0)
     g_x, g_h = (None, None) if ln is None else (_f64(ln[0]), _f64(ln[1]))
-    norm_x = (lambda v: v) if ln is None else (lambda v: layer_norm(v, g_x, eps=eps))
-    norm_h = (lambda v, s: v) if ln is None else (lambda v, s: layer_norm(v, g_h[s], eps=eps))
+    norm_x = (lambda v: v) if ln is None else (lambda v: layer_norm(v, g_x, axes=step_axes, eps=eps))
+    norm_h = (lambda v, s: v) if ln is None else (lambda v, s: layer_norm(v, g_h[s], axes=step_axes, eps=eps))
     ys = []
     for t in range(xs.shape[1]):
         x = xs[:, t]
-        ax = norm_x(x @ W) + b
-        x_r, x_z, x_n = ax[:, :H], ax[:, H : 2 * H], ax[:, 2 * H :]
-        if reset_after:
-            ah = norm_h(h @ U, slice(None))
-            r = sigmoid(x_r + ah[:, :H])
-            z = sigmoid(x_z + ah[:, H : 2 * H])
-            n = np.tanh(x_n + r * (ah[:, 2 * H :] + b_hn))
-        else:
-            ah = norm_h(h @ U[:, : 2 * H], slice(0, 2 * H))
-            r = sigmoid(x_r + ah[:, :H])
-            z = sigmoid(x_z + ah[:, H:])
-            n = np.tanh(x_n + norm_h((r * h) @ U[:, 2 * H :], slice(2 * H, None)))
-        h = (1.0 - z) * n + z * h
-        ys.append(h)
-    return _stack(ys, B, (H,)), h
-
-
-# --------------------------------------------------------------------------------------
-# Convolutional cells (channels last; ``same_conv`` is the explicit sliding-window reference)
-
-
-def _conv_norm(v, scale, offset=None, eps=1e-5):
-    """Layer norm over a step's spatial and channel axes (all but the batch axis)."""
-    return layer_norm(v, scale, offset, axes=tuple(range(1, v.ndim)), eps=eps)
-
-
-def conv_lstm(xs, *, W, U, b, p_i=None, p_f=None, p_o=None, ln=None, eps=1e-5, h0=None, c0=None):
-    """ConvLSTM (Shi et al. 2015) with Hadamard peepholes ``(*S, H)`` and optional layer norm
-    ``ln = (g_x (4H,), g_h (4H,), g_c (H,), b_c (H,))``:
-
-      a = LN(W * X; g_x) + LN(U * H; g_h) + b;  i = σ(a_i + p_i ∘ C), f = σ(a_f + p_f ∘ C),
-      C' = f ∘ C + i ∘ tanh(a_g), o = σ(a_o + p_o ∘ C'), H' = o ∘ tanh(LN(C'; g_c, b_c)).
-    """
-    xs, W, U, b = _f64(xs), _f64(W), _f64(U), _f64(b)
-    p_i, p_f, p_o = _f64(p_i), _f64(p_f), _f64(p_o)
-    H = U.shape[-2]
-    B, S = xs.shape[0], xs.shape[2:-1]
-    names = ("i", "f", "g", "o")
-    h = np.zeros((B, *S, H)) if h0 is None else _f64(h0)
-    c = np.zeros((B, *S, H)) if c0 is None else _f64(c0)
-    ys = []
-    for t in range(xs.shape[1]):
-        wx, uh = same_conv(xs[:, t], W), same_conv(h, U)
-        if ln is not None:
-            wx, uh = _conv_norm(wx, _f64(ln[0]), eps=eps), _conv_norm(uh, _f64(ln[1]), eps=eps)
-        a = _blocks(wx + uh + b, names)
-        i = sigmoid(a["i"] + (0.0 if p_i is None else p_i * c))
-        f = sigmoid(a["f"] + (0.0 if p_f is None else p_f * c))
-        c = f * c + i * np.tanh(a["g"])
-        o = sigmoid(a["o"] + (0.0 if p_o is None else p_o * c))
-        c_hat = c if ln is None else _conv_norm(c, _f64(ln[2]), _f64(ln[3]), eps=eps)
-        h = o * np.tanh(c_hat)
-        ys.append(h)
-    return _stack(ys, B, (*S, H)), (h, c)
-
-
-def conv_gru(xs, *, W, U, b, b_hn=None, reset_after=True, ln=None, eps=1e-5, h0=None):
-    """ConvGRU (Ballas et al. 2016): :func:`gru` with 'same' convolutions for both transitions
-    and layer norm (``ln = (g_x (3H,), g_h (3H,))``) over each step's spatial and channel axes."""
-    xs, W, U, b, b_hn = _f64(xs), _f64(W), _f64(U), _f64(b), _f64(b_hn)
-    H = U.shape[-2]
-    B, S = xs.shape[0], xs.shape[2:-1]
-    h = np.zeros((B, *S, H)) if h0 is None else _f64(h0)
-    norm_x = (lambda v: v) if ln is None else (lambda v: _conv_norm(v, _f64(ln[0]), eps=eps))
-    norm_h = (lambda v, s: v) if ln is None else (lambda v, s: _conv_norm(v, _f64(ln[1])[s], eps=eps))
-    ys = []
-    for t in range(xs.shape[1]):
-        ax = norm_x(same_conv(xs[:, t], W)) + b
+        ax = norm_x(transform(x, W)) + b
         x_r, x_z, x_n = ax[..., :H], ax[..., H : 2 * H], ax[..., 2 * H :]
         if reset_after:
-            ah = norm_h(same_conv(h, U), slice(None))
+            ah = norm_h(transform(h, U), slice(None))
             r = sigmoid(x_r + ah[..., :H])
             z = sigmoid(x_z + ah[..., H : 2 * H])
             n = np.tanh(x_n + r * (ah[..., 2 * H :] + b_hn))
         else:
-            ah = norm_h(same_conv(h, U[..., : 2 * H]), slice(0, 2 * H))
+            ah = norm_h(transform(h, U[..., : 2 * H]), slice(0, 2 * H))
             r = sigmoid(x_r + ah[..., :H])
             z = sigmoid(x_z + ah[..., H:])
-            n = np.tanh(x_n + norm_h(same_conv(r * h, U[..., 2 * H :]), slice(2 * H, None)))
+            n = np.tanh(x_n + norm_h(transform(r * h, U[..., 2 * H :]), slice(2 * H, None)))
         h = (1.0 - z) * n + z * h
         ys.append(h)
     return _stack(ys, B, (*S, H)), h
+
+
+# --------------------------------------------------------------------------------------
+# Convolutional cells (channels last; ``same_conv`` is the explicit sliding-window reference of
+# ``tests/reference.py``)
+
+
+def conv_lstm(xs, *, W, U, b, **options):
+    """ConvLSTM (Shi et al. 2015): :func:`lstm` with ``conv=True``, every option of the family
+    but the gate recurrence and the projection. With the paper's Hadamard peepholes ``(*S, H)``
+    and layer norm ``ln = (g_x (G*H,), g_h (G*H,), g_c (H,), b_c (H,))``:
+
+      a = LN(W * X; g_x) + LN(U * H; g_h) + b;  i = σ(a_i + p_i ∘ C), f = σ(a_f + p_f ∘ C),
+      C' = f ∘ C + i ∘ tanh(a_g), o = σ(a_o + p_o ∘ C'), H' = o ∘ tanh(LN(C'; g_c, b_c)).
+    """
+    return lstm(xs, W=W, U=U, b=b, conv=True, **options)
+
+
+def conv_gru(xs, *, W, U, b, **options):
+    """ConvGRU (Ballas et al. 2016): :func:`gru` with ``conv=True``."""
+    return gru(xs, W=W, U=U, b=b, conv=True, **options)
 
 
 # --------------------------------------------------------------------------------------
