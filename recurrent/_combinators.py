@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from recurrent import _core, _kernels, _scan
-from recurrent._core import Cell, Layer
+from recurrent._core import Cell, Layer, ScanLoop, Shape
 from recurrent._regularisers import check_rate
 from recurrent._regularisers import is_off as _is_off
 from recurrent._regularisers import keep_mask as _keep_mask
@@ -162,58 +162,9 @@ def bidirectional(
             got=f"input_rank {bwd.input_rank} for the backward direction",
             fix="use the same kind of cell in both directions.",
         )
-    if isinstance(merge, str):
-        if merge not in _MERGES:
-            raise _core.error(
-                f"{where}: unknown merge {merge!r}.",
-                expected=f"one of {sorted(_MERGES)} or a function (y_fwd, y_bwd) -> y",
-                got=repr(merge),
-                fix='pass e.g. merge="concat".',
-            )
-        merge_fn = _MERGES[merge]
-    elif callable(merge):
-        merge_fn = merge
-    else:
-        raise _core.error(
-            f"{where}: `merge` must be a name or a function.",
-            expected=f"one of {sorted(_MERGES)} or a callable",
-            got=repr(merge),
-            fix='pass e.g. merge="sum".',
-        )
-
-    if one_scan not in (True, False, "auto"):
-        raise _core.error(
-            f"{where}: unknown `one_scan`.",
-            expected='True (one scan, the default), False (two scans), or "auto" (the same as True)',
-            got=repr(one_scan),
-            fix="pass one_scan=True or one_scan=False.",
-        )
-    one = one_scan is not False
-    loops = fwd.loop, bwd.loop
-    directions = one and None not in loops and not loops[0].reverse and loops[1].reverse
-    # Both directions the same rnn layer (but for the direction): one vmapped scan, so each
-    # step's two recurrent matmuls are one batched matmul (through each layer's own apply, so
-    # a kernel it runs with is batched too).
-    batchable = (
-        directions and loops[0].signature is not None and _core.same_options(loops[0].signature, loops[1].signature)
-    )
-    # Otherwise both step bodies in one scan; not for layers that run a kernel (which the
-    # fused scan would bypass): those run as two layers, each taking its kernel or saying why not.
-    fused = loops if directions and all(loop.implementation == "scan" for loop in loops) else None
-
-    def output_shape(input_shape):
-        a, b = fwd.output_shape(input_shape), bwd.output_shape(input_shape)
-        if merge_fn is _MERGES["concat"]:
-            if a[:-1] != b[:-1]:
-                raise _core.error(
-                    f"{where}: cannot concatenate outputs of different shapes.",
-                    expected="equal shapes except the last axis",
-                    got=f"{a} and {b}",
-                    fix="use directions with matching spatial shapes.",
-                )
-            return (*a[:-1], a[-1] + b[-1])
-        out = jax.eval_shape(merge_fn, jax.ShapeDtypeStruct(a, jnp.float32), jax.ShapeDtypeStruct(b, jnp.float32))
-        return tuple(out.shape)
+    merge_fn = _merge_function(merge, where)
+    plan = _plan(fwd, bwd, one_scan, where)
+    output_shape = functools.partial(_merged_shape, fwd, bwd, merge_fn, where)
 
     def init(key, input_shape):
         input_shape = _core.check_input_shape(input_shape, where=f"{where}.init")
@@ -234,50 +185,24 @@ def bidirectional(
     def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
         seq = read_sequence(xs, fwd.input_rank, lengths=lengths, resets=resets, time_major=time_major, where=where)
         _core.check_params(params, init, seq.features, where=where, inputs=lambda: check_inputs(params, xs))
-        batch, T, lengths, resets = seq.batch, seq.T, seq.lengths, seq.resets
-        if carry is not None and not (isinstance(carry, tuple) and len(carry) == 2):
-            raise _core.error(
-                f"{where}: carry must be a (forward, backward) pair.",
-                expected="BidirectionalState(forward, backward), as returned by this layer",
-                got=type(carry).__name__,
-                fix="pass the carry this layer returned, or None.",
-            )
-        c_f, c_b = (None, None) if carry is None else carry
+        c_f, c_b = _carry_pair(carry, where)
         k_f, k_b = (None, None) if key is None else jax.random.split(key)
-        kw = dict(lengths=lengths, time_major=time_major, resets=resets, return_trace=return_trace)
-        same_shapes = one and batchable and _signature(params.forward) == _signature(params.backward)
-        if same_shapes and resets is None and not return_trace:
-            out_f, out_b = _batched_directions(fwd, params, xs, c_f, c_b, k_f, k_b, lengths, time_major, batch)
-        elif one and fused is not None:
-            out_f, out_b = _one_scan(fused, params, xs, c_f, c_b, k_f, k_b, kw)
-        else:
-            out_f = fwd.apply(params.forward, xs, carry=c_f, key=k_f, **kw)
-            out_b = bwd.apply(params.backward, xs, carry=c_b, key=k_b, **kw)
+        out_f, out_b = _run_directions(plan, fwd, bwd, params, xs, (c_f, c_b), (k_f, k_b), seq, time_major,
+                                       return_trace)  # fmt: skip
         (c_f, y_f), (c_b, y_b) = out_f[:2], out_b[:2]
         ys = merge_fn(y_f, y_b)
-        if lengths is not None and merge_fn not in (_MERGES["concat"], _MERGES["sum"], _MERGES["mul"]):
-            t = jnp.arange(T)
-            valid = t[(...,) + (None,) * len(batch)] < lengths if time_major else t < lengths[..., None]
-            ys = jnp.where(valid.reshape(valid.shape + (1,) * (ys.ndim - valid.ndim)), ys, 0)
+        if seq.lengths is not None and merge_fn not in (_MERGES["concat"], _MERGES["sum"], _MERGES["mul"]):
+            ys = _zero_padding(ys, seq, time_major)  # a merge of two zeros need not be zero
         if return_trace:
             return BidirectionalState(c_f, c_b), ys, BidirectionalState(out_f[2], out_b[2])
         return BidirectionalState(c_f, c_b), ys
 
     # What it is built from, when both directions record theirs: equal options mean the same
     # function (so stacks of equal bidirectional layers share one traced function, or a scan).
-    options = (
-        None
-        if fwd.options is None or bwd.options is None
-        else _core.Options(
-            {
-                "bidirectional": True,
-                "forward": fwd.options,
-                "backward": bwd.options,
-                "merge": merge,
-                "one_scan": one_scan,
-            }
-        )
-    )
+    options = None
+    if fwd.options is not None and bwd.options is not None:
+        recorded = {"bidirectional": True, "forward": fwd.options, "backward": bwd.options, "merge": merge}
+        options = _core.Options({**recorded, "one_scan": one_scan})
     layer = Layer(
         init=init,
         apply=apply,
@@ -290,6 +215,106 @@ def bidirectional(
         check_inputs=check_inputs,
     )
     return layer._replace(reversed=lambda: flipped(layer))
+
+
+def _merge_function(merge: Any, where: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The merge of :func:`bidirectional`: a name of :data:`_MERGES` or a function."""
+    if isinstance(merge, str):
+        if merge not in _MERGES:
+            raise _core.error(
+                f"{where}: unknown merge {merge!r}.",
+                expected=f"one of {sorted(_MERGES)} or a function (y_fwd, y_bwd) -> y",
+                got=repr(merge),
+                fix='pass e.g. merge="concat".',
+            )
+        return _MERGES[merge]
+    if callable(merge):
+        return merge
+    raise _core.error(
+        f"{where}: `merge` must be a name or a function.",
+        expected=f"one of {sorted(_MERGES)} or a callable",
+        got=repr(merge),
+        fix='pass e.g. merge="sum".',
+    )
+
+
+class _Plan(NamedTuple):
+    """How :func:`bidirectional` runs its two directions."""
+
+    one: bool  # one scan asked for
+    batchable: bool  # both directions the same rnn layer: one vmapped scan
+    fused: tuple[ScanLoop, ScanLoop] | None  # both rnn layers without a kernel: both bodies in one scan
+
+
+def _plan(fwd: Layer, bwd: Layer, one_scan: Any, where: str) -> _Plan:
+    if one_scan not in (True, False, "auto"):
+        raise _core.error(
+            f"{where}: unknown `one_scan`.",
+            expected='True (one scan, the default), False (two scans), or "auto" (the same as True)',
+            got=repr(one_scan),
+            fix="pass one_scan=True or one_scan=False.",
+        )
+    one = one_scan is not False
+    loops = fwd.loop, bwd.loop
+    directions = one and None not in loops and not loops[0].reverse and loops[1].reverse
+    # Both directions the same rnn layer (but for the direction): one vmapped scan, so each
+    # step's two recurrent matmuls are one batched matmul (through each layer's own apply, so
+    # a kernel it runs with is batched too).
+    batchable = bool(
+        directions and loops[0].signature is not None and _core.same_options(loops[0].signature, loops[1].signature)
+    )
+    # Otherwise both step bodies in one scan; not for layers that run a kernel (which the
+    # fused scan would bypass): those run as two layers, each taking its kernel or saying why not.
+    fused = loops if directions and all(loop.implementation == "scan" for loop in loops) else None
+    return _Plan(one, batchable, fused)
+
+
+def _merged_shape(fwd: Layer, bwd: Layer, merge_fn: Callable, where: str, input_shape: Shape) -> Shape:
+    a, b = fwd.output_shape(input_shape), bwd.output_shape(input_shape)
+    if merge_fn is _MERGES["concat"]:
+        if a[:-1] != b[:-1]:
+            raise _core.error(
+                f"{where}: cannot concatenate outputs of different shapes.",
+                expected="equal shapes except the last axis",
+                got=f"{a} and {b}",
+                fix="use directions with matching spatial shapes.",
+            )
+        return (*a[:-1], a[-1] + b[-1])
+    out = jax.eval_shape(merge_fn, jax.ShapeDtypeStruct(a, jnp.float32), jax.ShapeDtypeStruct(b, jnp.float32))
+    return tuple(out.shape)
+
+
+def _carry_pair(carry: Any, where: str) -> tuple[Any, Any]:
+    if carry is None:
+        return None, None
+    if not (isinstance(carry, tuple) and len(carry) == 2):
+        raise _core.error(
+            f"{where}: carry must be a (forward, backward) pair.",
+            expected="BidirectionalState(forward, backward), as returned by this layer",
+            got=type(carry).__name__,
+            fix="pass the carry this layer returned, or None.",
+        )
+    return carry
+
+
+def _run_directions(plan: _Plan, fwd, bwd, params, xs, carries, keys, seq, time_major, return_trace):
+    """Both directions' outputs ``(carry, ys[, trace])``: one vmapped scan, one fused scan or two."""
+    (c_f, c_b), (k_f, k_b) = carries, keys
+    kw = dict(lengths=seq.lengths, time_major=time_major, resets=seq.resets, return_trace=return_trace)
+    same_shapes = plan.one and plan.batchable and _signature(params.forward) == _signature(params.backward)
+    if same_shapes and seq.resets is None and not return_trace:
+        return _batched_directions(fwd, params, xs, c_f, c_b, k_f, k_b, seq.lengths, time_major, seq.batch)
+    if plan.one and plan.fused is not None:
+        return _one_scan(plan.fused, params, xs, c_f, c_b, k_f, k_b, kw)
+    return fwd.apply(params.forward, xs, carry=c_f, key=k_f, **kw), bwd.apply(
+        params.backward, xs, carry=c_b, key=k_b, **kw
+    )
+
+
+def _zero_padding(ys: jax.Array, seq, time_major: bool) -> jax.Array:
+    t = jnp.arange(seq.T)
+    valid = t[(...,) + (None,) * len(seq.batch)] < seq.lengths if time_major else t < seq.lengths[..., None]
+    return jnp.where(valid.reshape(valid.shape + (1,) * (ys.ndim - valid.ndim)), ys, 0)
 
 
 def _signature(tree):

@@ -193,7 +193,9 @@ def rnn(
             f"{where}: unknown `implementation`.",
             expected=" or ".join(repr(p) for p in known) + " (a name the cell declares a kernel under)",
             got=repr(implementation),
-            fix='pass implementation="scan" (portable, the default), "cudnn" (plain LSTM on an NVIDIA GPU) or "vjp".',
+            fix='pass implementation="scan" (portable, the default), "cudnn" (plain LSTM on an NVIDIA GPU), "vjp"'
+            + "".join(f' or "{k}"' for k in known[len(_kernels.IMPLEMENTATIONS) :])
+            + " (a kernel of this cell); a stack of cells declares none: stack rnn layers instead.",
         )
     rates = Rates(
         *(
