@@ -9,6 +9,7 @@ float32 matmuls in full precision anyway, and nothing is set.
 """
 
 import importlib.util
+import os
 
 import jax
 
@@ -19,18 +20,33 @@ if jax.default_backend() != "cpu":
 # The peer converters' doctests need their peer, as their tests do (``pytest.importorskip`` there):
 # where the optional package is missing, their examples are not collected. CI installs both.
 collect_ignore = [
-    f"recurrent/interop/_{peer}.py" for peer in ("keras", "torch") if importlib.util.find_spec(peer) is None
+    f"recurrent/interop/_{peer}.py" for peer in ("keras", "torch", "xlstm") if importlib.util.find_spec(peer) is None
 ]
 
 
 import pytest  # noqa: E402
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# Above this, a test worker drops JAX's caches after the current test module.
+CLEAR_CACHES_ABOVE = 3 * 2**30
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _clear_jax_caches():
     """Each test worker compiles thousands of small programs; JAX keeps every executable and trace
-    cached for the life of the process. Dropping them after each test module keeps a worker's
-    memory flat over the whole suite (XLA's CPU compiler crashed in workers that had grown to
-    several GB)."""
+    cached for the life of the process. XLA's CPU compiler crashed in workers that had grown to
+    several GB, so a worker past :data:`CLEAR_CACHES_ABOVE` drops them after a test module. Not
+    after every module: later modules reuse many of the programs earlier ones compiled (the
+    registry's memoised functions), and recompiling them all cost a quarter of the suite's time."""
     yield
-    jax.clear_caches()
+    if _resident_bytes() > CLEAR_CACHES_ABOVE:
+        jax.clear_caches()

@@ -51,7 +51,10 @@ from recurrent._lstm import (
     lstm_variant,
     peephole_lstm,
 )
+from recurrent._minrnn import MIN_GRU_GATES, MIN_LSTM_GATES, MinGRUParams, MinLSTMParams, min_gru, min_lstm
+from recurrent._mlstm import MLSTM_GATES, MLSTM_PROJECTIONS, MLSTMParams, MLSTMState, mlstm
 from recurrent._rnn import Trace, reverse_sequences, rnn, truncated_bptt
+from recurrent._slstm import SLSTM_GATES, SLSTMParams, SLSTMState, slstm
 
 __version__ = "0.1.0"
 
@@ -76,6 +79,17 @@ __all__ = [
     "Layer",
     "LayerNormParams",
     "LearnedCarryParams",
+    "MIN_GRU_GATES",
+    "MIN_LSTM_GATES",
+    "MLSTMParams",
+    "MLSTMState",
+    "MLSTM_GATES",
+    "MLSTM_PROJECTIONS",
+    "MinGRUParams",
+    "MinLSTMParams",
+    "SLSTMParams",
+    "SLSTMState",
+    "SLSTM_GATES",
     "SequenceKernel",
     "StepNoise",
     "Trace",
@@ -91,10 +105,14 @@ __all__ = [
     "lstm",
     "lstm_variant",
     "make_cell",
+    "min_gru",
+    "min_lstm",
+    "mlstm",
     "noisy_input",
     "peephole_lstm",
     "reverse_sequences",
     "rnn",
+    "slstm",
     "stacked",
     "truncated_bptt",
     "zoneout",

@@ -11,8 +11,9 @@ no math of their own: on the same parameters they give exactly the functional re
   -> (carry, ys)``, from a cell (scanned with :func:`recurrent.rnn`) or any layer.
 - :class:`Bidirectional` and :class:`Stacked`: :class:`RNN` around
   :func:`recurrent.bidirectional` and :func:`recurrent.stacked`.
-- :class:`LSTM`, :class:`PeepholeLSTM`, :class:`CIFGLSTM`, :class:`GRU`, :class:`ConvLSTM`:
-  sequence modules for each cell variant, built from sizes.
+- :class:`LSTM`, :class:`PeepholeLSTM`, :class:`CIFGLSTM`, :class:`GRU`, :class:`ConvLSTM`,
+  :class:`SLSTM`, :class:`MLSTM`, :class:`MinGRU`, :class:`MinLSTM`: sequence modules for each
+  cell, built from sizes.
 
 Parameters are drawn with ``rngs.params()``. Every module also takes ``params=`` instead of
 ``rngs`` to wrap existing functional parameters (e.g. trained or loaded with the functional
@@ -63,6 +64,10 @@ __all__ = [
     "CIFGLSTM",
     "GRU",
     "LSTM",
+    "MLSTM",
+    "MinGRU",
+    "MinLSTM",
+    "SLSTM",
     "Bidirectional",
     "Cell",
     "ConvLSTM",
@@ -366,15 +371,16 @@ class _DenseRNN(RNN):
         hidden_size: int,
         *,
         reverse: bool = False,
+        implementation: str = "scan",
         rngs: nnx.Rngs | None = None,
         params: Any = None,
         **cell_kwargs: Any,
     ):
         in_features = _core.check_positive_int("in_features", in_features, where=f"recurrent.nnx.{type(self).__name__}")
         cell = type(self)._factory(hidden_size, **cell_kwargs)
-        super().__init__(
-            recurrent.rnn(cell, reverse=True) if reverse else cell, (in_features,), rngs=rngs, params=params
-        )
+        plain = not reverse and implementation == "scan"
+        layer = cell if plain else recurrent.rnn(cell, reverse=reverse, implementation=implementation)
+        super().__init__(layer, (in_features,), rngs=rngs, params=params)
         self.cell = cell
 
 
@@ -389,6 +395,8 @@ class LSTM(_DenseRNN):
       in_features: ``F``, features of one step's input.
       hidden_size: ``H``.
       reverse: run each sequence's valid prefix backwards in time (outputs stay aligned).
+      implementation: as for :func:`recurrent.rnn` (``"vjp"``, or a cell's own whole-sequence
+        form such as the mLSTM's ``"chunkwise"``).
       rngs: ``nnx.Rngs``; parameters from ``rngs.params()``.
       params: instead of ``rngs``, existing functional parameters of the cell.
       **cell_kwargs: passed to :func:`recurrent.lstm` (initialisers, ``forget_bias``,
@@ -465,6 +473,84 @@ class GRU(_DenseRNN):
     """
 
     _factory = staticmethod(recurrent.gru)
+
+
+class SLSTM(_DenseRNN):
+    """A sequence of :func:`recurrent.slstm` steps (xLSTM's scalar-memory LSTM) as an NNX module
+    (an :class:`RNN`); the carry is :class:`recurrent.SLSTMState` ``(h, c, n, m)``.
+
+    Args: as for :class:`LSTM`; ``**cell_kwargs`` (``num_heads``, ``forget_gate``, ...) go to
+    :func:`recurrent.slstm`.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from recurrent import nnx as rnnx
+    >>> slstm = rnnx.SLSTM(8, 16, num_heads=4, rngs=nnx.Rngs(0))
+    >>> carry, ys = slstm(jnp.ones((2, 5, 8)))
+    >>> ys.shape, carry.m.shape
+    ((2, 5, 16), (2, 16))
+    """
+
+    _factory = staticmethod(recurrent.slstm)
+
+
+class MLSTM(_DenseRNN):
+    """A sequence of :func:`recurrent.mlstm` steps (xLSTM's matrix-memory LSTM) as an NNX module
+    (an :class:`RNN`); ``implementation="parallel"`` or ``"chunkwise"`` evaluates the whole
+    sequence at once.
+
+    Args: as for :class:`LSTM`, and ``implementation`` as for :func:`recurrent.rnn`;
+    ``**cell_kwargs`` (``num_heads``, ``chunk_size``, ...) go to :func:`recurrent.mlstm`.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from recurrent import nnx as rnnx
+    >>> mlstm = rnnx.MLSTM(8, 16, num_heads=2, implementation="chunkwise", chunk_size=4, rngs=nnx.Rngs(0))
+    >>> carry, ys = mlstm(jnp.ones((2, 10, 8)))
+    >>> ys.shape, carry.C.shape
+    ((2, 10, 16), (2, 2, 8, 8))
+    """
+
+    _factory = staticmethod(recurrent.mlstm)
+
+
+class MinGRU(_DenseRNN):
+    """A sequence of :func:`recurrent.min_gru` steps as an NNX module (an :class:`RNN`);
+    ``implementation="parallel"`` evaluates the whole sequence with an associative scan.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from recurrent import nnx as rnnx
+    >>> gru = rnnx.MinGRU(8, 16, implementation="parallel", rngs=nnx.Rngs(0))
+    >>> carry, ys = gru(jnp.ones((2, 5, 8)))
+    >>> ys.shape, carry.shape
+    ((2, 5, 16), (2, 16))
+    """
+
+    _factory = staticmethod(recurrent.min_gru)
+
+
+class MinLSTM(_DenseRNN):
+    """A sequence of :func:`recurrent.min_lstm` steps as an NNX module (an :class:`RNN`);
+    ``implementation="parallel"`` evaluates the whole sequence with an associative scan.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from recurrent import nnx as rnnx
+    >>> lstm = rnnx.MinLSTM(8, 16, rngs=nnx.Rngs(0))
+    >>> lstm(jnp.ones((2, 5, 8)))[1].shape
+    (2, 5, 16)
+    """
+
+    _factory = staticmethod(recurrent.min_lstm)
 
 
 class ConvLSTM(RNN):

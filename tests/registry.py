@@ -41,6 +41,8 @@ _bias = jax.nn.initializers.normal(0.3)
 _kernel = jax.nn.initializers.normal(0.4)
 KEY_IMPL = "rbg"  # cheaper to compile than threefry, for the many small init shapes
 FAST_INIT = dict(kernel_init=_kernel, recurrent_kernel_init=_kernel)
+# The mLSTM has no recurrent kernel; its gate kernels are zero by default: random, so the gates read the input.
+MLSTM_INIT = dict(kernel_init=_kernel, gate_kernel_init=_kernel, default_init=True)
 
 REFERENCE_MERGES: dict[str, Callable[[Any, Any], Any]] = {
     "concat": lambda a, b: np.concatenate([a, b], axis=-1),
@@ -437,6 +439,31 @@ def _entries() -> list[Entry]:
             (3, 3, 1),
         ),
         Entry("conv_gru_1d", C(recurrent.conv_gru, 2, (3,), bias_init=_bias), (4, 2)),
+        Entry("slstm", C(recurrent.slstm, 4, num_heads=2), (3,)),
+        Entry("slstm_exp_forget", C(recurrent.slstm, 4, num_heads=2, forget_gate="exp", bias_init=_bias), (2,)),
+        Entry("mlstm", C(recurrent.mlstm, 4, num_heads=2, **MLSTM_INIT), (3,)),
+        Entry(
+            "mlstm_exp_forget_qkv_gates_layer_norm",
+            C(
+                recurrent.mlstm,
+                6,
+                num_heads=2,
+                forget_gate="exp",
+                gates_from="qkv",
+                output_gate=False,
+                layer_norm=True,
+                gate_soft_cap=4.0,
+                forget_bias_init=_bias,
+                bias_init=_bias,
+                **MLSTM_INIT,
+            ),
+            (2,),
+        ),
+        Entry("stacked_mlstm_lstm", StackCells([C(recurrent.mlstm, 4, num_heads=2, **MLSTM_INIT), C(L, 3)]), (3,)),
+        Entry("bidirectional_mlstm", Bidi(C(recurrent.mlstm, 4, num_heads=2, **MLSTM_INIT)), (2,)),
+        # minGRU and minLSTM have no recurrent kernel (their own kernel_init, the registry's normal draw)
+        Entry("min_gru", C(recurrent.min_gru, 4, kernel_init=_kernel, bias_init=_bias, default_init=True), (3,)),
+        Entry("min_lstm", C(recurrent.min_lstm, 3, kernel_init=_kernel, bias_init=_bias, default_init=True), (2,)),
         Entry("learned_initial_carry", C(_learned_lstm, 3), (2,)),
         Entry("stacked_lstm_gru", StackCells([C(L, 4), C(G, 3)]), (3,)),
         Entry(

@@ -53,6 +53,22 @@ CASES = {
         recurrent.rnn(recurrent.conv_lstm(3, (3, 3), peephole=True)),
         (5, 5, 2),
     ),
+    "slstm": (
+        lambda r: rnnx.SLSTM(F, 4, num_heads=2, rngs=r),
+        recurrent.rnn(recurrent.slstm(4, num_heads=2)),
+        (F,),
+    ),
+    "mlstm_chunkwise": (
+        lambda r: rnnx.MLSTM(F, 4, num_heads=2, implementation="chunkwise", chunk_size=4, rngs=r),
+        recurrent.rnn(recurrent.mlstm(4, num_heads=2, chunk_size=4), implementation="chunkwise"),
+        (F,),
+    ),
+    "min_gru_parallel_reverse": (
+        lambda r: rnnx.MinGRU(F, 5, reverse=True, implementation="parallel", rngs=r),
+        recurrent.rnn(recurrent.min_gru(5), reverse=True, implementation="parallel"),
+        (F,),
+    ),
+    "min_lstm": (lambda r: rnnx.MinLSTM(F, 5, rngs=r), recurrent.rnn(recurrent.min_lstm(5)), (F,)),
     "rnn_of_layer": (
         lambda r: rnnx.RNN(recurrent.rnn(recurrent.gru(6), reverse=True), (F,), rngs=r),
         recurrent.rnn(recurrent.gru(6), reverse=True),
