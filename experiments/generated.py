@@ -11,6 +11,12 @@ needs no memory.
 (3, 4, [2.0, 2.0])
 >>> [float(np.asarray(x).sum()) for x in data]
 [0.0, 8.0, 16.0]
+
+Items of different lengths give ``lengths`` (one per item; ``shape[0]`` is then the longest):
+
+>>> ragged = Generated(2, (5, 1), lambda i: np.zeros((3 + i, 1), np.float32), lengths=[3, 4])
+>>> [len(x) for x in ragged], np.asarray(ragged[1]).shape
+([3, 4], (4, 1))
 """
 
 from __future__ import annotations
@@ -35,10 +41,16 @@ class Item:
 
 
 class Generated(Sequence):
-    """``n`` items of ``shape`` (time first) made by ``make(i) -> ndarray`` when used."""
+    """``n`` items of ``shape`` (time first) made by ``make(i) -> ndarray`` when used; with
+    ``lengths``, item ``i`` has ``lengths[i]`` steps."""
 
-    def __init__(self, n: int, shape: tuple[int, ...], make: Callable[[int], np.ndarray]):
+    def __init__(
+        self, n: int, shape: tuple[int, ...], make: Callable[[int], np.ndarray], lengths: Sequence[int] | None = None
+    ):
         self.n, self.shape, self.make = n, tuple(shape), make
+        self.lengths = None if lengths is None else np.asarray(lengths, np.int64)
+        if self.lengths is not None and self.lengths.shape != (n,):
+            raise ValueError(f"Generated: expected {n} lengths, one per item; got shape {self.lengths.shape}")
 
     def __len__(self) -> int:
         return self.n
@@ -47,7 +59,9 @@ class Generated(Sequence):
         i = int(i)
         if not -self.n <= i < self.n:
             raise IndexError(f"item {i} of a generated split of {self.n}")
-        return Item(self.make, i % self.n, self.shape)
+        i %= self.n
+        shape = self.shape if self.lengths is None else (int(self.lengths[i]), *self.shape[1:])
+        return Item(self.make, i, shape)
 
     def array(self, i: int) -> np.ndarray:
         """Item ``i``, made."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -39,7 +39,18 @@ from experiments.pipeline import ConfigError, DataError, field
 KEYS = 88
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILES = {"jsb": "JSB_Chorales.mat", "nottingham": "Nottingham.mat"}
-CELLS = ("lstm", "peephole_lstm", "cifg_lstm", "gru", *(f"greff_{n}" for n in recurrent.GREFF_VARIANTS))
+#: Each cell of ``--cell``, built from the config: ``make(config) -> Cell``.
+CELLS: dict[str, Callable[[Any], recurrent.Cell]] = {
+    "lstm": lambda c: recurrent.lstm(c.hidden),
+    "peephole_lstm": lambda c: recurrent.peephole_lstm(c.hidden),
+    "cifg_lstm": lambda c: recurrent.cifg_lstm(c.hidden),
+    "gru": lambda c: recurrent.gru(c.hidden),
+    "slstm": lambda c: recurrent.slstm(c.hidden, num_heads=c.heads),
+    "mlstm": lambda c: recurrent.mlstm(c.hidden, num_heads=c.heads),
+    "min_gru": lambda c: recurrent.min_gru(c.hidden),
+    "min_lstm": lambda c: recurrent.min_lstm(c.hidden),
+    **{f"greff_{n}": lambda c, n=n: recurrent.lstm_variant(n, c.hidden) for n in recurrent.GREFF_VARIANTS},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Config(pipeline.TrainConfig):
     data_dir: str = field("", "folder of JSB_Chorales.mat / Nottingham.mat (default: ../shared/data)")
     cell: str = field("lstm", f"{' | '.join(CELLS)}")
     hidden: int = field(200, "hidden units per layer")
+    heads: int = field(4, "heads of the sLSTM and mLSTM (--cell=slstm|mlstm)")
     layers: int = field(1, "stacked recurrent layers")
     input_dropout: float = field(0.0, "dropout on the input rolls")
     dropout: float = field(0.5, "dropout on the recurrent outputs (before the readout) and between layers")
@@ -238,11 +250,7 @@ def load_data(config: Config) -> pipeline.Data:
 
 
 def make_cell(config: Config) -> recurrent.Cell:
-    H = config.hidden
-    if config.cell.startswith("greff_"):
-        return recurrent.lstm_variant(config.cell[len("greff_") :], H)
-    return {"lstm": recurrent.lstm, "peephole_lstm": recurrent.peephole_lstm, "cifg_lstm": recurrent.cifg_lstm,
-            "gru": recurrent.gru}[config.cell](H)  # fmt: skip
+    return CELLS[config.cell](config)
 
 
 def make_task(config: Config) -> pipeline.Task:

@@ -72,8 +72,9 @@ def check_spec(spec: _core.CellSpec, rates: Rates, *, where: str, name: str) -> 
             f"{where}: `recurrent_dropout` needs to know the cell's recurrent input, and {name} declares none.",
             expected="a cell whose spec names its recurrent input, e.g. cell_spec(recurrent_input='h')",
             got=f"{name} with spec.recurrent_input=None",
-            fix="declare it with recurrent.make_cell(..., spec=recurrent.cell_spec(recurrent_input=...)), "
-            "or use zoneout / input_dropout.",
+            fix="pass recurrent_dropout=0 and regularise with zoneout or input_dropout (a cell without "
+            "hidden-to-hidden weights, such as minGRU or the mLSTM, has nothing for it to act on); a cell of "
+            "your own declares its input with recurrent.make_cell(..., spec=recurrent.cell_spec(recurrent_input=...)).",
         )
     if not is_off(rates.dropconnect) and spec.recurrent_kernels is None:
         raise _core.error(

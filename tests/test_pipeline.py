@@ -174,6 +174,21 @@ def test_music_smoke_in_process_writes_everything(tmp_path):
     assert len(os.listdir(run / "best")) == 1
 
 
+@pytest.mark.parametrize("cell", sorted(music.CELLS))
+def test_music_builds_every_cell(cell):
+    """Each ``--cell`` gives a task whose training loss traces, with dropout and two layers."""
+    config = pipeline.override(music.get_config(), cell=cell, hidden=4, heads=2, layers=2, dropout=0.1)
+    if music.CELLS[cell](config).spec.recurrent_input is None:  # no hidden-to-hidden weights
+        with pytest.raises(ValueError, match="pass recurrent_dropout=0"):
+            music.make_task(config)
+        config = pipeline.override(config, recurrent_dropout=0.0)
+    task = music.make_task(config)
+    params = jax.eval_shape(task.init, jax.random.key(0))
+    batch = (jax.ShapeDtypeStruct((2, 6, music.KEYS), np.float32), jax.ShapeDtypeStruct((2,), np.int32))
+    nll, count = jax.eval_shape(task.loss, params, batch, jax.random.key(1))
+    assert nll.shape == count.shape == ()
+
+
 def test_sigkill_then_rerun_gives_bit_identical_params(tmp_path):
     mat = write_mat(tmp_path / "tiny.mat")
     straight = run_music(small_args(mat, tmp_path / "straight"), timeout=300)
