@@ -407,11 +407,9 @@ def _entries() -> list[Entry]:
         Entry("gru", C(G, 4, bias_init=_bias, default_init=True), (3,)),
         Entry("gru_reset_before", C(G, 4, reset_after=False, bias_init=_bias), (2,)),
         Entry("conv_lstm_1d", C(CONV, 3, (3,)), (4, 2)),
-        Entry("conv_lstm_1d_peephole", C(CONV, 2, (2,), peephole=True, peephole_init=_peep), (4, 2)),
         Entry("conv_lstm_2d", C(CONV, 2, (3, 3), default_init=True), (3, 3, 2)),
         Entry("conv_lstm_2d_peephole", C(CONV, 2, (2, 3), peephole=True, peephole_init=_peep), (3, 4, 1)),
         Entry("conv_lstm_3d", C(CONV, 2, (3, 3, 3)), (2, 3, 2, 1)),
-        Entry("conv_lstm_3d_peephole", C(CONV, 2, (1, 2, 3), peephole=True, peephole_init=_peep), (2, 2, 3, 2)),
         # ---- options of the LSTM family and the other cells, through the same battery
         Entry(
             "lstm_fgr_projection",
