@@ -1,4 +1,4 @@
-r"""Hyperparameter search as one compiled program: a population of LSTMs trained side by side.
+r"""Hyperparameter search as one compiled program: a population of recurrent networks trained side by side.
 
 Run ``python -m experiments.search`` (``--help`` lists the fields). The task is the music task of
 :mod:`experiments.music` (next-step NLL of piano rolls under independent sigmoid outputs; ``--data``
@@ -12,6 +12,29 @@ weight decay, clip norm, forget-gate bias, initialisation scale, dropout, zoneou
 and each member's PRNG key are traced arrays with a population axis, never Python floats, so no
 value of theirs ever causes a recompile (the optimiser is built inside the traced function from
 those arrays; the regularisers of :func:`recurrent.rnn` accept traced rates).
+
+**The cell is a discrete choice** (``--variants``, comma-separated, case-insensitive): Greff et
+al.'s LSTM variant codes (``recurrent.GREFF_VARIANTS``: V, NIG, NFG, NOG, NIAF, NOAF, NP, CIFG, FGR;
+:func:`recurrent.lstm_variant`), ``gru``, ``slstm`` and ``mlstm`` (xLSTM; ``--heads`` heads, which must
+divide every hidden size), ``min_gru`` and ``min_lstm``. Each name is one entry of :data:`CELLS`
+(name -> builder). Which hyperparameters reach which cell:
+
+- learning rate, momentum, weight decay, clip norm, initialisation scale, dropout (before the readout
+  and between stacked layers) and input noise: every cell.
+- ``forget_bias``: added at init to the bias of the gate that keeps the previous state, on top of the
+  cell's own initialiser: the forget gate of the LSTM variants (as ``lstm_variant(forget_bias=...)``,
+  whose own bias is zero), of the sLSTM (its power-law init), the mLSTM (its 3..6 per head) and the
+  minLSTM (zero); the GRU's update gate ``z`` (``h = (1 - z) n + z h_prev``); the minGRU's update bias
+  gets ``-forget_bias`` (its ``1 - z`` keeps the state). ``--forget_bias_range=0`` leaves every cell at
+  its own initialiser. A cell without such a gate (NFG) ignores it: a *ranged* ``--forget_bias_range``
+  with such a cell is refused (:class:`ConfigError`), a fixed value is recorded in the member table and
+  changes nothing. Whether a cell ignores it is asked of the cell: its ``init`` is traced with
+  ``forget_bias`` as an input and the value followed to the parameters.
+- ``zoneout``: every cell that accepts it (the mLSTM refuses zoneout: a nonzero ``--zoneout_range`` with
+  ``mlstm`` is a :class:`ConfigError` before anything compiles, found by tracing the layer with
+  ``jax.eval_shape`` on a tiny input and catching the library's error, never from a list of names).
+  The sLSTM zones out ``h`` and its memory ``(c, n, m)`` at the same rate.
+- ``--heads``: the sLSTM and the mLSTM; refused when no selected cell takes heads.
 
 **Hidden sizes** sampled from a range (``--hidden=log:20:200``) are snapped to the nearest (in log
 scale) of ``--hidden_buckets`` log-spaced sizes, the centres of equal log-width bins of the range;
@@ -63,10 +86,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -112,7 +136,7 @@ class Hypers(NamedTuple):
 class Group(NamedTuple):
     """The static choices of one compiled program."""
 
-    variant: str  # one of recurrent.GREFF_VARIANTS
+    variant: str  # a key of CELLS
     hidden: int
     layers: int
     features: int
@@ -121,10 +145,76 @@ class Group(NamedTuple):
     #: The regularisers in the program (of ``dropout``, ``zoneout``, ``input_noise``); one whose
     #: range is fixed at 0 is left out, which makes the program smaller and faster.
     regularisers: tuple[str, ...] = ("dropout", "zoneout", "input_noise")
+    heads: int = 1  # of a cell that takes heads (slstm, mlstm); 1 for the others
 
     @property
     def name(self) -> str:
-        return f"{self.variant}_h{self.hidden}_l{self.layers}"
+        return f"{self.variant}_h{self.hidden}_l{self.layers}" + (f"_k{self.heads}" if self.heads > 1 else "")
+
+
+# --------------------------------------------------------------------------------------
+# The cells: one table, name -> builder.
+
+
+class CellChoice(NamedTuple):
+    """An entry of :data:`CELLS`: ``build(hidden, forget_bias, heads) -> Cell`` (``forget_bias`` may be
+    traced) and whether ``--heads`` reaches the cell."""
+
+    build: Callable[[int, Any, int], recurrent.Cell]
+    takes_heads: bool = False
+
+
+def shift_gate_bias(cell: recurrent.Cell, amount: Any, field: str, gates: Sequence[str], gate: str) -> recurrent.Cell:
+    """``cell`` whose ``init`` adds ``amount`` (may be traced) to the ``gate`` block of the fused bias
+    ``params.<field>``, whose blocks are in ``gates`` order; everything else is the cell's own."""
+    j, n = list(gates).index(gate), len(gates)
+
+    def init(key, input_shape):
+        params = cell.init(key, input_shape)
+        bias = getattr(params, field)
+        w = bias.shape[-1] // n
+        return params._replace(**{field: bias.at[j * w : (j + 1) * w].add(jnp.asarray(amount, bias.dtype))})
+
+    return cell._replace(init=init)
+
+
+def _greff(code: str) -> CellChoice:
+    return CellChoice(lambda H, fb, K: recurrent.lstm_variant(code, H, forget_bias=fb))
+
+
+#: Every cell of ``--variants``: Greff et al.'s codes (upper case) and the other cells (lower case).
+CELLS: dict[str, CellChoice] = {
+    **{code: _greff(code) for code in recurrent.GREFF_VARIANTS},
+    "gru": CellChoice(lambda H, fb, K: shift_gate_bias(recurrent.gru(H), fb, "bias", recurrent.GRU_GATES, "update")),
+    "slstm": CellChoice(
+        lambda H, fb, K: shift_gate_bias(recurrent.slstm(H, num_heads=K), fb, "bias", recurrent.SLSTM_GATES, "forget"),
+        takes_heads=True,
+    ),
+    "mlstm": CellChoice(
+        lambda H, fb, K: shift_gate_bias(
+            recurrent.mlstm(H, num_heads=K), fb, "gate_bias", recurrent.MLSTM_GATES, "forget"
+        ),
+        takes_heads=True,
+    ),
+    "min_gru": CellChoice(
+        lambda H, fb, K: shift_gate_bias(recurrent.min_gru(H), -fb, "bias", recurrent.MIN_GRU_GATES, "update")
+    ),
+    "min_lstm": CellChoice(
+        lambda H, fb, K: shift_gate_bias(recurrent.min_lstm(H), fb, "bias", recurrent.MIN_LSTM_GATES, "forget")
+    ),
+}
+
+
+def variant_names(text: str) -> list[str]:
+    """The :data:`CELLS` keys of a comma-separated ``--variants`` (case-insensitive)."""
+    keys = {k.lower(): k for k in CELLS}
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v.lower() not in keys]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown variant(s) {unknown}.\n  valid:    {', '.join(CELLS)}\n  fix:      e.g. --variants=V,gru,slstm"
+        )
+    return [keys[v.lower()] for v in names]
 
 
 # --------------------------------------------------------------------------------------
@@ -137,7 +227,7 @@ def regulariser(group: Group, hypers: Hypers, name: str) -> Any:
 
 
 def make_layer(group: Group, hypers: Hypers) -> recurrent.Layer:
-    cells = [recurrent.lstm_variant(group.variant, group.hidden, forget_bias=hypers.forget_bias)]
+    cells = [CELLS[group.variant].build(group.hidden, hypers.forget_bias, group.heads)]
     cells *= group.layers
     cell = cells[0] if group.layers == 1 else recurrent.stacked(cells, dropout=regulariser(group, hypers, "dropout"))
     return recurrent.rnn(cell, zoneout=regulariser(group, hypers, "zoneout"))
@@ -285,7 +375,12 @@ class Config(pipeline.TrainConfig):
     configs: int = field(16, "configurations drawn (random, sobol, halton)")
     grid_points: int = field(3, "grid: points per ranged dimension")
     seeds: int = field(1, "members per (configuration, variant), each with its own key")
-    variants: str = field("V", f"comma-separated, crossed with the draws: {', '.join(recurrent.GREFF_VARIANTS)}")
+    variants: str = field(
+        "V",
+        f"cells, comma-separated, crossed with the draws: {', '.join(CELLS)} (mlstm refuses zoneout; "
+        "NFG has no forget gate, so refuses a ranged forget_bias)",
+    )
+    heads: int = field(1, "heads of slstm / mlstm (must divide every hidden size)")
     hidden: str = field("log:20:200", "hidden sizes: comma-separated list, or a range lo:hi / log:lo:hi")
     hidden_buckets: int = field(3, "a hidden range is snapped to this many log-spaced sizes")
     layers: str = field("1", "depths, comma-separated")
@@ -294,10 +389,14 @@ class Config(pipeline.TrainConfig):
     momentum_range: str = field("0.9", "SGD momentum / Adam b1")
     weight_decay_range: str = field("0", "decoupled (AdamW) / added to the gradient (sgd)")
     clip_norm_range: str = field("1", "global gradient-norm clip (0: off)")
-    forget_bias_range: str = field("1", "added to the forget-gate bias at init")
+    forget_bias_range: str = field(
+        "1",
+        "added at init to the bias of the gate that keeps the state: forget gate (LSTM variants, slstm, "
+        "mlstm, min_lstm, on top of their own init), update gate (gru; min_gru: subtracted)",
+    )
     init_scale_range: str = field("1", "multiplies every weight matrix at init")
     dropout_range: str = field("0", "dropout before the readout and between layers")
-    zoneout_range: str = field("0", "zoneout on the carry")
+    zoneout_range: str = field("0", "zoneout on the carry (not mlstm)")
     input_noise_range: str = field("0", "std of Gaussian input noise in training")
     halving: str = field("", "steps (multiples of eval_every) at which the worst members are frozen")
     halving_keep: float = field(0.5, "fraction of the active members kept at each halving step")
@@ -419,7 +518,7 @@ def check_config(config: Config) -> Config:
         raise ConfigError(f"unknown sampler {config.sampler!r}.\n  valid:    {', '.join(SAMPLERS)}")
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"the search supports --optimizer={' or '.join(OPTIMIZERS)}; got {config.optimizer!r}.")
-    for name in ("window", "eval_batch", "configs", "grid_points", "seeds", "hidden_buckets"):
+    for name in ("window", "eval_batch", "configs", "grid_points", "seeds", "hidden_buckets", "heads"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config field {name!r} must be >= 1; got {getattr(config, name)}.")
     if config.eval_every < 1 or config.steps % config.eval_every:
@@ -427,10 +526,7 @@ def check_config(config: Config) -> Config:
             f"steps={config.steps} must be a multiple of eval_every={config.eval_every} (the search "
             "evaluates, halves and checkpoints every eval_every steps).\n  fix:      e.g. --eval_every=50 --steps=400"
         )
-    variants = [v.strip().upper() for v in config.variants.split(",")]
-    unknown = [v for v in variants if v not in recurrent.GREFF_VARIANTS]
-    if unknown:
-        raise ConfigError(f"unknown variant(s) {unknown}.\n  valid:    {', '.join(recurrent.GREFF_VARIANTS)}")
+    variant_names(config.variants)
     hypers_dims(config)
     hidden_choices(config)
     try:
@@ -439,6 +535,7 @@ def check_config(config: Config) -> Config:
         raise ConfigError(f"layers: expected depths like 1 or 1,2; got {config.layers!r}.") from None
     if min(layers) < 1:
         raise ConfigError(f"layers must be >= 1; got {config.layers!r}.")
+    check_cells(config)
     for step in halving_steps(config):
         if step % config.eval_every or not 0 < step < config.steps:
             raise ConfigError(
@@ -447,6 +544,106 @@ def check_config(config: Config) -> Config:
     if not 0 < config.halving_keep <= 1:
         raise ConfigError(f"halving_keep must be in (0, 1]; got {config.halving_keep}.")
     return config
+
+
+def searched_regularisers(config: Config) -> tuple[str, ...]:
+    """The regularisers whose range is not fixed at 0: the ones in the programs."""
+    dims = {d.name.removesuffix("_range"): d for d in hypers_dims(config)}
+    return tuple(n for n in ("dropout", "zoneout", "input_noise") if dims[n] != Dim(f"{n}_range", "fixed", 0.0, 0.0))
+
+
+def heads_of(variant: str, config: Config) -> int:
+    return config.heads if CELLS[variant].takes_heads else 1
+
+
+@functools.lru_cache(maxsize=256)
+def refusal(group: Group) -> str | None:
+    """The library's error message if ``group``'s program refuses its configuration (a regulariser
+    the cell does not accept), else ``None``. Asked of the cell itself: one member's initialisation
+    and loss are traced by ``jax.eval_shape`` on a tiny input, with traced rates as in the program;
+    nothing runs or compiles."""
+    hypers = Hypers(*[jax.ShapeDtypeStruct((), jnp.float32) for _ in HYPERS])
+    key_data = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    xs = jax.ShapeDtypeStruct((1, 3, group.features), jnp.float32)
+
+    def loss(hypers, key_data, xs):
+        params = init_member(group, hypers, key_data)["params"]
+        key = jax.random.wrap_key_data(key_data)
+        return member_loss(group, make_layer(group, hypers), params, xs, jnp.full((1,), 3), hypers, key)
+
+    try:
+        jax.eval_shape(loss, hypers, key_data, xs)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def ignores_forget_bias(variant: str, hidden: int, heads: int) -> bool:
+    """Whether the cell's initial parameters do not depend on ``forget_bias``, asked of the cell: its
+    ``init`` is traced with ``forget_bias`` as an input (``jax.make_jaxpr``, nothing runs) and the
+    value is followed through the equations to the parameters."""
+    build = CELLS[variant].build
+    jaxpr = jax.make_jaxpr(lambda fb: build(hidden, fb, heads).init(jax.random.key(0), (2,)))(1.0).jaxpr
+    reached = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, jax.extend.core.Var) and v in reached for v in eqn.invars):
+            reached.update(eqn.outvars)
+    return not any(isinstance(v, jax.extend.core.Var) and v in reached for v in jaxpr.outvars)
+
+
+def _indent(message: Any) -> str:
+    return "\n".join("    " + line for line in str(message).splitlines())
+
+
+def check_cells(config: Config) -> None:
+    """Refuses, before anything compiles, what a selected cell does not take: a hidden size its heads
+    do not divide, a searched regulariser it refuses, a ranged ``forget_bias`` it ignores, ``--heads``
+    with no cell that takes heads."""
+    names = variant_names(config.variants)
+    _, sizes = hidden_choices(config)
+    layers = sorted({int(s) for s in config.layers.split(",")})
+    if config.heads != 1 and not any(CELLS[n].takes_heads for n in names):
+        raise ConfigError(
+            f"heads={config.heads} but no selected cell takes heads (--variants={config.variants}).\n"
+            f"  valid:    --heads with {', '.join(n for n, c in CELLS.items() if c.takes_heads)}\n"
+            "  fix:      drop --heads, or add such a cell to --variants."
+        )
+    regs = searched_regularisers(config)
+    ranged_forget_bias = parse_range("forget_bias_range", config.forget_bias_range).kind != "fixed"
+    for name in names:
+        heads = heads_of(name, config)
+        for size in sizes:
+            try:
+                CELLS[name].build(size, 1.0, heads)
+            except ValueError as e:
+                raise ConfigError(
+                    f"variant {name!r} refuses hidden size {size} with heads={heads}. The library says:\n{_indent(e)}\n"
+                    "  fix:      --heads dividing every hidden size (see --hidden, --hidden_buckets)."
+                ) from None
+        for depth in layers:
+            group = Group(name, min(sizes), depth, 2, regularisers=regs, heads=heads)
+            if not regs or refusal(group) is None:
+                continue
+            for reg in regs:  # name the one refused
+                message = refusal(group._replace(regularisers=(reg,)))
+                if message is not None:
+                    raise ConfigError(
+                        f"variant {name!r} refuses {reg}, but --{reg}_range={getattr(config, reg + '_range')!r} "
+                        f"is not 0. The library says:\n{_indent(message)}\n"
+                        f"  fix:      --{reg}_range=0, or drop {name!r} from --variants."
+                    )
+            raise ConfigError(
+                f"variant {name!r} refuses the searched regularisers {regs} together. The library says:\n"
+                f"{_indent(refusal(group))}\n"
+                f"  fix:      set one of their ranges to 0, or drop {name!r} from --variants."
+            )
+        if ranged_forget_bias and ignores_forget_bias(name, min(sizes), heads):
+            raise ConfigError(
+                f"variant {name!r} has no gate that keeps the state, so it ignores forget_bias, but "
+                f"--forget_bias_range={config.forget_bias_range!r} is a range: it would be searched for nothing.\n"
+                f"  fix:      a fixed --forget_bias_range (recorded, no effect on {name!r}), or drop {name!r}."
+            )
 
 
 def halving_steps(config: Config) -> list[int]:
@@ -490,7 +687,7 @@ def sample_members(config: Config) -> list[dict[str, Any]]:
     ranged = [d for d in dims if d.kind != "fixed"]
     hidden_dim, sizes = hidden_choices(config)
     layers = [int(s) for s in config.layers.split(",")]
-    variants = [v.strip().upper() for v in config.variants.split(",")]
+    variants = variant_names(config.variants)
     draws: list[dict[str, Any]] = []
     if config.sampler == "grid":
         axes = [list(d.grid(config.grid_points)) for d in ranged] + [sizes, layers]
@@ -627,11 +824,13 @@ class GroupRun(NamedTuple):
 
 
 def plan_groups(config: Config, members: list[dict[str, Any]], features: int, n_devices: int) -> list[GroupRun]:
-    dims = {d.name.removesuffix("_range"): d for d in hypers_dims(config)}
-    regs = tuple(n for n in ("dropout", "zoneout", "input_noise") if dims[n] != Dim(f"{n}_range", "fixed", 0.0, 0.0))
+    regs = searched_regularisers(config)
     by_group: dict[Group, list[dict]] = {}
     for row in members:
-        g = Group(row["variant"], row["hidden"], row["layers"], features, config.optimizer, config.nesterov, regs)
+        v = row["variant"]
+        g = Group(
+            v, row["hidden"], row["layers"], features, config.optimizer, config.nesterov, regs, heads_of(v, config)
+        )
         by_group.setdefault(g, []).append(row)
     runs = []
     for g, rows in by_group.items():
@@ -921,7 +1120,8 @@ def main(argv: Sequence[str] | None = None, *, defaults: Config | None = None, p
         defaults or get_config(),
         quick_config(),
         prog,
-        "A population of LSTMs trained as one compiled program per group (see the module docstring).",
+        "A population of recurrent networks (LSTM variants, gru, slstm, mlstm, min_gru, min_lstm) trained as one\n"
+        "compiled program per group (see the module docstring: which hyperparameters reach which cell).",
     )
     with errors.report():
         check_config(config)

@@ -1,11 +1,19 @@
-r"""The main job: seven members of the LSTM family trained side by side on polyphonic music.
+r"""The main job: members of the LSTM family trained side by side on polyphonic music.
 
 Run ``python -m experiments.variants`` (``--help`` lists the fields, ``--quick`` shrinks the run,
 ``--steps=300 --hidden=32`` overrides fields). It trains, with the same budget (steps, batch,
-optimiser, schedule, hidden size, dropout, data order), a standard LSTM, a peephole LSTM, a
-CIFG LSTM, a GRU, a ConvLSTM, a bidirectional LSTM and a stacked (2-layer) LSTM, prints a
-summary table with measured columns and writes ``curves.png``, ``summary.csv``, ``summary.md``
-and ``summary.json`` to ``--workdir``. Each variant is one run of the experiment pipeline
+optimiser, schedule, hidden size, dropout, data order), the rows of ``--family``:
+
+- ``classic`` (the default): a standard LSTM, a peephole LSTM, a CIFG LSTM, a GRU, a ConvLSTM, a
+  bidirectional LSTM and a stacked (2-layer) LSTM;
+- ``modern``: xLSTM's sLSTM and mLSTM (``--heads`` heads each) and the minGRU and minLSTM of
+  "Were RNNs All We Needed?", each a single layer with the same readout;
+- ``all``: both.
+
+It prints a summary table with measured columns and writes ``curves.png``, ``summary.csv``,
+``summary.md`` and ``summary.json`` to ``--workdir`` (with ``--family=modern`` or ``all`` the
+default work directory is ``runs/variants_modern`` / ``runs/variants_all``, so the classic table in
+``runs/variants``, which the docs include, stays). Each variant is one run of the experiment pipeline
 (:mod:`experiments.pipeline`) in ``<workdir>/<variant>`` with its metrics and checkpoints:
 rerunning the command after a kill resumes where it stopped.
 
@@ -29,6 +37,12 @@ a recurrent layer and a linear readout to 88 logits, dropout ``dropout`` before 
   predicted (interior) frame, is therefore *not comparable* with the others' and is marked so;
   it shows the cost and the training behaviour of the bidirectional layer on the same data and
   budget.
+- The modern rows run the sequential scan (``recurrent.rnn``'s default), as the classic rows do, so
+  their ``ms/step`` compare; their ``cell state`` column says whether the carry holds a memory
+  beside the output: the sLSTM's cell ``c`` (with normaliser ``n`` and stabiliser ``m``) and the
+  mLSTM's matrix memory ``C`` (with ``n``, ``m``) do; the minGRU's and minLSTM's carry is ``h``
+  alone. Their gates read the input only (``x only``), the sLSTM's and mLSTM's input gates are
+  exponential (``exp i``).
 
 **Columns.** ``compile (s)``: wall time of the train steps that compiled (the first one of each
 padded batch shape: 4 with the chorales); ``ms/step``: wall time per train step without
@@ -63,8 +77,8 @@ import recurrent
 from experiments import errors, music, pipeline
 from experiments.pipeline import ConfigError, DataError, field, override
 
-__all__ = ["COLUMNS", "Config", "ConfigError", "DataError", "VARIANTS", "format_table", "get_config", "main"]
-__all__ += ["make_task", "override", "quick_config", "run", "run_variant", "selected_variants"]
+__all__ = ["COLUMNS", "Config", "ConfigError", "DataError", "FAMILIES", "VARIANTS", "format_table", "get_config"]
+__all__ += ["main", "make_task", "override", "quick_config", "run", "run_variant", "selected_variants"]
 
 KEYS = music.KEYS
 
@@ -74,7 +88,7 @@ class Config(pipeline.TrainConfig):
     """The main job's settings; ``python -m experiments.variants --help`` lists them."""
 
     # Resuming may change these too: which variants run, and the chorale cache's folder.
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"variants", "cache_dir"}
+    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"variants", "family", "cache_dir"}
 
     data: str = field("music21", "music21 (the Bach chorales in music21) | jsb | nottingham | auto | a .mat path")
     cache_dir: str = field("", "where the music21 chorales are cached (default: ~/.cache/recurrent)")
@@ -83,13 +97,15 @@ class Config(pipeline.TrainConfig):
     dropout: float = field(0.3, "dropout before the readout (and between the stacked layers)")
     conv_channels: int = field(4, "ConvLSTM channels per key")
     conv_kernel: int = field(13, "ConvLSTM kernel width over the keys")
-    variants: str = field("all", "comma-separated variant names, or 'all'")
+    family: str = field("classic", "classic (the seven rows) | modern (slstm, mlstm, min_gru, min_lstm) | all")
+    heads: int = field(4, "heads of slstm and mlstm (must divide hidden)")
+    variants: str = field("all", "comma-separated names of rows of --family, or 'all'")
 
 
 def get_config() -> Config:
     """The default budget: 500 Adam steps of 8 chorales each (about 18 epochs of the music21
-    chorales) at 3e-3 on a cosine, for every variant: about 3.5 minutes of CPU time for all seven
-    (experiments/README.md has the measured run)."""
+    chorales) at 3e-3 on a cosine, for every variant: about 3.5 minutes of CPU time for the seven
+    classic rows (experiments/README.md has the measured runs, the modern rows' too)."""
     return Config(
         steps=500,
         batch_size=8,
@@ -108,13 +124,13 @@ def get_config() -> Config:
 def quick_config() -> Config:
     """A shrunken config for smoke tests."""
     return dataclasses.replace(
-        get_config(), steps=4, batch_size=4, hidden=4, conv_channels=2, conv_kernel=3, eval_every=2,
+        get_config(), steps=4, batch_size=4, hidden=4, heads=2, conv_channels=2, conv_kernel=3, eval_every=2,
         checkpoint_every=2, log_every=2, pad_multiple=16,
     )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
-# The seven variants.
+# The variants.
 
 
 def infill_features(layer: recurrent.Layer, hidden: int, params: Any, xs: jax.Array, lengths: jax.Array, key=None):
@@ -155,13 +171,15 @@ def infill_task(layer: recurrent.Layer, hidden: int, dropout: float) -> pipeline
 
 
 class Variant(NamedTuple):
-    """One variant: its name, gates, whether it has a cell state, its task and ``build(config) -> Task``."""
+    """One variant: its name, gates, whether it has a cell state, its task, ``build(config) -> Task``
+    and its family (``--family``)."""
 
     name: str
     gates: str
     cell_state: bool
     task: str
     build: Callable[[Config], pipeline.Task]
+    family: str = "classic"
 
 
 def _dense(make_cell: Callable[[Config], recurrent.Cell]) -> Callable[[Config], pipeline.Task]:
@@ -199,24 +217,76 @@ VARIANTS: dict[str, Variant] = {
             lambda c: infill_task(recurrent.bidirectional(recurrent.lstm(c.hidden)), c.hidden, c.dropout),
         ),
         Variant("stacked_lstm", "i f o x2 layer", True, "next step", _dense(_stacked)),
+        Variant(
+            "slstm",
+            "i f o (exp i, heads)",
+            True,
+            "next step",
+            _dense(lambda c: recurrent.slstm(c.hidden, num_heads=c.heads)),
+            "modern",
+        ),
+        Variant(
+            "mlstm",
+            "i f o (exp i, matrix C)",
+            True,
+            "next step",
+            _dense(lambda c: recurrent.mlstm(c.hidden, num_heads=c.heads)),
+            "modern",
+        ),
+        Variant("min_gru", "z (x only)", False, "next step", _dense(lambda c: recurrent.min_gru(c.hidden)), "modern"),
+        Variant(
+            "min_lstm", "f i (x only)", False, "next step", _dense(lambda c: recurrent.min_lstm(c.hidden)), "modern"
+        ),
     ]
+}
+
+#: The rows of each ``--family``, in table order.
+FAMILIES: dict[str, list[str]] = {
+    "classic": [v.name for v in VARIANTS.values() if v.family == "classic"],
+    "modern": [v.name for v in VARIANTS.values() if v.family == "modern"],
+    "all": list(VARIANTS),
 }
 
 
 def selected_variants(config: Config) -> list[str]:
-    """The variants of ``--variants``: ``all`` or a comma-separated subset of ``VARIANTS``."""
-    names = pipeline.choices(config.variants, ["all", *VARIANTS], "variants", what="variant", example="lstm,gru")
-    return list(VARIANTS) if "all" in names else names
+    """The variants of ``--variants``: ``all`` (every row of ``--family``) or a comma-separated subset of them."""
+    families = pipeline.choices(config.family, list(FAMILIES), "family", what="family", example="modern")
+    if len(families) != 1:
+        raise ConfigError(f"config field 'family' takes one of {', '.join(FAMILIES)}; got {config.family!r}.")
+    family = families[0]
+    rows = FAMILIES[family]
+    names = [s.strip() for s in config.variants.split(",") if s.strip()]
+    elsewhere = [n for n in names if n in VARIANTS and n not in rows]
+    if elsewhere:
+        raise ConfigError(
+            f"config field 'variants': {', '.join(map(repr, elsewhere))} not in --family={family}.\n"
+            f"  valid:    all, {', '.join(rows)}\n  fix:      --family=all, or --family={VARIANTS[elsewhere[0]].family}"
+        )
+    names = pipeline.choices(config.variants, ["all", *rows], "variants", what="variant", example=",".join(rows[:2]))
+    return list(rows) if "all" in names else names
 
 
 def check_config(config: Config) -> Config:
-    for name in ("hidden", "conv_channels", "conv_kernel"):
+    for name in ("hidden", "heads", "conv_channels", "conv_kernel"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config field {name!r} must be >= 1; got {getattr(config, name)}.")
     if not 0 <= config.dropout < 1:
         raise ConfigError(f"config field 'dropout' must be in [0, 1); got {config.dropout}.")
-    selected_variants(config)
+    for name in selected_variants(config):
+        try:  # a cell refuses its options when it is built (e.g. heads that do not divide hidden)
+            make_task(config, name)
+        except ValueError as e:
+            raise ConfigError(f"variant {name!r} refuses this config. The library says:\n{e}") from None
     return config
+
+
+def family_workdir(config: Config) -> Config:
+    """``--family=modern`` or ``all`` with a default work directory writes beside it, ``runs/variants_modern``
+    (``_quick`` for ``--quick``), so the classic table in ``runs/variants`` stays as it is."""
+    default = get_config().workdir
+    if config.family == "classic" or config.workdir not in (default, f"{default}_quick"):
+        return config
+    return dataclasses.replace(config, workdir=f"{default}_{config.family}" + config.workdir[len(default) :])
 
 
 def make_task(config: Config, variant: str) -> pipeline.Task:
@@ -319,9 +389,12 @@ def plot_curves(curves: dict[str, dict], path: str, config: Config, data_name: s
     ax_train.set_ylabel("NLL per time step (summed over 88 keys)")
     ax_valid.legend(fontsize=8)
     ax_train.set_ylim(top=min(20.0, ax_train.get_ylim()[1]))
+    note = (
+        "; * infilling sees the future: not comparable" if any(VARIANTS[n].task != "next step" for n in curves) else ""
+    )
     fig.suptitle(
         f"{data_name}: H={config.hidden}, batch {config.batch_size}, {config.steps} steps, lr {config.learning_rate} "
-        f"{config.schedule}; * infilling sees the future: not comparable",
+        f"{config.schedule}{note}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -371,19 +444,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         get_config(),
         quick_config(),
         "experiments.variants",
-        f"Trains the LSTM-family variants ({', '.join(VARIANTS)}) on polyphonic music with the same budget;\n"
-        "prints a table and writes a plot and summaries to --workdir.",
+        "Trains LSTM-family variants on polyphonic music with the same budget; prints a table and writes a plot\n"
+        f"and summaries to --workdir. --family=classic: {', '.join(FAMILIES['classic'])};\n"
+        f"--family=modern: {', '.join(FAMILIES['modern'])}; --family=all: both.",
     )
     with errors.report():
         check_config(config)
+        config = family_workdir(config)
         data = music.load_data(config)
         sizes = ", ".join(f"{len(getattr(data, s))} {s}" for s in ("train", "valid", "test"))
         print(f"data: {music.data_path(config)} ({sizes} sequences); device: {jax.devices()[0]}", flush=True)
         result = run(config, data)
+    infilling = any(VARIANTS[r["variant"]].task != "next step" for r in result["rows"])
     print(
         f"\nNext-step NLL per time step (summed over 88 keys), {config.steps} Adam steps of batch {config.batch_size}, "
-        f"seed {config.seed};\nvalid/test: the checkpoint with the best validation NLL. "
-        "* infilling (bidirectional): predicts frame t from both sides, not comparable.\n"
+        f"seed {config.seed};\nvalid/test: the checkpoint with the best validation NLL."
+        + (" * infilling (bidirectional): predicts frame t from both sides, not comparable." if infilling else "")
+        + "\n"
     )
     print(format_table(result["rows"]))
     print("\nwrote " + ", ".join(result["paths"].values()))

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import recurrent
 from experiments import pipeline, search
 from tests.subprocess_env import REPO, VIRTUAL_CPUS_ENV
 
@@ -105,12 +106,97 @@ def test_halving_freezes_the_worst_active_members():
 
 
 # --------------------------------------------------------------------------------------
+# The cell as a discrete choice: the table, forget_bias, the refusals (no compilation).
+
+MODERN = ("gru", "slstm", "mlstm", "min_gru", "min_lstm")
+
+
+def test_variants_take_the_modern_cells_beside_the_greff_codes():
+    config = dataclasses.replace(search.quick_config(), variants="v,GRU,slstm,mlstm,Min_GRU,min_lstm", heads=3)
+    members = search.sample_members(config)
+    frame = pd.DataFrame(members)
+    assert list(frame["variant"].unique()) == ["V", *MODERN] and len(frame) == 4 * 6
+    assert (frame.groupby("config")["variant"].nunique() == 6).all()
+    runs = search.plan_groups(config, members, features=12, n_devices=1)
+    names = [r.group.name for r in runs]
+    assert names == ["V_h6_l1", "gru_h6_l1", "slstm_h6_l1_k3", "mlstm_h6_l1_k3", "min_gru_h6_l1", "min_lstm_h6_l1"]
+    # an LSTM variant's group is the one it was before the modern cells (same static program)
+    assert runs[0].group == search.Group("V", 6, 1, 12, "adam", False, ("dropout",))
+    assert set(search.CELLS) == {*recurrent.GREFF_VARIANTS, *MODERN}
+
+
+# The block of the fused bias that forget_bias shifts, written from each paper's gate order:
+# (field, block, number of blocks, sign). LSTM variants: the forget block, wherever the preset puts it.
+KEEP_GATE = {
+    "gru": ("bias", 1, 3, 1.0),  # r, z, n; z keeps h(t-1)
+    "min_gru": ("bias", 0, 2, -1.0),  # z, candidate; 1 - z keeps h(t-1)
+    "min_lstm": ("bias", 0, 3, 1.0),  # f, i, candidate
+    "slstm": ("bias", 1, 4, 1.0),  # i, f, z, o
+    "mlstm": ("gate_bias", 1, 2, 1.0),  # i, f (one per head)
+}
+
+
+@pytest.mark.parametrize("variant", [*MODERN, "V", "CIFG", "NFG"])
+def test_forget_bias_shifts_the_bias_of_the_gate_that_keeps_the_state(variant):
+    H, K = 4, 2
+    base, shifted = (search.CELLS[variant].build(H, fb, K).init(jax.random.key(1), (3,)) for fb in (0.0, 0.5))
+    fields = set(base._fields) - {"bias", "gate_bias"}
+    for f in fields:  # nothing else moves
+        jax.tree.map(np.testing.assert_array_equal, getattr(base, f), getattr(shifted, f))
+    if variant in KEEP_GATE:
+        field, block, blocks, sign = KEEP_GATE[variant]
+        diff = np.asarray(getattr(shifted, field) - getattr(base, field))
+        width = diff.size // blocks
+        expected = np.zeros(diff.size)
+        expected[block * width : (block + 1) * width] = 0.5 * sign
+        np.testing.assert_allclose(diff, expected, atol=1e-6)
+    else:  # the LSTM variants: H entries (the forget block) move by 0.5, none for NFG
+        diff = np.asarray(shifted.bias - base.bias)
+        assert np.count_nonzero(diff) == (0 if variant == "NFG" else H)
+        np.testing.assert_allclose(diff[diff != 0], 0.5)
+    assert search.ignores_forget_bias(variant, H, K) == (variant == "NFG")
+
+
+def test_what_a_cell_does_not_take_is_refused_before_compiling(tmp_path, capsys):
+    base = search.quick_config()
+    cases = [
+        (dict(variants="V,mlstm", zoneout_range="0:0.3"), "'mlstm' refuses zoneout.*zoneout has no meaning"),
+        (dict(variants="NP,mlstm", zoneout_range="0.1", layers="2"), "'mlstm' refuses zoneout"),  # in a stack too
+        (dict(variants="V,NFG", forget_bias_range="0:2"), "'NFG' has no gate that keeps the state"),
+        (dict(variants="slstm", heads=4), "'slstm' refuses hidden size 6 with heads=4.*multiple of `num_heads`"),
+        (dict(variants="mlstm", heads=2, hidden="log:20:200", hidden_buckets=3), "'mlstm' refuses hidden size 29"),
+        (dict(variants="V,gru", heads=2), "no selected cell takes heads"),
+        (dict(variants="V,lstm"), "unknown variant.*'lstm'"),
+        (dict(heads=0), "'heads' must be >= 1"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(pipeline.ConfigError, match=f"(?s){message}"):
+            search.check_config(dataclasses.replace(base, **changes))
+    # what the cells do take passes: zoneout on every cell but mlstm, dropout and noise on mlstm,
+    # a fixed forget_bias with NFG (recorded, no effect)
+    search.check_config(dataclasses.replace(base, variants="V,gru,slstm,min_gru,min_lstm", zoneout_range="0:0.3"))
+    search.check_config(dataclasses.replace(base, variants="mlstm", input_noise_range="0:1", layers="1,2"))
+    search.check_config(dataclasses.replace(base, variants="NFG,slstm", forget_bias_range="2", heads=2))
+    with pytest.raises(SystemExit) as info:
+        search.main(["--quick", f"--workdir={tmp_path}", "--variants=V,mlstm", "--zoneout_range=0:0.5"])
+    assert info.value.code == 2 and not os.listdir(tmp_path)
+    assert "--zoneout_range=0, or drop 'mlstm'" in capsys.readouterr().err
+
+
+def test_help_says_which_hyperparameters_reach_which_cell(capsys):
+    with pytest.raises(SystemExit):
+        search.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--heads=1" in out and all(name in out for name in MODERN) and "mlstm refuses zoneout" in out
+    for text in ("gate that keeps the state", "Which hyperparameters reach which cell", "NFG"):
+        assert text in search.__doc__ + out
+
+
+# --------------------------------------------------------------------------------------
 # The population program (one compile, shared by the tests below through the quick config's group).
 
 
-@pytest.fixture(scope="module")
-def population():
-    config = search.quick_config()
+def make_population(config):
     data = search.synthetic_data(config.seed)
     members = search.sample_members(config)
     (run,) = search.plan_groups(config, members, features=12, n_devices=1)
@@ -118,8 +204,12 @@ def population():
     return run, xs, lengths
 
 
-def test_member_equals_its_configuration_trained_alone(population):
-    run, xs, lengths = population
+@pytest.fixture(scope="module")
+def population():
+    return make_population(search.quick_config())
+
+
+def check_members_equal_their_configurations_trained_alone(run, xs, lengths):
     state = search.population_init(run.group, run.hypers, run.keys)
     active = np.array([True, False, True, True])
     trained, losses = search.population_train(run.group, state, run.hypers, active, xs, lengths)
@@ -135,6 +225,24 @@ def test_member_equals_its_configuration_trained_alone(population):
     # a frozen member (active False) is left exactly as it was
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[1], b[1]), trained, state)
     assert not np.allclose(trained["params"]["readout"]["kernel"][0], state["params"]["readout"]["kernel"][0])
+
+
+def test_member_equals_its_configuration_trained_alone(population):
+    check_members_equal_their_configurations_trained_alone(*population)
+
+
+def test_modern_member_equals_its_configuration_trained_alone():
+    """The same property for an sLSTM with two heads, forget_bias ranged (shifted at init) and dropout.
+
+    With SGD: the loss of an sLSTM does not depend on its input-gate bias (``h = o c / n`` is
+    invariant to scaling every ``i_t`` of a unit), so that gradient is rounding noise, which Adam
+    would normalise to steps of the learning rate's size, different in the vmapped and the lone run."""
+    config = dataclasses.replace(
+        search.quick_config(), variants="slstm", heads=2, forget_bias_range="0:3", optimizer="sgd"
+    )
+    run, xs, lengths = make_population(config)
+    assert run.group.name == "slstm_h6_l1_k2" and len(set(run.hypers.forget_bias.tolist())) == 4
+    check_members_equal_their_configurations_trained_alone(run, xs, lengths)
 
 
 def test_changing_continuous_hyperparameters_does_not_recompile(population):
@@ -192,6 +300,24 @@ def test_plots_are_written(tmp_path):
     curves = pd.DataFrame([{"member": m, "step": s, "valid_nll": 1.0 + m / s} for m in frame["member"] for s in (2, 4)])
     varied = search.varied_columns(search.quick_config(), frame)
     search.plot_results(str(tmp_path), frame, curves, varied, "valid")
+    for name in ("curves.png", "hyperparameters.png", "variants.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_a_search_crossing_an_lstm_variant_with_modern_cells_runs(tmp_path):
+    config = quick(tmp_path, variants="V,slstm,min_gru", heads=2, forget_bias_range="0:2", halving="")
+    config = dataclasses.replace(config, plots=True)
+    lines = []
+    out = search.run_search(config, log=lines.append)
+    assert "3 group(s) (V_h6_l1, slstm_h6_l1_k2, min_gru_h6_l1)" in lines[0]
+    frame = out["members"]
+    assert list(frame["variant"]) == ["V", "slstm", "min_gru"] * 4
+    assert np.isfinite(frame["test"]).all() and np.isfinite(frame["valid"]).all()
+    # every cell got the same draws of every hyperparameter, forget_bias included
+    for name in ("learning_rate", "forget_bias", "dropout"):
+        assert (frame.groupby("config")[name].nunique() == 1).all()
+    assert frame.groupby("variant")["test"].nunique().min() > 1
+    assert set(out["importance"]) >= {"variant", "forget_bias"}
     for name in ("curves.png", "hyperparameters.png", "variants.png"):
         assert (tmp_path / name).stat().st_size > 1000
 

@@ -1,6 +1,6 @@
-"""The main job, ``experiments.variants``: a shrunken run of all seven variants on a small generated
-``.mat`` file, parameter counts from the papers' equations, the bidirectional infilling task, config
-and data errors."""
+"""The main job, ``experiments.variants``: a shrunken run of all seven classic variants and of one
+modern row on a small generated ``.mat`` file, parameter counts from the papers' equations, the
+bidirectional infilling task, config and data errors."""
 
 import csv
 import dataclasses
@@ -21,8 +21,8 @@ from tests.test_pipeline import FAST_ENV, REPO, write_mat
 F = 88
 
 
-def expected_rnn_params(name: str, H: int, C: int, k: int) -> int:
-    """Parameter counts from the papers' equations, independent of the library."""
+def expected_rnn_params(name: str, H: int, C: int, k: int, K: int = 1) -> int:
+    """Parameter counts from the papers' equations, independent of the library (``K``: heads)."""
     lstm = lambda f: 4 * H * (f + H + 1)  # noqa: E731
     return {
         "lstm": lstm(F),
@@ -32,6 +32,10 @@ def expected_rnn_params(name: str, H: int, C: int, k: int) -> int:
         "conv_lstm": 4 * C * (k * 1 + k * C + 1),
         "bidirectional_lstm": 2 * lstm(F),
         "stacked_lstm": lstm(F) + lstm(H),
+        "slstm": 4 * H * (F + H // K + 1),  # W (4 blocks), block-diagonal R (K heads of H/K), b
+        "mlstm": (F + 1) * (4 * H + 2 * K),  # q, k, v, o from x; i, f per head from x
+        "min_gru": 2 * H * (F + 1),  # z and the candidate from x only
+        "min_lstm": 3 * H * (F + 1),  # f, i and the candidate from x only
     }[name]
 
 
@@ -60,7 +64,7 @@ def test_quick_run_trains_all_seven_variants_and_writes_the_summaries(quick_run)
         summary = json.load(f)
     rows = summary["rows"]
     assert summary["config"] == dataclasses.asdict(config)
-    assert [r["variant"] for r in rows] == list(variants.VARIANTS) and len(rows) == 7
+    assert [r["variant"] for r in rows] == variants.FAMILIES["classic"] and len(rows) == 7
     for row in rows:
         name = row["variant"]
         assert set(row) == set(variants.COLUMNS)
@@ -87,13 +91,38 @@ def test_quick_run_trains_all_seven_variants_and_writes_the_summaries(quick_run)
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(config.workdir, "summary.csv")) as f:
         csv_rows = list(csv.DictReader(f))
-    assert [r["variant"] for r in csv_rows] == list(variants.VARIANTS)
+    assert [r["variant"] for r in csv_rows] == variants.FAMILIES["classic"]
     assert tuple(csv_rows[0]) == variants.COLUMNS
     with open(os.path.join(config.workdir, "summary.md")) as f:
         table = f.read().strip()
     assert table == variants.format_table(rows)
     assert len(table.splitlines()) == 2 + 7 and "ms/step" in table and "valid NLL" in table
     assert table in stdout
+
+
+def test_quick_modern_row_trains_and_fills_its_columns(tmp_path):
+    """``--family=modern``: one row (the mLSTM, two heads) trained in process; the columns of every modern row."""
+    config = variants.override(
+        variants.quick_config(), data=write_mat(tmp_path / "tiny.mat"), workdir=str(tmp_path / "out"), family="modern"
+    )
+    H, K = config.hidden, config.heads
+    assert variants.selected_variants(config) == ["slstm", "mlstm", "min_gru", "min_lstm"]
+    for name in variants.selected_variants(config):
+        params = variants.make_task(config, name).init(jax.random.key(0))
+        assert recurrent.count_params(params["rnn"]) == expected_rnn_params(name, H, 0, 0, K), name
+        assert recurrent.count_params(params) == expected_rnn_params(name, H, 0, 0, K) + H * F + F, name
+    cell_state = {name: variants.VARIANTS[name].cell_state for name in variants.FAMILIES["modern"]}
+    assert cell_state == {"slstm": True, "mlstm": True, "min_gru": False, "min_lstm": False}
+
+    result = variants.run(variants.override(config, variants="mlstm"))
+    (row,) = result["rows"]
+    assert set(row) == set(variants.COLUMNS) and row["variant"] == "mlstm" and row["task"] == "next step"
+    assert row["cell_state"] == "yes" and "exp i" in row["gates"]
+    assert row["rnn_params"] == expected_rnn_params("mlstm", H, 0, 0, K) and row["best_step"] in (2, 4)
+    for key in ("train_loss", "valid_nll", "test_nll"):
+        assert np.isfinite(row[key]) and row[key] > 0, key
+    with open(os.path.join(config.workdir, "summary.md")) as f:
+        assert f.read().strip() == variants.format_table([row])
 
 
 def test_bidirectional_infilling_never_sees_the_frame_it_predicts():
@@ -131,6 +160,23 @@ def test_config_typo_and_bad_values_are_clear_errors(tmp_path, capsys):
         variants.check_config(variants.override(variants.get_config(), variants="lstm,transformer"))
     with pytest.raises(variants.ConfigError, match="must be >= 1"):
         variants.check_config(variants.override(variants.get_config(), hidden=0))
+    # the families: default classic; a modern row needs --family=modern or all; heads must divide hidden
+    config = pipeline.parse_args(["--family=modern", "--variants=slstm,min_lstm"], variants.get_config())
+    assert variants.selected_variants(config) == ["slstm", "min_lstm"]
+    assert variants.selected_variants(variants.override(config, family="all", variants="all")) == list(
+        variants.VARIANTS
+    )
+    with pytest.raises(variants.ConfigError, match="'slstm' not in --family=classic"):
+        variants.check_config(variants.override(variants.get_config(), variants="lstm,slstm"))
+    with pytest.raises(variants.ConfigError, match="(?s)'slstm' refuses this config.*multiple of `num_heads`"):
+        variants.check_config(variants.override(variants.get_config(), family="modern", heads=3))
+    with pytest.raises(variants.ConfigError, match="unknown family"):
+        variants.check_config(variants.override(variants.get_config(), family="new"))
+    # a modern run with the default work directory writes beside the classic table, never over it
+    assert variants.family_workdir(variants.override(variants.get_config(), family="modern")).workdir == (
+        "runs/variants_modern"
+    )
+    assert variants.family_workdir(variants.get_config()).workdir == "runs/variants"
 
 
 def test_missing_data_file_fails_before_compiling(tmp_path, capsys):
