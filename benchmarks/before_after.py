@@ -43,7 +43,10 @@ def load_before(rev: str, folder: str):
                 path = os.path.join(dirpath, name)
                 with open(path) as f:
                     text = f.read()
-                text = re.sub(r"\brecurrent(?=[.\s])", "recurrent_before", text)
+                # the package in imports and dotted names, not a local variable called `recurrent`
+                text = re.sub(
+                    r"\b(?<=import )recurrent\b|\b(?<=from )recurrent\b|\brecurrent(?=\.)", "recurrent_before", text
+                )
                 with open(path, "w") as f:
                     f.write(text)
     sys.path.insert(0, folder)
