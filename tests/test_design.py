@@ -114,3 +114,31 @@ def test_wrappers_pass_the_spec_on():
     stack = recurrent.stacked([recurrent.lstm(3), recurrent.gru(3)])
     roles = stack.spec.carry_roles(stack.initial_carry(stack.init(jax.random.key(1), (2,)), (2,)))
     assert roles[0] == recurrent.LSTMState("hidden", "cell") and roles[1] == "hidden"
+
+
+@pytest.mark.parametrize(
+    "make, implementation",
+    [
+        (lambda: recurrent.mlstm(4, num_heads=2, chunk_size=3), "chunkwise"),
+        (lambda: recurrent.min_gru(4), "parallel"),
+    ],
+    ids=["mlstm_chunkwise", "min_gru_parallel"],
+)
+def test_a_wrapper_keeps_the_cells_whole_sequence_forms(make, implementation):
+    """learned_initial_carry passes the wrapped cell's spec on: its kernels run (no fallback warning)
+    from the learned carry, and equal the scan."""
+    import warnings
+
+    cell = recurrent.learned_initial_carry(make(), init=jax.nn.initializers.normal(0.5))
+    scan, fast = recurrent.rnn(cell), recurrent.rnn(cell, implementation=implementation)
+    params = scan.init(jax.random.key(0), (2,))
+    xs = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7, 2)).astype(np.float32))
+    lengths = jnp.array([7, 3, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        by_kernel = fast.apply(params, xs, lengths=lengths)
+    by_scan = scan.apply(params, xs, lengths=lengths)
+    for a, b in zip(jax.tree.leaves(by_kernel), jax.tree.leaves(by_scan), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # the length-0 sequence's carry is the learned one, not zeros
+    assert max(float(jnp.abs(leaf[2]).max()) for leaf in jax.tree.leaves(by_scan[0])) > 0
