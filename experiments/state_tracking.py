@@ -295,17 +295,20 @@ def plot(runs: dict[str, dict[str, dict[int, dict[int, float]]]], lengths: Seque
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1.2, 3.4), squeeze=False)
     for ax, (task, cells) in zip(axes[0], runs.items()):
-        for cell_name, by_seed in cells.items():
+        for i, (cell_name, by_seed) in enumerate(cells.items()):  # markers and dashes: equal curves stay visible
             accs = np.array([[by_seed[s][n] for n in lengths] for s in by_seed])
-            ax.plot(lengths, accs.mean(0), marker="o", label=cell_name)
+            ax.plot(
+                lengths, accs.mean(0), marker="os^vDx"[i % 6], ls=("-", "--", ":")[i % 3], ms=7 - i, label=cell_name
+            )
             ax.fill_between(lengths, accs.min(0), accs.max(0), alpha=0.15)
         ax.axhline(1 / TASKS[task], color="grey", lw=0.8, ls="--", label="chance")
         ax.set(title=task, xlabel="test length", xscale="log", ylim=(0, 1.02))
         ax.set_xticks(list(lengths), [str(n) for n in lengths])
+        ax.minorticks_off()
     axes[0][0].set_ylabel("accuracy of the final answer")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
