@@ -19,6 +19,11 @@ medians and each contender's ratio to ours. Figures:
   forward+backward (counting the gate matmuls only), with the throughput measured in the
   same run (the best of JAX's and PyTorch's ``2048^3`` matmul).
 
+The modern cells (``slstm``, ``mlstm``, ``min_gru``, ``min_lstm``) are timed against their
+official PyTorch implementations on the same unit of work (see ``MODERN``); Flax and Keras
+have none of them. Each official row also gets ``pair``, the form of ours that computes the same thing the
+same way, and ``pair_over_it_*``, that form's time over the official one's.
+
 Extra figures: the compile time of stacks of 1 and 8 equal layers, the compile time of
 every ``rnn`` option combination, and the memory of training on 10,000-step sequences with
 and without ``remat``. Results go to ``DIR/suite.json`` and ``DIR/suite.png``. ``--quick``
@@ -59,6 +64,11 @@ CASES = {
     "cudnn4": ("lstm", 64, 100, 512, 512, 4),
     "small": ("lstm", 32, 64, 32, 64, 1),
     "long": ("lstm", 8, 2000, 256, 256, 1),
+    # the modern cells (see MODERN): F = H where the official module reads x of width H
+    "slstm": ("slstm", 32, 128, 128, 256, 1),
+    "mlstm": ("mlstm", 32, 128, 256, 256, 1),
+    "min_gru": ("min_gru", 32, 128, 256, 256, 1),
+    "min_lstm": ("min_lstm", 32, 128, 256, 256, 1),
 }
 QUICK_SHAPE = dict(batch=2, steps=5, features=3, hidden=4)
 GATES = {"lstm": 4, "peephole": 4, "cifg": 3, "gru": 3, "bidirectional": 4, "convlstm": 4}
@@ -83,11 +93,14 @@ def case_inputs(name: str, quick: bool = False):
     kind, B, T, F, H, layers = CASES[name]
     if quick:
         B, T, F, H = (QUICK_SHAPE[k] for k in ("batch", "steps", "features", "hidden"))
+        F = H if kind in ("mlstm", "min_gru", "min_lstm") else F  # their official modules read x of width H
     return kind, B, T, F, H, layers, jax.random.normal(jax.random.key(1), _input_shape(kind, B, T, F))
 
 
 def _gate_flops(kind, B, T, F, H, layers):
     """Multiply-adds x 2 of the gate matmuls (convolutions: 3x3 windows) of a forward pass."""
+    if kind in MODERN:
+        return _modern_flops(kind, B, T, F, H)
     G, per_step = GATES[kind], 0
     for layer in range(layers):
         fin = F if layer == 0 else H
@@ -213,7 +226,271 @@ def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES, dtype="float32"):
     return forward, forward_backward, None, None
 
 
+# ----------------------------------------------------------------------------- modern cells
+# Each against its official PyTorch code, on one unit of work that both sides compute exactly,
+# with the same weights (``run_case`` compares the outputs of every contender before timing), the
+# official code with threads = cores and, on a CPU of several cores, with 1 thread too:
+#
+# - slstm: x (B, T, F) -> the input projection W x (no bias) -> the sLSTM recurrence with its bias
+#   -> h (B, T, H). Official: ``torch.nn.Linear(F, 4H, bias=False)`` followed by ``xlstm``'s
+#   ``sLSTMCell`` with ``backend="vanilla"`` (its unit takes the projected gate inputs, so the
+#   same projection is put in front of it). 4 heads.
+# - mlstm: ``xlstm.xlstm_large``'s ``mLSTMLayer`` (fused q|k|v|o and i|f projections with biases,
+#   gates soft-capped at 15, multi-head layer norm, output gate) without its output projection,
+#   which is ``mlstm(H, layer_norm=True, layer_norm_epsilon=1e-6, gate_soft_cap=15.0)``; 4 heads.
+#   The official layer runs with each of ``mlstm_kernels``' CPU kernels: the native chunkwise
+#   kernel with autograd (the layer's default for training, the counterpart of our
+#   ``"chunkwise"``; chunks of 64), the same with its hand-written backward, the native parallel
+#   kernel (the math of ``xlstm``'s ``parallel_stabilized_simple``; the counterpart of our
+#   ``"parallel"``) and the native step loop (``native_sequence__native``, of our ``"scan"``).
+# - min_gru, min_lstm: ``minGRU_pytorch``'s ``minGRU`` / ``minLSTM`` (lucidrains), whose forward
+#   over a sequence is a log-space parallel scan (cumulative sums and ``logcumsumexp``): the
+#   counterpart of our ``"parallel"``. They have no bias; ours adds one (2H / 3H numbers a step).
+
+MODERN = ("slstm", "mlstm", "min_gru", "min_lstm")
+MODERN_HEADS = 4
+#: (kind, official contender) -> our contender computing the same unit the same way
+PAIRS = {
+    ("slstm", "xlstm_vanilla"): "ours",
+    ("mlstm", "xlstm_sequence"): "ours",
+    ("mlstm", "xlstm_parallel"): "ours_parallel",
+    ("mlstm", "xlstm_chunkwise"): "ours_chunkwise",
+    ("mlstm", "xlstm_chunkwise_custbw"): "ours_chunkwise",
+    ("min_gru", "mingru_pytorch"): "ours_parallel",
+    ("min_lstm", "minlstm_pytorch"): "ours_parallel",
+}
+PAIRS |= {(kind, f"{label}_1thread"): ours for (kind, label), ours in PAIRS.items()}
+ABSENT = {kind: {"flax": f"Flax has no {kind} cell", "keras": f"Keras has no {kind} layer"} for kind in MODERN}
+
+
+def _heads(H):
+    """Heads of the sLSTM and mLSTM cases: 4, or 1 where H is too small to split."""
+    return MODERN_HEADS if H % MODERN_HEADS == 0 and H >= 2 * MODERN_HEADS else 1
+
+
+def _chunk(T):
+    """The mLSTM chunk size of both sides: 64 (both defaults), or T where 64 does not divide it (the
+    official native kernel needs chunks that divide T)."""
+    return 64 if T >= 64 and T % 64 == 0 else T
+
+
+def _modern_flops(kind, B, T, F, H):
+    """Multiply-adds x 2 of the matmuls with weights: the input projections, and the sLSTM's
+    block-diagonal recurrent matmul (the mLSTM's memory products depend on the form: left out)."""
+    if kind == "slstm":
+        return 2 * B * T * (F * 4 * H + H * 4 * (H // _heads(H)))
+    if kind == "mlstm":
+        return 2 * B * T * F * (4 * H + 2 * _heads(H))
+    return 2 * B * T * F * {"min_gru": 2, "min_lstm": 3}[kind] * H
+
+
+def modern_cell(kind, H, T):
+    """Our cell of a modern case (the unit described above)."""
+    if kind == "slstm":
+        return recurrent.slstm(H, num_heads=_heads(H))
+    if kind == "mlstm":
+        return recurrent.mlstm(
+            H, num_heads=_heads(H), layer_norm=True, layer_norm_epsilon=1e-6, gate_soft_cap=15.0, chunk_size=_chunk(T)
+        )
+    return {"min_gru": recurrent.min_gru, "min_lstm": recurrent.min_lstm}[kind](H)
+
+
+def ours_modern(kind, B, T, F, H, layers, xs, implementation="scan"):
+    """Our layer of a modern case, with the official module's weights (``seeded_official``) where
+    the official package is installed, so that every contender computes the same function."""
+    layer = recurrent.rnn(modern_cell(kind, H, T), implementation=implementation)
+    try:
+        params = ours_params_from_official(kind, seeded_official(kind, F, H, T))
+    except ImportError:
+        params = layer.init(jax.random.key(0), xs.shape[2:])
+    return _jax_contender(lambda p, x: layer.apply(p, x)[1], params, xs)
+
+
+def seeded_official(kind, F, H, T, variant="chunkwise"):
+    """``official_modern`` with the same weights at every call: drawn from ``N(0, 0.1^2)`` under a
+    fixed seed (the official defaults set some blocks to zeros, which would leave parts of the
+    comparison of outputs unchecked), the mLSTM layer norm's offset zero (ours has none)."""
+    import torch
+
+    saved = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        module = official_modern(kind, F, H, T, variant)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(torch.zeros_like(p) if name == "multihead_norm.bias" else 0.1 * torch.randn_like(p))
+    finally:
+        torch.random.set_rng_state(saved)
+    return module
+
+
+def outputs_BTH(out):
+    """A contender's forward result as a NumPy ``(B, T, H)`` array: ours as is, the official
+    modules' first output, the sLSTM's ``(B, heads, T, H / heads)`` reordered."""
+    import numpy as np
+
+    out = out[0] if isinstance(out, tuple) else out
+    out = np.asarray(out.detach().cpu()) if hasattr(out, "detach") else np.asarray(out)
+    if out.ndim == 4:
+        B, K, T, D = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, K * D)
+    return out
+
+
+def official_modern(kind, F, H, T, variant="chunkwise"):
+    """The official PyTorch module of a modern case (float32, on the CPU): called on ``x (B, T, F)``
+    it returns the outputs (the sLSTM: ``(B, heads, T, H / heads)``; the others ``(B, T, H)``) or
+    a tuple whose first element they are. ``variant`` picks the mLSTM kernel: ``"chunkwise"``,
+    ``"chunkwise_custbw"``, ``"parallel"`` or ``"sequence"``."""
+    import torch
+
+    if kind == "slstm":
+        from xlstm.blocks.slstm.cell import sLSTMCell, sLSTMCellConfig
+
+        config = sLSTMCellConfig(hidden_size=H, num_heads=_heads(H), backend="vanilla", dtype="float32")
+        return torch.nn.Sequential(torch.nn.Linear(F, 4 * H, bias=False), sLSTMCell(config))
+    if kind == "mlstm":
+        from xlstm.xlstm_large.model import mLSTMBackendConfig, mLSTMLayer, mLSTMLayerConfig
+
+        chunkwise = {"chunkwise": "chunkwise--native_autograd", "chunkwise_custbw": "chunkwise--native_custbw"}
+        backend = mLSTMBackendConfig(
+            chunkwise_kernel=chunkwise.get(variant, chunkwise["chunkwise"]),
+            chunk_size=_chunk(T),
+            return_last_states=True,  # ours returns the final state too
+            autocast_kernel_dtype="float32",
+        )
+        config = mLSTMLayerConfig(
+            embedding_dim=H, num_heads=_heads(H), use_bias=True, norm_eps=1e-6, qk_dim_factor=1.0, v_dim_factor=1.0,
+            gate_soft_cap=15.0, weight_mode="fused", mlstm_backend=backend,
+        )  # fmt: skip
+        layer = mLSTMLayer(config)
+        layer.out_proj = torch.nn.Identity()  # ours has no output projection
+        if variant in ("parallel", "sequence"):
+            layer.mlstm_backend = _mlstm_kernel_module(variant)
+        elif variant not in chunkwise:
+            raise ValueError(f"unknown mLSTM variant {variant!r}")
+        return layer
+    if F != H:
+        raise ValueError(f"{kind}: the official module reads inputs of width H={H}, got F={F}")
+    if kind == "min_gru":
+        from minGRU_pytorch import minGRU
+
+        return minGRU(H)
+    from minGRU_pytorch.minLSTM import minLSTM
+
+    return minLSTM(H)
+
+
+def _mlstm_kernel_module(variant):
+    import torch
+
+    class MLSTMKernel(torch.nn.Module):
+        """``mlstm_kernels``' native parallel kernel or step loop in the place of the official
+        layer's backend (which runs the chunkwise kernels only): ``(h, state or None)``."""
+
+        def forward(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
+            if variant == "parallel":
+                from mlstm_kernels.torch.parallel.native import mlstm_parallel__native_autograd
+
+                return mlstm_parallel__native_autograd(q=q, k=k, v=v, i=i, f=f, eps=1e-6), None
+            from mlstm_kernels.torch.recurrent import mlstm_recurrent_sequence__native_fw
+
+            return mlstm_recurrent_sequence__native_fw(q=q, k=k, v=v, i=i, f=f, return_last_states=True, eps=1e-6)
+
+    return MLSTMKernel()
+
+
+def ours_params_from_official(kind, module):
+    """Our parameters of ``modern_cell(kind, ...)`` holding the official module's weights, so that
+    both compute the same outputs (``run_case`` checks it before timing). Rearranged in NumPy (no
+    small XLA programs to compile): the layouts are those of ``recurrent.interop.from_xlstm``."""
+    import numpy as np
+
+    from recurrent._minrnn import MinGRUParams, MinLSTMParams
+    from recurrent._mlstm import MLSTMParams
+    from recurrent._slstm import SLSTMParams
+
+    n = lambda w: w.detach().cpu().float().numpy()  # noqa: E731
+    if kind == "slstm":
+        projection, cell = module
+        R, bias = n(cell.recurrent_kernel[:]), n(cell.bias[:])  # (K, D, 4, D) and (K, 4, D), gates i, f, z, o
+        K, D, G, _ = R.shape
+        params = SLSTMParams(n(projection.weight).T, R.reshape(K, D, G * D), bias.swapaxes(0, 1).reshape(G * K * D))
+    elif kind == "mlstm":
+        params = MLSTMParams(
+            input_kernel=n(module.qkv_opreact.weight).T,
+            input_bias=n(module.qkv_opreact.bias),
+            gate_kernel=n(module.ifgate_preact.weight).T,
+            gate_bias=n(module.ifgate_preact.bias),
+            norm_scale=n(module.multihead_norm.weight),
+        )
+    elif kind == "min_gru":  # theirs: hidden | gate; ours: update | candidate; no bias
+        hidden, gate = np.split(n(module.to_hidden_and_gate.weight).T, 2, axis=1)
+        params = MinGRUParams(np.concatenate([gate, hidden], 1), np.zeros(gate.shape[1] * 2, np.float32))
+    else:  # theirs: hidden | f | i; ours: f | i | candidate
+        hidden, f, i = np.split(n(module.to_hidden_and_f_i_gate.weight).T, 3, axis=1)
+        params = MinLSTMParams(np.concatenate([f, i, hidden], 1), np.zeros(f.shape[1] * 3, np.float32))
+    return jax.tree.map(jnp.asarray, params)
+
+
+def torch_modern(kind, B, T, F, H, layers, xs, variant="chunkwise", threads=CORES):
+    """The official module of a modern case (``official_modern``), eagerly, on the GPU when JAX
+    runs on one."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    device = "cuda" if _on_gpu() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    module = seeded_official(kind, F, H, T, variant).to(device)
+    x = torch.from_numpy(np.array(xs)).to(device).requires_grad_(True)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+
+    def forward():
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            out = module(x)
+        sync()
+        return out
+
+    def forward_backward():
+        torch.set_num_threads(threads)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        first(module(x)).mean().backward()
+        sync()
+
+    return forward, forward_backward, None, None
+
+
+def modern_contenders(kind, quick=False):
+    """Ours in every form, the official code (see above), and PyTorch with 1 thread as well where
+    the machine has more (as for ``nn.LSTM``; not in ``--quick``)."""
+    c = {"ours": ours_modern}
+    if kind == "slstm":
+        c["xlstm_vanilla"] = torch_modern
+        if CORES > 1 and not _on_gpu() and not quick:
+            c["xlstm_vanilla_1thread"] = lambda *a: torch_modern(*a, threads=1)
+        return c
+    c["ours_parallel"] = lambda *a: ours_modern(*a, implementation="parallel")
+    if kind == "mlstm":
+        c["ours_chunkwise"] = lambda *a: ours_modern(*a, implementation="chunkwise")
+        for variant in ("sequence", "parallel", "chunkwise", "chunkwise_custbw"):
+            c[f"xlstm_{variant}"] = lambda *a, v=variant: torch_modern(*a, variant=v)
+        if CORES > 1 and not _on_gpu() and not quick:
+            for variant in ("sequence", "parallel", "chunkwise", "chunkwise_custbw"):
+                c[f"xlstm_{variant}_1thread"] = lambda *a, v=variant: torch_modern(*a, variant=v, threads=1)
+        return c
+    name = {"min_gru": "mingru_pytorch", "min_lstm": "minlstm_pytorch"}[kind]
+    c[name] = torch_modern
+    if CORES > 1 and not _on_gpu() and not quick:
+        c[f"{name}_1thread"] = lambda *a: torch_modern(*a, threads=1)
+    return c
+
+
 def contenders_for(kind, layers, quick):
+    if kind in MODERN:
+        return modern_contenders(kind, quick)
     c = {"ours": ours}
     if kind in ("lstm", "gru", "bidirectional"):
         c["torch"] = torch_rnn
@@ -278,6 +555,10 @@ def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick)
         except Exception as e:  # a missing or failing peer is reported, not fatal
             skipped[label] = f"{type(e).__name__}: {e}"[:200]
     labels = list(built)
+    agreement = {}
+    if kind in MODERN and "ours" in built:  # the same weights everywhere: check the outputs before timing
+        reference = outputs_BTH(built["ours"][0]())
+        agreement = {label: float(abs(outputs_BTH(built[label][0]()) - reference).max()) for label in labels}
     calls = {(label, w): built[label][w] for label in labels for w in (0, 1)}
     for fn in calls.values():  # warm up
         fn()
@@ -304,12 +585,20 @@ def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick)
                 "samples_fwdbwd_ms": samples[label, 1],
             }
         )
+        if label in agreement:
+            rows[-1]["max_abs_diff_to_ours"] = agreement[label]
+        pair = PAIRS.get((kind, label))
+        if pair in built:  # our form that computes the same unit the same way, over this contender
+            rows[-1]["pair"] = pair
+            for w, key in ((0, "fwd"), (1, "fwdbwd")):
+                rows[-1][f"pair_over_it_{key}"] = statistics.median(samples[pair, w]) / rows[-1][f"{key}_ms"]
     return {
         "case": name,
         "kind": kind,
         "shape": dict(batch=B, steps=T, features=F, hidden=H, layers=layers),
         "rows": rows,
         "skipped": skipped,
+        **({"absent": ABSENT[kind]} if kind in ABSENT else {}),
     }
 
 
@@ -394,6 +683,20 @@ def format_tables(result) -> str:
             )
         for label, why in case["skipped"].items():
             lines.append(f"| {case['case']} | {label} | skipped: {why} | | | | | | |")
+        for label, why in case.get("absent", {}).items():
+            lines.append(f"| {case['case']} | {label} | none: {why} | | | | | | |")
+    pairs = [r for case in result["cases"] for r in case["rows"] if "pair" in r]
+    if pairs:
+        lines += [
+            "",
+            "| case | official | ours, the same form | ours/official fwd | ours/official fwd+bwd |",
+            "|---|---|---|--:|--:|",
+        ]
+        lines += [
+            f"| {r['case']} | {r['contender']} | {r['pair']} | {r['pair_over_it_fwd']:.2f} "
+            f"| {r['pair_over_it_fwdbwd']:.2f} |"
+            for r in pairs
+        ]
     for key in ("compile_depth_s", "compile_options_s", "remat_memory_mb"):
         if result.get(key):
             lines += ["", f"{key}: " + ", ".join(f"{k}: {v:.2f}" for k, v in result[key].items())]
@@ -465,6 +768,14 @@ def main(argv=None):
         result["versions"]["torch"] = torch.__version__
     except ImportError:
         pass
+    if any(case["kind"] in MODERN for case in result["cases"]):
+        from importlib import metadata
+
+        for package in ("xlstm", "mlstm_kernels", "minGRU-pytorch"):
+            try:
+                result["versions"][package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                pass
     table = format_tables(result)
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)

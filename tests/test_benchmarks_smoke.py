@@ -210,3 +210,139 @@ def test_xla_cpu_effects_compares_equal_computations():
     assert set(runs) == {(0, True), (0, False), (2, True), (2, False)}
     for fn, args in runs.values():
         assert jax.jit(fn)(*args).shape == (3, 5)
+
+
+def test_suite_modern_cases_quick_run_against_the_official_code(tmp_path):
+    # sLSTM, mLSTM, minGRU and minLSTM against their official PyTorch code in one quick run: every
+    # official contender runs (the test dependencies install them), computes our outputs on the same
+    # weights, and every ratio is that of the medians of the run's own samples.
+    from benchmarks import suite
+
+    names = ",".join(suite.MODERN)
+    result = suite.main(["--quick", "--cases", names, "--extras", "none", "--repeats", "3", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "suite.json").read_text())
+    assert [c["case"] for c in saved["cases"]] == list(suite.MODERN)
+    assert {"xlstm", "mlstm_kernels", "minGRU-pytorch"} <= set(saved["versions"])
+    for case in saved["cases"]:
+        kind = case["kind"]
+        assert case["skipped"] == {}, case["skipped"]
+        assert set(case["absent"]) == {"flax", "keras"}
+        rows = {r["contender"]: r for r in case["rows"]}
+        official = {label: ours for (k, label), ours in suite.PAIRS.items() if k == kind and label in rows}
+        at_all_cores = {label for (k, label) in suite.PAIRS if k == kind and not label.endswith("_1thread")}
+        assert at_all_cores and at_all_cores | set(official.values()) <= set(rows)
+        median = {
+            (label, w): statistics.median(r[f"samples_{w}_ms"]) for label, r in rows.items() for w in ("fwd", "fwdbwd")
+        }
+        for label, r in rows.items():
+            # the same unit of work on the same weights: the outputs agree before anything is timed
+            assert r["max_abs_diff_to_ours"] < 1e-4, (kind, label, r["max_abs_diff_to_ours"])
+            for w in ("fwd", "fwdbwd"):
+                samples = r[f"samples_{w}_ms"]
+                assert len(samples) == 3 and all(math.isfinite(t) and t > 0 for t in samples)
+                assert r[f"{w}_ms"] == pytest.approx(median[label, w], rel=1e-9)
+                assert r[f"ours_over_it_{w}"] == pytest.approx(median["ours", w] / median[label, w], rel=1e-9)
+            if label in official:  # the official form against ours that computes it the same way
+                assert r["pair"] == official[label]
+                for w in ("fwd", "fwdbwd"):
+                    expected = median[official[label], w] / median[label, w]
+                    assert r[f"pair_over_it_{w}"] == pytest.approx(expected, rel=1e-9)
+            else:
+                assert "pair" not in r
+    assert [c["rows"] for c in result["cases"]] == [c["rows"] for c in saved["cases"]]
+
+
+def test_parallel_time_quick_run_writes_medians_ratios_and_crossovers(tmp_path, capsys):
+    from benchmarks import parallel_time
+
+    path = tmp_path / "pt.json"
+    result = parallel_time.main(
+        ["--quick", "--cells", "min_gru", "--lengths", "2,4", "--repeats", "3", "--out", str(path)]
+    )
+    saved = json.loads(path.read_text())
+    assert (tmp_path / "pt.png").stat().st_size > 0
+    assert saved["lengths"] == [2, 4] and saved["cells"] == ["min_gru"] and saved["shape"] == parallel_time.QUICK_SHAPE
+    keys = {(r["form"], r["workload"], r["T"]) for r in saved["rows"]}
+    assert keys == {(f, w, T) for f in ("scan", "parallel") for w in ("fwd", "fwdbwd") for T in saved["lengths"]}
+    rows = {(r["form"], r["workload"], r["T"]): r for r in saved["rows"]}
+    for (form, workload, T), r in rows.items():
+        assert "skipped" not in r and r["memory_mb"] > 0 and r["compile_s"] > 0
+        assert len(r["samples_ms"]) == 3 and all(math.isfinite(t) and t > 0 for t in r["samples_ms"])
+        assert r["median_ms"] == pytest.approx(statistics.median(r["samples_ms"]), rel=1e-9)
+        assert r["best_ms"] == min(r["samples_ms"])
+        if form == "parallel":
+            scan = rows["scan", workload, T]
+            assert r["scan_over_this"] == pytest.approx(scan["median_ms"] / r["median_ms"], rel=1e-9)
+        else:
+            assert "scan_over_this" not in r
+    # the crossover, recomputed from the medians: the first T from which parallel stays faster
+    for workload in ("fwd", "fwdbwd"):
+        faster = [
+            rows["parallel", workload, T]["median_ms"] < rows["scan", workload, T]["median_ms"]
+            for T in saved["lengths"]
+        ]
+        first = next((T for i, T in enumerate(saved["lengths"]) if all(faster[i:])), None)
+        assert saved["crossover"][f"min_gru/parallel/{workload}"]["from"] == first
+    assert result["crossover"] == saved["crossover"]
+    out = capsys.readouterr().out
+    assert "min_gru parallel" in out and "crossover" in out
+    with pytest.raises(SystemExit):
+        parallel_time.main(["--cells", "min_gru,nope"])
+    with pytest.raises(SystemExit):
+        parallel_time.main(["--lengths", "128,x"])
+
+
+def _rows(medians):
+    """Rows of parallel_time for min_gru from ``{(form, T): median ms or None (skipped)}``."""
+    rows = []
+    for (form, T), ms in medians.items():
+        row = {"cell": "min_gru", "form": form, "T": T, "workload": "fwd", "memory_mb": 1.0, "compile_s": 0.1}
+        rows.append({**row, "skipped": "memory"} if ms is None else {**row, "median_ms": ms, "best_ms": ms})
+    return rows
+
+
+@pytest.mark.parametrize(
+    "parallel, expected, longest",
+    [
+        ({8: 2.0, 16: 0.5, 32: 0.5}, 16, 32),  # faster from 16 on
+        ({8: 0.5, 16: 2.0, 32: 0.5}, 32, 32),  # faster at 8, slower at 16: the crossover is 32
+        ({8: 2.0, 16: 2.0, 32: 2.0}, None, 32),  # never faster
+        ({8: 2.0, 16: 0.5, 32: 2.0}, None, 32),  # faster at 16 only: not from there on
+        ({8: 2.0, 16: 0.5, 32: None}, 16, 16),  # skipped at 32: measured up to 16
+    ],
+)
+def test_parallel_time_crossover_is_the_first_length_from_which_the_form_stays_faster(parallel, expected, longest):
+    from benchmarks import parallel_time
+
+    medians = {("scan", T): 1.0 for T in (8, 16, 32)} | {("parallel", T): ms for T, ms in parallel.items()}
+    (key, crossover), *_ = parallel_time.crossovers(_rows(medians)).items()
+    assert key == "min_gru/parallel/fwd"
+    assert crossover["from"] == expected and crossover["measured_up_to"] == longest
+    assert crossover["faster_at"] == [T for T, ms in parallel.items() if ms is not None and ms < 1.0]
+    assert crossover["text"].startswith(
+        f"T >= {expected}" if expected else "none up to 32" if longest == 32 else "none"
+    )
+    assert ("beyond, the parallel over the memory bound" in crossover["text"]) == (longest < 32)
+    assert ("only)" in crossover["text"]) == (expected is None and bool(crossover["faster_at"]))
+
+
+def test_parallel_time_skips_a_program_above_the_memory_bound(monkeypatch):
+    # The bound is applied to each compiled program's memory figure: a program above it is never
+    # called, and the row says why; the others are timed. (Compiled programs replaced by stubs.)
+    from benchmarks import parallel_time
+
+    called = []
+
+    def stub(name, form, xs, shape):
+        T = xs.shape[1]
+        mb = {"scan": 1.0, "parallel": float(T * T)}[form]  # quadratic in T
+        return {w: ((lambda f=form, w=w: called.append((f, w, T))), mb, 0.01) for w in ("fwd", "fwdbwd")}
+
+    monkeypatch.setattr(parallel_time, "compiled", stub)
+    rows = parallel_time.time_length(8, ["min_gru"], parallel_time.QUICK_SHAPE, repeats=2, bound_mb=32.0)
+    by_key = {(r["form"], r["workload"]): r for r in rows}
+    for w in ("fwd", "fwdbwd"):
+        assert by_key["parallel", w]["skipped"] == "memory 64 MB > bound 32 MB"
+        assert "median_ms" not in by_key["parallel", w] and "scan_over_this" not in by_key["parallel", w]
+        assert len(by_key["scan", w]["samples_ms"]) == 2
+    assert {f for f, _, _ in called} == {"scan"}
