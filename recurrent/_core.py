@@ -450,6 +450,19 @@ def error(what: str, *, expected: str, got: str, fix: str) -> ValueError:
     return Error(f"{what}\n  expected: {expected}\n  got:      {got}\n  fix:      {fix}")
 
 
+def check_dense_x_shape(x_shape: Sequence[int], *, where: str) -> Shape:
+    """``initial_carry``'s ``x_shape`` for a dense cell: one step's input shape with its batch axes."""
+    x_shape = check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
+    if len(x_shape) < 1:
+        raise error(
+            f"{where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
+            expected="(*batch, features)",
+            got=repr(x_shape),
+            fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
+        )
+    return x_shape
+
+
 def check_shape(name: str, shape: Sequence[int], *, where: str) -> Shape:
     """Validates a user-given shape tuple of non-negative ints."""
     try:

@@ -394,14 +394,7 @@ class DenseTransform(NamedTuple):
         return (size,)
 
     def check_x_shape(self, x_shape):
-        x_shape = _core.check_shape("x_shape", x_shape, where=f"{self.where}.initial_carry")
-        if len(x_shape) < 1:
-            raise _core.error(
-                f"{self.where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
-                expected="(*batch, features)",
-                got=repr(x_shape),
-                fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
-            )
+        x_shape = _core.check_dense_x_shape(x_shape, where=self.where)
         return x_shape
 
     def check_x(self, x, features, spatial=None):

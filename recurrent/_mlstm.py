@@ -276,14 +276,7 @@ def mlstm(
         return cdt, _core.state_dtype(cdt)
 
     def initial_carry(params, x_shape):
-        x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
-        if len(x_shape) < 1:
-            raise _core.error(
-                f"{where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
-                expected="(*batch, features)",
-                got=repr(x_shape),
-                fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
-            )
+        x_shape = _core.check_dense_x_shape(x_shape, where=where)
         _, sdt = dtypes(params)
         batch = tuple(x_shape[:-1])
         return MLSTMState(

@@ -251,14 +251,7 @@ def slstm(
         return cdt, _core.state_dtype(cdt)
 
     def initial_carry(params, x_shape):
-        x_shape = _core.check_shape("x_shape", x_shape, where=f"{where}.initial_carry")
-        if len(x_shape) < 1:
-            raise _core.error(
-                f"{where}.initial_carry: `x_shape` must be one step's input shape with its batch axes.",
-                expected="(*batch, features)",
-                got=repr(x_shape),
-                fix="pass x.shape of one time step, e.g. (batch, features) or (features,).",
-            )
+        x_shape = _core.check_dense_x_shape(x_shape, where=where)
         cdt, sdt = dtypes(params)
         zeros = jnp.zeros((*x_shape[:-1], H), sdt)
         return SLSTMState(zeros.astype(cdt), zeros, zeros, zeros)
