@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -242,6 +243,22 @@ def _readable_metadata(step_dir: str) -> str | None:
     return None
 
 
+class _ReportedStorageFailures(logging.Filter):
+    """Drops orbax's own log record of a storage failure that :func:`writing` reports as one line.
+
+    orbax logs an exception raised in its save threads (through absl, which installs a stderr
+    handler on first use) before the main thread sees it; a full disk would print that traceback
+    above the one-line :class:`StorageError`. Other records, and other failures, pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or storage_reason(error) is None
+
+
+_REPORTED = _ReportedStorageFailures()
+
+
 class Checkpoints:
     """An orbax ``CheckpointManager`` over ``path`` that survives kills and damage.
 
@@ -255,6 +272,7 @@ class Checkpoints:
     def __init__(self, path: str, keep: int, *, best: bool = False):
         self.path = os.path.abspath(path)
         self.keep, self.best = keep, best
+        logging.getLogger("absl").addFilter(_REPORTED)  # idempotent: a filter is added once
         for step in saved_steps(self.path):
             reason = _readable_metadata(os.path.join(self.path, str(step)))
             if reason is not None:

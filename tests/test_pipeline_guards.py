@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -259,6 +260,18 @@ def test_a_full_disk_is_one_clear_line_and_the_run_resumes_once_space_is_freed(m
         a, b = final_params(tmp_path / "straight"), final_params(small / "run")
         for k in a:
             np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+def test_orbax_logs_of_a_storage_failure_are_dropped_and_other_errors_still_logged(tmp_path, caplog):
+    workdir.Checkpoints(str(tmp_path / "ckpt"), keep=1)  # installs the filter on the absl logger
+    absl_logger = logging.getLogger("absl")
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        for error in (OSError(28, "No space left on device"), ValueError("shapes differ")):
+            try:
+                raise RuntimeError("save thread failed") from error
+            except RuntimeError:
+                absl_logger.exception("_SignalingThread.run() raised an exception")
+    assert len(caplog.records) == 1 and "shapes differ" in caplog.text  # the storage failure is reported once, by us
 
 
 def test_storage_failures_are_recognised_through_wrapping_exceptions():
