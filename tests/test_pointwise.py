@@ -68,13 +68,16 @@ def test_values_and_derivatives_of_every_order_equal_autodiff(name):
         fast, slow = loss(layers[0]), loss(layers[1])
         args = (params, xs, carry)
         tangents = jax.tree.map(lambda a: 0.3 * jnp.cos(a), args)
-        _close(layers[0].apply(params, xs, return_trace=True), layers[1].apply(params, xs, return_trace=True))
-        _close(jax.grad(fast, (0, 1, 2))(*args), jax.grad(slow, (0, 1, 2))(*args))
-        _close(jax.jvp(fast, args, tangents), jax.jvp(slow, args, tangents))
+        trace = lambda layer: jax.jit(lambda p, x: layer.apply(p, x, return_trace=True))(params, xs)  # noqa: E731
+        _close(trace(layers[0]), trace(layers[1]))
+        grad = lambda f: jax.jit(jax.grad(f, (0, 1, 2)))(*args)  # noqa: E731
+        _close(grad(fast), grad(slow))
+        jvp = lambda f: jax.jit(lambda a, t: jax.jvp(f, a, t))(args, tangents)  # noqa: E731
+        _close(jvp(fast), jvp(slow))
         # forward over reverse (Hessian-vector products) and reverse over reverse
-        hvp = lambda f: jax.jvp(jax.grad(f, (0, 1, 2)), args, tangents)[1]  # noqa: E731
+        hvp = lambda f: jax.jit(lambda a, t: jax.jvp(jax.grad(f, (0, 1, 2)), a, t)[1])(args, tangents)  # noqa: E731
         _close(hvp(fast), hvp(slow), tol=1e-10)
-        gg = lambda f: jax.grad(lambda p: jnp.sum(jax.grad(f)(p, xs, carry).recurrent_kernel ** 2))(params)  # noqa: E731
+        gg = lambda f: jax.jit(jax.grad(lambda p: jnp.sum(jax.grad(f)(p, xs, carry).recurrent_kernel ** 2)))(params)  # noqa: E731
         _close(gg(fast), gg(slow), tol=1e-10)
 
 
