@@ -360,8 +360,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     with errors.report():
         check_config(config)
-        if config.distributed:
-            jax.distributed.initialize()
         corpus = load_corpus(config)
         train = make_train(config, corpus)
         sizes = ", ".join(f"{n} {len(getattr(corpus, n))}" for n in ("train", "valid", "test"))

@@ -317,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     with errors.report():
         check_config(config)
-        if config.distributed:
-            jax.distributed.initialize()
         train = make_train(config)
         print(f"data: {data_path(config)}  cell: {config.cell}  device(s): {jax.devices()}", flush=True)
         result = train(jax.random.key(config.seed))

@@ -27,12 +27,18 @@ lists of arrays ``(T_i, *features)``; :func:`make_train` turns them into ``train
   aside, a full or read-only disk is one clear error: :mod:`experiments.workdir`.
 - **Divergence**: a non-finite loss, gradient or parameter stops the run (:class:`Diverged`,
   naming the step) before anything after it is saved.
-- **Data parallelism**: a 1-D mesh over ``num_devices`` devices (0: all local devices), the
+- **Data parallelism**: a 1-D mesh over ``num_devices`` devices (0: all devices), the
   batch sharded along ``data``, parameters and optimiser state replicated; XLA inserts the
-  gradient all-reduce. The same command runs on CPU, GPU or TPU. Multi-host: pass
-  ``--distributed=true`` on every host (with the usual ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` or a cluster that ``jax.distributed.initialize``
-  detects); each process builds the same global batch order and feeds its own rows.
+  gradient all-reduce. The same command runs on CPU, GPU or TPU.
+- **Several processes** (one per host, or several on one machine): start the same command in
+  each with ``--distributed=true`` and ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0),
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or on a cluster that ``jax.distributed.initialize``
+  detects (:func:`initialize_distributed`). The mesh spans every process's devices; each process
+  computes the same batch order and places only the rows of its own devices
+  (:func:`shard_batch`); process 0 alone prints the log and writes ``config.json``, the metrics,
+  ``result.json`` and ``final_params.npz``; all processes save and restore the orbax checkpoints
+  together, so ``--workdir`` must be one shared folder. A killed process stops the others (or
+  leaves them waiting: stop them); rerunning every command resumes.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -93,7 +99,11 @@ class TrainConfig:
     log_every: int = field(20, "steps between metric fetches and log lines")
     ema_decay: float = field(0.0, "evaluate an exponential moving average of the parameters (0: off)")
     num_devices: int = field(0, "devices of the data-parallel mesh (0: all local devices)")
-    distributed: bool = field(False, "call jax.distributed.initialize() first (multi-host)")
+    distributed: bool = field(
+        False,
+        "several processes (hosts): start the command in each, with JAX_COORDINATOR_ADDRESS=HOST:PORT of process 0, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID (or on a SLURM / Cloud TPU cluster); see experiments/README.md",
+    )
     progress: bool = field(True, "show a progress bar")
     workdir: str = field("runs/run", "work directory (config, metrics, checkpoints); rerun to resume")
     overwrite: bool = field(False, "delete the run already in --workdir (its checkpoints, metrics, results) first")
@@ -263,16 +273,125 @@ def choices(value: str, valid: Sequence[str], field_name: str, *, what: str = "v
 
 
 def cli_config(argv: Sequence[str] | None, config: Any, quick: Any, prog: str, description: str) -> Any:
-    """``parse_args`` for a ``main``: ``--help`` prints the fields, a bad config exits with code 2."""
+    """``parse_args`` for a ``main``: ``--help`` prints the fields, a bad config exits with code 2.
+
+    With ``--distributed=true`` it then starts the multi-process runtime (:func:`initialize_distributed`),
+    before the ``main`` touches a device; a bad or missing variable also exits with code 2.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
         print(usage(config, prog, description))
         raise SystemExit(0)
     try:
-        return parse_args(argv, config, quick)
+        config = parse_args(argv, config, quick)
+        if getattr(config, "distributed", False):
+            initialize_distributed()
+        return config
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------------------
+# Several processes.
+
+#: The variables :func:`initialize_distributed` reads (``JAX_LOCAL_DEVICE_IDS`` is optional).
+DISTRIBUTED_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+_DISTRIBUTED_EXAMPLE = (
+    "JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 (1 in the second process)"
+)
+
+
+def _distributed_error(expected: str, got: str, fix: str = "") -> ConfigError:
+    fix = fix or f"set all three in every process, e.g. {_DISTRIBUTED_EXAMPLE}"
+    return ConfigError(
+        f"--distributed=true: bad multi-process variables.\n  expected: {expected}\n  got:      {got}\n"
+        f"  fix:      {fix}; on a SLURM / Cloud TPU cluster set none of them (it is detected); for one process "
+        "drop --distributed=true."
+    )
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The keyword arguments of ``jax.distributed.initialize`` from :data:`DISTRIBUTED_VARIABLES` (and
+    ``JAX_LOCAL_DEVICE_IDS``) in ``environ``: all three, or none (``{}``: the cluster is detected).
+    A bad or partial set is a :class:`ConfigError` naming what was expected, what was found and the fix.
+
+    >>> distributed_arguments({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+    ...                        "JAX_PROCESS_ID": "1"})
+    {'coordinator_address': '127.0.0.1:1234', 'num_processes': 2, 'process_id': 1}
+    """
+    given = {name: environ[name].strip() for name in DISTRIBUTED_VARIABLES if environ.get(name, "").strip()}
+    if not given:
+        return {}
+    missing = [name for name in DISTRIBUTED_VARIABLES if name not in given]
+    if missing:
+        got = ", ".join(f"{k}={v}" for k, v in given.items())
+        raise _distributed_error(f"all of {', '.join(DISTRIBUTED_VARIABLES)}", f"{got} ({', '.join(missing)} unset)")
+    address = given["JAX_COORDINATOR_ADDRESS"]
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _distributed_error(
+            "JAX_COORDINATOR_ADDRESS=HOST:PORT of process 0 (a port in 1..65535)",
+            f"JAX_COORDINATOR_ADDRESS={address}",
+        )
+    numbers = {}
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        try:
+            numbers[name] = int(given[name])
+        except ValueError:
+            raise _distributed_error(f"{name} an integer", f"{name}={given[name]}") from None
+    n, i = numbers["JAX_NUM_PROCESSES"], numbers["JAX_PROCESS_ID"]
+    if n < 1 or not 0 <= i < n:
+        raise _distributed_error(
+            "JAX_NUM_PROCESSES >= 1 and JAX_PROCESS_ID in 0..JAX_NUM_PROCESSES-1",
+            f"JAX_NUM_PROCESSES={n}, JAX_PROCESS_ID={i}",
+        )
+    kwargs: dict[str, Any] = {"coordinator_address": address, "num_processes": n, "process_id": i}
+    ids = environ.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+    if ids:
+        try:
+            kwargs["local_device_ids"] = [int(d) for d in ids.split(",")]
+        except ValueError:
+            raise _distributed_error(
+                "JAX_LOCAL_DEVICE_IDS as comma-separated device numbers",
+                f"JAX_LOCAL_DEVICE_IDS={ids}",
+                "e.g. JAX_LOCAL_DEVICE_IDS=0,1 (or leave it unset: all local devices)",
+            ) from None
+    return kwargs
+
+
+def initialize_distributed(environ: Mapping[str, str] | None = None) -> None:
+    """Starts JAX's multi-process runtime; every process of a run calls it before touching a device.
+
+    With ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` set (:func:`distributed_arguments`), passes them to
+    ``jax.distributed.initialize``; with none of them set, calls it without arguments, so that it
+    detects the cluster (SLURM, Open MPI, Cloud TPU). On CPU the processes' collectives run over
+    gloo. A second call in the same process does nothing. Prints one line: which process this is.
+    A bad variable, or a runtime that does not start, is a :class:`ConfigError`.
+    """
+    kwargs = distributed_arguments(os.environ if environ is None else environ)
+    if jax.distributed.is_initialized():
+        return
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # arrays that span processes on CPU
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:  # jaxlib's runtime errors subclass RuntimeError
+        given = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "none of the variables set, no cluster detected"
+        raise ConfigError(
+            "--distributed=true: the multi-process runtime did not start.\n"
+            f"  expected: {', '.join(DISTRIBUTED_VARIABLES)} (or a cluster that jax detects), every process started "
+            "within the time-out, in a process that has not yet touched a device\n"
+            f"  got:      {given}; jax says {type(e).__name__}: {' '.join(str(e).split())[:300]}\n"
+            f"  fix:      set the three in every process, e.g. {_DISTRIBUTED_EXAMPLE}, with the address of process 0 "
+            "reachable from all and its port free; for one process drop --distributed=true."
+        ) from None
+    print(
+        f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local device(s), "
+        f"{jax.device_count()} in all",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -384,31 +503,56 @@ class Devices(NamedTuple):
     replicated: jax.sharding.NamedSharding
 
 
-def make_devices(config: TrainConfig) -> Devices:
-    """A 1-D ``data`` mesh over the first ``num_devices`` devices (0: all)."""
+def mesh_devices(num_devices: int) -> list:
+    """The first ``num_devices`` devices of all processes (0: all); every process must own one of them."""
     devices = jax.devices()
-    n = config.num_devices or len(devices)
+    n = num_devices or len(devices)
     if n > len(devices):
         raise ConfigError(
             f"num_devices={n} but only {len(devices)} device(s) exist.\n"
             "  fix:      --num_devices=0 uses all of them (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N)."
         )
+    idle = sorted(set(range(jax.process_count())) - {d.process_index for d in devices[:n]})
+    if idle:
+        raise ConfigError(
+            f"num_devices={n} leaves process(es) {', '.join(map(str, idle))} without a device of the mesh.\n"
+            f"  expected: a mesh over devices of every one of the {jax.process_count()} processes\n"
+            f"  fix:      --num_devices=0 (all {len(devices)} devices), or start fewer processes."
+        )
+    return devices[:n]
+
+
+def make_devices(config: TrainConfig) -> Devices:
+    """A 1-D ``data`` mesh over the first ``num_devices`` devices of all processes (0: all)."""
+    devices = mesh_devices(config.num_devices)
+    n = len(devices)
     if config.batch_size % n:
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {n} devices of the mesh.")
-    mesh = jax.sharding.Mesh(np.array(devices[:n]), ("data",))
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     P = jax.sharding.PartitionSpec
     return Devices(mesh, jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P()))
 
 
 def shard_batch(batch: Batch, devices: Devices) -> Batch:
-    """Places a global batch on the mesh; each process contributes its own rows."""
+    """Places a global batch on the mesh (every process holds the same one): see :func:`place`."""
+    return place(batch, devices.data)
+
+
+def place(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Host arrays that every process holds in full, as global arrays with ``sharding``: each process
+    puts only the pieces of its own devices (no check that the processes agree, no communication)."""
     if jax.process_count() == 1:
-        return jax.device_put(batch, devices.data)
-    p, P = jax.process_index(), jax.process_count()
-    rows = len(batch.lengths) // P
-    return jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(devices.data, a[p * rows : (p + 1) * rows], a.shape), batch
-    )
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda i: np.asarray(a)[i]), tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays as NumPy arrays in every process (gathered across processes when they span several)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -500,11 +644,23 @@ class MetricsWriter:
             self.tb.close()
 
 
+class NoMetrics:
+    """The :class:`MetricsWriter` of the processes other than 0: they write no metrics."""
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoints.
 
 
 Checkpoints = run_dir.Checkpoints
+primary = run_dir.primary
+barrier = run_dir.barrier
 
 
 def save_params(path: str, params: Any) -> None:
@@ -548,12 +704,15 @@ def prepare_workdir(config: Any) -> None:
 
 
 def write_config(config: Any) -> None:
-    """Writes ``config.json`` (atomically); with ``overwrite`` first deletes the run already there."""
-    if getattr(config, "overwrite", False):
-        run_dir.overwrite(config.workdir)
-    run_dir.check_resume(config)
-    os.makedirs(config.workdir, exist_ok=True)
-    run_dir.write_json(os.path.join(config.workdir, "config.json"), dataclasses.asdict(config), "the config")
+    """Writes ``config.json`` (atomically); with ``overwrite`` first deletes the run already there.
+    Process 0 writes, the others wait for it."""
+    if primary():
+        if getattr(config, "overwrite", False):
+            run_dir.overwrite(config.workdir)
+        run_dir.check_resume(config)
+        os.makedirs(config.workdir, exist_ok=True)
+        run_dir.write_json(os.path.join(config.workdir, "config.json"), dataclasses.asdict(config), "the config")
+    barrier("config.json written")
 
 
 def make_steps(task: Task, optimizer: optax.GradientTransformation, ema_decay: float = 0.0):
@@ -640,18 +799,19 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         }
         if config.ema_decay:
             state["ema"] = jax.tree.map(jnp.zeros_like, params)
-        state = jax.device_put(state, devices.replicated)
+        state = jax.device_put(state, devices.replicated)  # with several processes: checks that they agree
         ckpt_dir = os.path.join(config.workdir, "checkpoints")
         latest = Checkpoints(ckpt_dir, config.keep_checkpoints)
         state, start = latest.restore_newest(state)
         state = jax.device_put(state, devices.replicated)
         best = Checkpoints(os.path.join(config.workdir, "best"), 1, best=True)
         best.check_restores(state)  # read only at the end: a damaged one is set aside now
-        if start:
+        main_process = primary()  # prints the log and writes the files
+        if start and main_process:
             print(f"resumed from {ckpt_dir}/{start}", flush=True)
-        writer = MetricsWriter(config.workdir, start)
+        writer = MetricsWriter(config.workdir, start) if main_process else NoMetrics()
         bar = None
-        if config.progress:
+        if config.progress and main_process:
             from tqdm import tqdm
 
             bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -769,9 +929,11 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         writer.close()
         latest.close()
         best.close()
-        run_dir.write_json(result_path, run_dir.finite_or_none(result), "the result")
-        params = jax.device_get(eval_params(state))
-        save_params(os.path.join(config.workdir, "final_params.npz"), params)
+        params = jax.device_get(eval_params(state))  # replicated: every process holds all of it
+        if main_process:
+            run_dir.write_json(result_path, run_dir.finite_or_none(result), "the result")
+            save_params(os.path.join(config.workdir, "final_params.npz"), params)
+        barrier("results written")
         return {**result, "params": params, "steps_per_s": steps_per_s}
 
     return train

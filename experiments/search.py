@@ -48,6 +48,10 @@ trained alone.
 ``NamedSharding`` on a 1-D mesh ``pop``; the population is padded with inactive copies to a
 multiple of the device count. The batch is replicated: every member sees the same data order
 (drawn from ``--seed``); its own key draws its initialisation, dropout masks and input noise.
+With ``--distributed=true`` (several processes, started as for :mod:`experiments.pipeline`) the
+mesh spans the devices of every process: each process places the members of its own devices, the
+losses are gathered to every process, process 0 alone logs and writes the results, and the results
+equal those of one process with as many devices.
 
 **Samplers** (``--sampler``): ``grid`` (``--grid_points`` per ranged dimension; log ranges on a
 geometric grid), ``random`` (uniform, log-uniform or one-minus-log-uniform per range), ``sobol``
@@ -337,11 +341,11 @@ def population_init(group: Group, hypers: Hypers, key_data: jax.Array) -> dict[s
     loaded 2-core CPU the batched QR of the orthogonal initialiser, vmapped, hung XLA's CPU runtime
     (jax 0.10.2) several times, and the init runs once per search.
     """
-    hypers_np, keys_np = jax.device_get((hypers, key_data))
+    hypers_np, keys_np = pipeline.to_host((hypers, key_data))
     states = [_init_member(group, jax.tree.map(lambda a: a[m], hypers_np), keys_np[m]) for m in range(len(keys_np))]
     stacked = jax.tree.map(lambda *leaves: np.stack(jax.device_get(leaves)), *states)
     sharding = getattr(key_data, "sharding", None)
-    return jax.device_put(stacked, sharding) if isinstance(sharding, jax.sharding.NamedSharding) else stacked
+    return pipeline.place(stacked, sharding) if isinstance(sharding, jax.sharding.NamedSharding) else stacked
 
 
 population_train = jax.jit(jax.vmap(train_steps, in_axes=(None, 0, 0, 0, None, None)), static_argnums=0)
@@ -360,7 +364,7 @@ class Config(pipeline.TrainConfig):
 
     unused: ClassVar[frozenset[str]] = frozenset(
         {"learning_rate", "schedule", "warmup_steps", "final_lr_fraction", "momentum", "clip_norm", "weight_decay",
-         "bucket", "pad_multiple", "checkpoint_every", "log_every", "ema_decay", "distributed", "progress",
+         "bucket", "pad_multiple", "checkpoint_every", "log_every", "ema_decay", "progress",
          "sleep_per_step"}
     )  # fmt: skip
     # The curves' shapes depend on steps, so a search cannot be extended on a rerun.
@@ -796,14 +800,8 @@ def split_batches(sequences: Sequence[np.ndarray], batch: int, T: int = 0, N: in
 
 
 def make_mesh(num_devices: int) -> jax.sharding.Mesh:
-    devices = jax.devices()
-    n = num_devices or len(devices)
-    if n > len(devices):
-        raise ConfigError(
-            f"num_devices={n} but only {len(devices)} device(s) exist.\n"
-            "  fix:      --num_devices=0 uses all (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N)."
-        )
-    return jax.sharding.Mesh(np.array(devices[:n]), ("pop",))
+    """A 1-D ``pop`` mesh over the first ``num_devices`` devices of all processes (0: all)."""
+    return jax.sharding.Mesh(np.array(pipeline.mesh_devices(num_devices)), ("pop",))
 
 
 def stack_hypers(rows: Sequence[dict[str, Any]]) -> Hypers:
@@ -844,11 +842,15 @@ def plan_groups(config: Config, members: list[dict[str, Any]], features: int, n_
 
 def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> dict[str, Any]:
     """Trains every member; returns ``{"members": DataFrame, "curves": DataFrame, "importance": dict}``
-    and writes the tables and plots to ``config.workdir``. Resumes from its checkpoints."""
+    and writes the tables and plots to ``config.workdir``. Resumes from its checkpoints.
+
+    With several processes (``--distributed=true``) the population spans every process's devices; every
+    process returns the same results, process 0 alone logs and writes the files."""
     check_config(config)
     pipeline.prepare_workdir(config)
     data = load_data(config) if data is None else data
     members = sample_members(config)
+    log = log if pipeline.primary() else (lambda *_: None)
     mesh = make_mesh(config.num_devices)
     n_dev = mesh.devices.size
     pop = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("pop"))
@@ -862,20 +864,20 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
     # validation and test share one padded shape, so the evaluation compiles once per group
     T_eval = math.ceil(max(len(s) for s in [*data.valid, *data.test]) / 16) * 16
     N_eval = math.ceil(max(len(data.valid), len(data.test)) / config.eval_batch)
-    valid = jax.device_put(split_batches(data.valid, config.eval_batch, T_eval, N_eval), replicated)
+    valid = pipeline.place(split_batches(data.valid, config.eval_batch, T_eval, N_eval), replicated)
     t0 = time.perf_counter()
 
     def active_of(run, active):
         a = np.zeros(len(run.hypers.learning_rate), bool)
         a[: len(run.members)] = active[run.members]
-        return jax.device_put(a, pop)
+        return pipeline.place(a, pop)
 
-    hypers = {r.group.name: jax.device_put(r.hypers, pop) for r in runs}
+    hypers = {r.group.name: pipeline.place(r.hypers, pop) for r in runs}
     # One group at a time (fewer executions in flight on a small CPU).
     search = {
         "groups": {
             r.group.name: jax.block_until_ready(
-                population_init(r.group, hypers[r.group.name], jax.device_put(r.keys, pop))
+                population_init(r.group, hypers[r.group.name], pipeline.place(r.keys, pop))
             )
             for r in runs
         },
@@ -898,7 +900,7 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
     rungs = halving_steps(config)
     for done in range(start + config.eval_every, config.steps + 1, config.eval_every):
         xs, lengths = crop_batches(data, config, data_seed, done - config.eval_every, done)
-        xs, lengths = jax.device_put((xs, lengths), replicated)
+        xs, lengths = pipeline.place((xs, lengths), replicated)
         e = done // config.eval_every - 1
         for r in runs:
             name = r.group.name
@@ -906,7 +908,7 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
                 r.group, search["groups"][name], hypers[name], active_of(r, search["active"]), xs, lengths
             )
             nll = population_evaluate(r.group, search["groups"][name]["params"], hypers[name], *valid)
-            losses, nll = np.asarray(losses), np.asarray(nll)
+            losses, nll = pipeline.to_host((losses, nll))
             k = len(r.members)
             search["train_curve"][e, r.members] = losses[:k].mean(axis=1)
             search["valid_curve"][e, r.members] = nll[:k]
@@ -923,12 +925,14 @@ def run_search(config: Config, data: pipeline.Data | None = None, log=print) -> 
             log(f"stopping after step {done} (--stop_after)")
             raise SystemExit(3)
     manager.close()
-    test = jax.device_put(split_batches(data.test, config.eval_batch, T_eval, N_eval), replicated)
+    test = pipeline.place(split_batches(data.test, config.eval_batch, T_eval, N_eval), replicated)
     test_nll = np.full(P, np.nan)
     for r in runs:
         nll = population_evaluate(r.group, search["groups"][r.group.name]["params"], hypers[r.group.name], *test)
-        test_nll[r.members] = np.asarray(nll)[: len(r.members)]
-    return write_results(config, members, search, test_nll, log=log)
+        test_nll[r.members] = pipeline.to_host(nll)[: len(r.members)]
+    out = write_results(config, members, search, test_nll, log=log, write=pipeline.primary())
+    pipeline.barrier("search results written")
+    return out
 
 
 def halve(search: dict[str, Any], step: int, keep: float) -> None:
@@ -946,7 +950,8 @@ def halve(search: dict[str, Any], step: int, keep: float) -> None:
 # Results: tables, plots, importance.
 
 
-def write_results(config: Config, members, search, test_nll, log=print) -> dict[str, Any]:
+def write_results(config: Config, members, search, test_nll, log=print, write: bool = True) -> dict[str, Any]:
+    """The members' table, the curves and the importance; written to ``config.workdir`` with ``write``."""
     import pandas as pd
 
     steps = [(i + 1) * config.eval_every for i in range(len(search["valid_curve"]))]
@@ -967,18 +972,19 @@ def write_results(config: Config, members, search, test_nll, log=print) -> dict[
             if s <= search["stopped_at"][m]
         ]
     )
-    os.makedirs(config.workdir, exist_ok=True)
-    path = lambda name: os.path.join(config.workdir, name)  # noqa: E731
-    frame.to_csv(path("members.csv"), index=False)
-    frame.to_json(path("members.jsonl"), orient="records", lines=True)
-    curves.to_csv(path("curves.csv"), index=False)
-    curves.to_json(path("curves.jsonl"), orient="records", lines=True)
     varied = varied_columns(config, frame)
     importance = fanova_importance(frame, varied, "valid", seed=config.seed)
-    with open(path("importance.json"), "w") as f:
-        json.dump(importance, f, indent=1)
-    if config.plots:
-        plot_results(config.workdir, frame, curves, varied, "valid")
+    if write:
+        os.makedirs(config.workdir, exist_ok=True)
+        path = lambda name: os.path.join(config.workdir, name)  # noqa: E731
+        frame.to_csv(path("members.csv"), index=False)
+        frame.to_json(path("members.jsonl"), orient="records", lines=True)
+        curves.to_csv(path("curves.csv"), index=False)
+        curves.to_json(path("curves.jsonl"), orient="records", lines=True)
+        with open(path("importance.json"), "w") as f:
+            json.dump(importance, f, indent=1)
+        if config.plots:
+            plot_results(config.workdir, frame, curves, varied, "valid")
     best = frame.loc[frame["valid"].idxmin()] if frame["valid"].notna().any() else None
     if best is not None:
         log(f"best member {int(best['member'])}: valid {best['valid']:.4f}, test {best['test']:.4f}")

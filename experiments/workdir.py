@@ -20,6 +20,10 @@ by validation NLL), ``metrics.jsonl`` / ``metrics.csv``, ``tb/``, ``result.json`
   run goes on from the newest checkpoint that restores.
 - **read-only or full disk**: a one-line :class:`StorageError` (checked before anything
   compiles, and at every write); after space is freed the same command resumes.
+
+With several processes (``--distributed=true``) every process reads the work directory, process 0
+alone writes its files (:func:`primary`), and the processes wait for each other (:func:`barrier`)
+where one must see what another wrote; the orbax checkpoints are written by all together.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +64,24 @@ _STORAGE_WORDS = {  # how tensorstore and orbax report them in their own excepti
     "Permission denied": _STORAGE_ERRNOS[errno.EACCES],
     "File too large": _STORAGE_ERRNOS[errno.EFBIG],
 }
+
+
+def primary() -> bool:
+    """Whether this process writes the run's files: process 0 (the only one of a single-process run)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (the same in all of them: no paths, which may
+    differ between hosts); returns at once in a single-process run."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def storage_reason(error: BaseException) -> str | None:
@@ -98,7 +121,7 @@ def writing(what: str, path: str, resume_hint: str = "") -> Iterator[None]:
 
 def check_writable(workdir: str) -> None:
     """Creates ``workdir`` if needed and writes a probe file into it; a :class:`StorageError` otherwise."""
-    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+    probe = os.path.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")  # unique on a shared disk
     with writing("the work directory", os.path.abspath(workdir), "rerun"):
         os.makedirs(workdir, exist_ok=True)
         with open(probe, "w") as f:
@@ -273,10 +296,12 @@ class Checkpoints:
         self.path = os.path.abspath(path)
         self.keep, self.best = keep, best
         logging.getLogger("absl").addFilter(_REPORTED)  # idempotent: a filter is added once
-        for step in saved_steps(self.path):
-            reason = _readable_metadata(os.path.join(self.path, str(step)))
-            if reason is not None:
-                self._set_aside(step, reason)
+        if primary():
+            for step in saved_steps(self.path):
+                reason = _readable_metadata(os.path.join(self.path, str(step)))
+                if reason is not None:
+                    self._set_aside(step, reason)
+        barrier("checkpoints checked")
         self.manager = self._open()
 
     def _open(self):
@@ -296,6 +321,7 @@ class Checkpoints:
             )
 
     def _set_aside(self, step: int, reason: str) -> None:
+        """Moves a damaged checkpoint aside (process 0 only: the caller waits at a :func:`barrier`)."""
         step_dir = os.path.join(self.path, str(step))
         aside = os.path.join(self.path, f"corrupt-{step}")
         warnings.warn(
@@ -320,7 +346,9 @@ class Checkpoints:
             return True, self.restore(step, target)
         except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
             self.manager.close()
-            self._set_aside(step, f"{type(e).__name__}: {e}")
+            if primary():
+                self._set_aside(step, f"{type(e).__name__}: {e}")
+            barrier("checkpoint set aside")
             self.manager = self._open()
             return False, None
 
