@@ -25,6 +25,16 @@ Sizes: batch 4, 128 input features, 128 hidden units, the mLSTM with 4 heads of 
 the cells' defaults otherwise. The JSON goes to ``benchmarks/results/<machine>_parallel_time.json``
 (``cpu_<cores>core`` on a CPU, ``<backend>_<device kind>`` elsewhere), the log-log plot of time
 against ``T`` beside it (``.png``). ``--quick`` runs tiny sizes at two lengths (the smoke test).
+
+``--newton [--hidden 16,64,...] [--methods deer,quasi,elk]``: the same timing for a nonlinear cell,
+an LSTM (its defaults: orthogonal recurrent kernel, forget bias 1) solved in parallel over time by
+Newton's method (``rnn(lstm(H), implementation="parallel", method=...)``: DEER, quasi-DEER, quasi-ELK)
+against its scan, at every sequence length (``NEWTON_LENGTHS``: 1,024 to 65,536) and hidden size
+(``NEWTON_HIDDEN``: 16 to 512), batch 16, 32 input features. Each row adds the iterations the
+solver took, whether it converged or the scan took over, and the largest difference from the scan's
+outputs; the memory figure is the compiled program's (XLA's ``memory_analysis``), so the Jacobians
+of DEER (``T B (2H)^2`` numbers) are reported, and skipped over the bound, before anything runs. The
+crossover is per hidden size. JSON: ``benchmarks/results/<machine>_parallel_time_newton.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +62,12 @@ QUICK_SHAPE = {"batch": 2, "features": 3, "hidden": 4, "heads": 2, "chunk": 4}
 FORMS = {"mlstm": ("scan", "parallel", "chunkwise"), "min_gru": ("scan", "parallel"), "min_lstm": ("scan", "parallel")}
 WORKLOADS = ("fwd", "fwdbwd")
 MEMORY_BOUND_MB = 4096
+#: the Newton sweep (``--newton``): an LSTM solved by each method against its scan
+NEWTON_METHODS = ("deer", "quasi", "elk")
+NEWTON_LENGTHS = (1024, 4096, 16384, 65536)
+NEWTON_HIDDEN = (16, 64, 256, 512)
+NEWTON_SHAPE = {"batch": 16, "features": 32}
+QUICK_NEWTON = {"lengths": (8,), "hidden": (2,), "shape": {"batch": 2, "features": 3}}
 
 
 def default_repeats(T: int) -> int:
@@ -230,6 +246,245 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def newton_compiled(form: str, H: int, xs) -> tuple[dict[str, tuple], dict]:
+    """``({workload: (call, memory MB or None, compile seconds)}, check)`` of the LSTM layer of ``H``
+    units in ``form`` (``"scan"`` or a method); ``check`` runs the forward program once and returns
+    its outputs and, for a method, the solver's report."""
+    cell = recurrent.lstm(H)
+    layer = recurrent.rnn(cell) if form == "scan" else recurrent.rnn(cell, implementation="parallel", method=form)
+    params = layer.init(jax.random.key(0), xs.shape[2:])
+
+    def forward(p, x):
+        if form == "scan":
+            return layer.apply(p, x)[1], None
+        _, ys, trace = layer.apply(p, x, return_trace=True)  # the trace's carries and gates are dropped
+        return ys, trace.solver
+
+    def loss(p, x):
+        return jnp.mean(forward(p, x)[0])
+
+    programs = {"fwd": forward, "fwdbwd": jax.grad(loss, argnums=(0, 1))}
+    out = {}
+    for workload, fn in programs.items():
+        t0 = time.perf_counter()
+        exe = jax.jit(fn).lower(params, xs).compile()
+        compile_s = time.perf_counter() - t0
+        m = exe.memory_analysis()
+        mb = None if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**20
+        out[workload] = (lambda exe=exe: jax.block_until_ready(exe(params, xs)), mb, compile_s)
+    return out, out["fwd"][0]
+
+
+def newton_length(T: int, hidden, methods, shape: dict, *, repeats: int, bound_mb: float) -> list[dict]:
+    """Rows of the Newton sweep at length ``T``: for every hidden size, the scan and each method,
+    forward and forward+backward, timed interleaved (or skipped over ``bound_mb``)."""
+    rows = []
+    for H in hidden:
+        xs = jax.random.normal(jax.random.key(1), (shape["batch"], T, shape["features"]))
+        calls, by_key, reference = {}, {}, None
+        for form in ("scan", *methods):
+            programs, check = newton_compiled(form, H, xs)
+            runs = "skipped" not in programs and all(mb is None or mb <= bound_mb for _, mb, _ in programs.values())
+            solved = check() if runs else None
+            for workload, (call, mb, compile_s) in programs.items():
+                row = {"sweep": "newton", "cell": "lstm", "form": form, "T": T, "hidden": H, "workload": workload}
+                row.update(memory_mb=mb, compile_s=compile_s)
+                if mb is not None and mb > bound_mb:
+                    row["skipped"] = f"memory {mb:.0f} MB > bound {bound_mb:.0f} MB"
+                elif runs:
+                    calls[form, workload] = call
+                by_key[form, workload] = row
+            if solved is None:
+                continue
+            ys, info = solved
+            if form == "scan":
+                reference = ys
+            else:
+                by_key[form, "fwd"].update(
+                    iterations=int(info.iterations),
+                    converged=bool(info.converged),
+                    fell_back=bool(info.fell_back),
+                    max_abs_diff=None if reference is None else float(jnp.max(jnp.abs(ys - reference))),
+                )
+        numbers = {key: calls_per_sample(call) for key, call in calls.items()}
+        for key, ms in interleaved(calls, repeats, numbers).items():
+            by_key[key].update(
+                median_ms=statistics.median(ms), best_ms=min(ms), calls_per_sample=numbers[key], samples_ms=ms
+            )
+        for (form, workload), row in by_key.items():
+            scan = by_key.get(("scan", workload), {})
+            if form != "scan" and "median_ms" in row and "median_ms" in scan:
+                row["scan_over_this"] = scan["median_ms"] / row["median_ms"]
+        rows += list(by_key.values())
+    return rows
+
+
+def newton_crossovers(rows: list[dict]) -> dict[str, dict]:
+    """For every hidden size, method and workload: the smallest ``T`` from which the method's median
+    stays below the scan's at every longer ``T`` where both ran, as :func:`crossovers`."""
+    median = {(r["hidden"], r["form"], r["workload"], r["T"]): r["median_ms"] for r in rows if "median_ms" in r}
+    out = {}
+    for H in sorted({r["hidden"] for r in rows}):
+        for form in dict.fromkeys(r["form"] for r in rows if r["form"] != "scan"):
+            for workload in WORKLOADS:
+                both = sorted(
+                    T
+                    for (h, f, w, T) in median
+                    if (h, f, w) == (H, form, workload) and (H, "scan", workload, T) in median
+                )
+                if not both:
+                    continue
+                start = None
+                for T in reversed(both):
+                    if median[H, form, workload, T] >= median[H, "scan", workload, T]:
+                        break
+                    start = T
+                faster = [T for T in both if median[H, form, workload, T] < median[H, "scan", workload, T]]
+                text = f"T >= {start}" if start is not None else f"none up to {both[-1]}"
+                out[f"lstm{H}/{form}/{workload}"] = {
+                    "from": start,
+                    "measured_up_to": both[-1],
+                    "faster_at": faster,
+                    "text": text,
+                }
+    return out
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def format_newton(result: dict) -> str:
+    rows, forms = result["rows"], ("scan", *result["methods"])
+    by_key = {(r["hidden"], r["form"], r["workload"], r["T"]): r for r in rows}
+    shape = result["shape"]
+    lines = [
+        f"machine: {result['machine']}; LSTM, batch {shape['batch']}, {shape['features']} features; "
+        f"memory bound {result['memory_bound_mb']} MB; load average {result['load_average']}",
+    ]
+    for workload, title in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+        lines += [
+            "",
+            f"{title}, ms: median [iterations]",
+            "",
+            "| T | H | " + " | ".join(forms) + " |",
+            "|--:|--:|" + "--:|" * len(forms),
+        ]
+        for T in result["lengths"]:
+            for H in result["hidden"]:
+                cells = []
+                for form in forms:
+                    r, fwd = by_key.get((H, form, workload, T)), by_key.get((H, form, "fwd", T), {})
+                    if r is None:
+                        cells.append("")
+                    elif "skipped" in r:
+                        cells.append(f"skipped ({r['memory_mb']:.0f} MB)")
+                    elif "median_ms" not in r:
+                        cells.append("not run")
+                    else:
+                        its = (
+                            ""
+                            if "iterations" not in fwd
+                            else f" [{fwd['iterations']}{'*' if fwd['fell_back'] else ''}]"
+                        )
+                        cells.append(f"{_ms(r['median_ms'])}{its}")
+                lines.append(f"| {T} | {H} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "[n*]: fell back to the scan after n iterations",
+        "",
+        "crossover (faster than the scan from T on):",
+        "",
+    ]
+    lines += [f"- {key}: {c['text']}" for key, c in result["crossover"].items()]
+    return "\n".join(lines)
+
+
+def plot_newton(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hidden = result["hidden"]
+    fig, axes = plt.subplots(len(hidden), 2, figsize=(11, 3.2 * len(hidden)), squeeze=False)
+    for i, H in enumerate(hidden):
+        for j, (workload, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward+backward"))):
+            ax = axes[i][j]
+            for form in ("scan", *result["methods"]):
+                points = [
+                    (r["T"], r["median_ms"])
+                    for r in result["rows"]
+                    if (r["hidden"], r["form"], r["workload"]) == (H, form, workload) and "median_ms" in r
+                ]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=form)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel("ms (median)")
+            ax.set_title(f"LSTM {H} units, {title}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    fig.suptitle(f"{result['machine']}; batch {result['shape']['batch']}; medians", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def newton_main(args, parser, argv) -> dict:
+    """The ``--newton`` sweep."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in NEWTON_METHODS for m in methods):
+        parser.error(
+            f"--methods: expected a comma-separated subset of {', '.join(NEWTON_METHODS)}, got {args.methods!r}"
+        )
+    quick = QUICK_NEWTON if args.quick else None
+    if args.lengths is None:
+        lengths = list(quick["lengths"] if quick else NEWTON_LENGTHS)
+    else:
+        lengths = sorted(set(int_list(parser, "--lengths", args.lengths, least=1, example="1024,4096")))
+    if args.hidden is None:
+        hidden = list(quick["hidden"] if quick else NEWTON_HIDDEN)
+    else:
+        hidden = sorted(set(int_list(parser, "--hidden", args.hidden, least=1, example="16,64")))
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
+    shape = quick["shape"] if quick else NEWTON_SHAPE
+    if args.out is None:
+        name = "parallel_time_newton_quick.json" if args.quick else f"{machine_prefix()}_parallel_time_newton.json"
+        args.out = os.path.join("runs/benchmarks" if args.quick else "benchmarks/results", name)
+    result = {
+        "machine": f"{platform.machine()}, {CORES} CPU cores, {jax.devices()[0]}",
+        "backend": jax.default_backend(),
+        "command": "python -m benchmarks.parallel_time " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "versions": {"jax": jax.__version__},
+        "shape": shape,
+        "methods": methods,
+        "lengths": lengths,
+        "hidden": hidden,
+        "memory_bound_mb": args.memory_bound_mb,
+        "repeats": [args.repeats or (2 if args.quick else default_repeats(T)) for T in lengths],
+        "rows": [],
+    }
+    t0 = time.perf_counter()
+    for T, repeats in zip(lengths, result["repeats"]):
+        rows = newton_length(T, hidden, methods, shape, repeats=repeats, bound_mb=args.memory_bound_mb)
+        result["rows"] += rows
+        done = ", ".join(
+            f"H={r['hidden']} {r['form']}/{r['workload']} {r['median_ms']:.1f}" for r in rows if "median_ms" in r
+        )
+        print(f"T={T} ({time.perf_counter() - t0:.0f} s): {done}", flush=True)
+    result["load_average"] = os.getloadavg()[0]
+    result["crossover"] = newton_crossovers(result["rows"])
+    result["total_s"] = time.perf_counter() - t0
+    print("\n" + format_newton(result))
+    write_json(args.out, result)
+    plot_newton(result, os.path.splitext(args.out)[0] + ".png")
+    print(f"\nwrote {args.out} and its .png")
+    return result
+
+
 def machine_prefix() -> str:
     """``cpu_<cores>core`` on a CPU, else the backend and the device kind (``gpu_h200``)."""
     backend = jax.default_backend()
@@ -247,7 +502,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats at every length")
     parser.add_argument("--memory-bound-mb", type=float, default=MEMORY_BOUND_MB)
     parser.add_argument("--out", default=None, help="JSON path (the plot goes beside it, .png)")
+    parser.add_argument("--newton", action="store_true", help="the LSTM solved by Newton's method against its scan")
+    parser.add_argument("--hidden", default=None, help=f"--newton: hidden sizes (default {NEWTON_HIDDEN})")
+    parser.add_argument("--methods", default=",".join(NEWTON_METHODS), help="--newton: methods to time")
     args = parser.parse_args(argv)
+    if args.newton:
+        return newton_main(args, parser, argv)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     if not cells or any(c not in FORMS for c in cells):
         parser.error(f"--cells: expected a comma-separated subset of {', '.join(FORMS)}, got {args.cells!r}")

@@ -53,6 +53,7 @@ from recurrent._lstm import (
 )
 from recurrent._minrnn import MIN_GRU_GATES, MIN_LSTM_GATES, MinGRUParams, MinLSTMParams, min_gru, min_lstm
 from recurrent._mlstm import MLSTM_GATES, MLSTM_PROJECTIONS, MLSTMParams, MLSTMState, mlstm
+from recurrent._newton import SolverInfo
 from recurrent._rnn import Trace, reverse_sequences, rnn, truncated_bptt
 from recurrent._slstm import SLSTM_GATES, SLSTMParams, SLSTMState, slstm
 
@@ -91,6 +92,7 @@ __all__ = [
     "SLSTMState",
     "SLSTM_GATES",
     "SequenceKernel",
+    "SolverInfo",
     "StepNoise",
     "Trace",
     "bidirectional",

@@ -74,6 +74,12 @@ class CellSpec(NamedTuple):
         says why the cell has none under that name (the driver's fallback warning repeats it).
       compute_dtype: the compute dtype the cell was built with, if one was given (a 16-bit
         float makes the driver keep float32 copies of the carry in the loop on CPU).
+      jacobian_diagonal: ``jacobian_diagonal(params, carry, xp, noise) -> diagonal``, the diagonal
+        of the derivative of ``probe``'s new carry with respect to ``carry`` (a tree like the
+        carry: the derivative of each entry by the same entry of the previous carry, noise
+        included), or ``None`` where it does not apply (parameters of another type). The
+        quasi-Newton solvers of ``rnn(..., implementation="parallel")`` use it in place of one
+        forward-mode derivative per carry entry. ``None`` (the default): they compute it so.
     """
 
     recurrent_input: Callable[[Any], Any] | None = None
@@ -81,6 +87,7 @@ class CellSpec(NamedTuple):
     recurrent_kernels: Callable[[Params], Any] | None = None
     kernels: Mapping[str, SequenceKernel | str] = types.MappingProxyType({})
     compute_dtype: Any = None
+    jacobian_diagonal: Callable[..., Any] | None = None
 
 
 def _field(tree: Any, name: str | None) -> Any:
@@ -95,6 +102,7 @@ def cell_spec(
     recurrent_kernels: Sequence[str] | None = None,
     kernels: Mapping[str, SequenceKernel | str] | None = None,
     compute_dtype: Any = None,
+    jacobian_diagonal: Callable[..., Any] | None = None,
 ) -> CellSpec:
     """A :class:`CellSpec` from field names, for a cell whose carry and parameters are
     named tuples (or a single array).
@@ -107,6 +115,8 @@ def cell_spec(
       recurrent_kernels: parameter fields that DropConnect drops (``("recurrent_kernel",)``).
       kernels: exact whole-layer implementations by name.
       compute_dtype: the compute dtype option of the cell.
+      jacobian_diagonal: the diagonal of the step's derivative by the carry (see
+        :class:`CellSpec`), or ``None``.
 
     >>> from recurrent import LSTMState, cell_spec
     >>> spec = cell_spec(recurrent_input="h", cell_state=("c",), recurrent_kernels=("recurrent_kernel",))
@@ -131,6 +141,7 @@ def cell_spec(
         recurrent_kernels=None if recurrent_kernels is None else kernel_flags,
         kernels=Options(kernels or {}),
         compute_dtype=compute_dtype,
+        jacobian_diagonal=jacobian_diagonal,
     )
 
 

@@ -202,6 +202,9 @@ def _gru_family(
             recurrent_kernels=("recurrent_kernel",),
             kernels=kernels,
             compute_dtype=dtype,
+            jacobian_diagonal=_kernels.gru_jacobian_diagonal(record, params_type)
+            if transform.sequence_kernels
+            else None,
         ),
     )
 

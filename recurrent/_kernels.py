@@ -14,12 +14,13 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from recurrent import _core
 from recurrent._core import SequenceKernel
 
-IMPLEMENTATIONS = ("scan", "cudnn", "vjp")
+IMPLEMENTATIONS = ("scan", "cudnn", "vjp", "parallel")
 
 #: Which of the library's cells declare each kernel (for the messages of cells that do not).
 COVERED = {
@@ -174,3 +175,106 @@ def within(kernels: Mapping[str, SequenceKernel | str], part: Any) -> dict[str, 
             kernel.remat,
         )
     return out
+
+
+# --------------------------------------------------------------------------------------
+# The diagonal of a step's derivative by its carry (CellSpec.jacobian_diagonal), for the
+# quasi-Newton solvers of rnn(..., implementation="parallel"): through the written-out derivatives
+# of the elementwise halves, with each gate's recurrent input reduced to the unit's own weight.
+
+
+def _self_weights(kernel: jax.Array, blocks: int) -> jax.Array:
+    """``(G, H)``: each unit's recurrent weight onto its own entry of every gate block of a
+    ``(H, G*H)`` recurrent kernel."""
+    H = kernel.shape[0]
+    return jnp.diagonal(kernel.reshape(H, blocks, H), axis1=0, axis2=2)
+
+
+def _zoned(noise: Any, field: str | None, own: jax.Array) -> jax.Array:
+    """Zoneout's mix ``d * old + (1 - d) * new`` differentiated by ``old``'s own entry."""
+    if noise is None or noise.zoneout is None:
+        return own
+    d = noise.zoneout if field is None else getattr(noise.zoneout, field)
+    return (d + (1 - d) * own).astype(own.dtype)
+
+
+def _recurrent_mask(noise: Any, h: jax.Array) -> jax.Array:
+    return jnp.ones_like(h) if noise is None or noise.recurrent is None else noise.recurrent.astype(h.dtype)
+
+
+def lstm_jacobian_diagonal(options: Mapping[str, Any], params_type: type):
+    """The diagonal of an LSTM step's derivative by ``(h, c)`` for the plain, peephole and CIFG
+    LSTMs with tanh activations (no projection, layer norm, clipping or gate recurrence: each unit's
+    ``h`` and ``c`` feed back only through the recurrent kernel and the peepholes); ``None`` for
+    other options (the solver then differentiates the step itself)."""
+    tanh = options["input_activation"] is jnp.tanh and options["output_activation"] is jnp.tanh
+    if _odd(options, {k: v for k, v in _PLAIN_LSTM.items() if k not in _VJP_EXTRA}) or not tanh:
+        return None
+    coupled, peephole, dtype = options["coupled"], options["peephole"], options["dtype"]
+
+    def diagonal(params, carry, xp, noise=None):
+        from recurrent._lstm import CIFG_GATES, LSTM_GATES, dtypes, lstm_pointwise
+
+        if not isinstance(params, params_type) or not hasattr(carry, "c"):
+            return None
+        gates = CIFG_GATES if coupled else LSTM_GATES
+        cdt, sdt = dtypes(dtype, params)
+        mask = _recurrent_mask(noise, carry.h)
+        rec = _core.matmul((carry.h * mask).astype(cdt), params.recurrent_kernel.astype(cdt), sdt)
+        z = dict(zip(gates, jnp.split(xp.astype(sdt) + rec, len(gates), axis=-1)))
+        w = dict(zip(gates, _self_weights(params.recurrent_kernel.astype(sdt), len(gates))))
+        c = carry.c
+        peep = {g: getattr(params, f"peephole_{g}") for g in ("input", "forget", "output")} if peephole else {}
+        peep = {g: None if p is None else p.astype(sdt) for g, p in peep.items()}
+
+        def with_peephole(g):
+            return z[g] if peep.get(g) is None else z[g] + peep[g] * c
+
+        zi = None if coupled else with_peephole("input")
+        primals = (with_peephole("forget"), zi, z["cell"], z["output"], c, peep.get("output"))
+
+        def pointwise(zf, zi, zg, zo, c_prev):
+            return lstm_pointwise(coupled, zf, zi, zg, zo, c_prev, primals[5])
+
+        m = mask.astype(sdt)
+        zero = jnp.zeros_like(c)
+        by_h = (w["forget"] * m, None if coupled else w["input"] * m, w["cell"] * m, w["output"] * m, zero)
+        ones = jnp.ones_like(c)
+
+        def peep_or_zero(g):
+            return zero if peep.get(g) is None else peep[g] * ones
+
+        by_c = (peep_or_zero("forget"), None if coupled else peep_or_zero("input"), zero, zero, ones)
+        _, (dh, _) = jax.jvp(pointwise, primals[:5], by_h)
+        _, (_, dc) = jax.jvp(pointwise, primals[:5], by_c)
+        return type(carry)(_zoned(noise, "h", dh.astype(sdt)), _zoned(noise, "c", dc.astype(sdt)))
+
+    return diagonal
+
+
+def gru_jacobian_diagonal(options: Mapping[str, Any], params_type: type):
+    """The diagonal of a GRU step's derivative by ``h`` with ``reset_after=True`` and no layer norm;
+    ``None`` for other options."""
+    if _odd(options, {"reset_after": True, "layer_norm": False}):
+        return None
+    dtype = options["dtype"]
+
+    def diagonal(params, h_prev, xp, noise=None):
+        from recurrent._gru import gru_pointwise
+        from recurrent._lstm import dtypes
+
+        if not isinstance(params, params_type) or not hasattr(h_prev, "shape"):
+            return None
+        cdt, sdt = dtypes(dtype, params)
+        mask = _recurrent_mask(noise, h_prev)
+        rec = _core.matmul((h_prev * mask).astype(cdt), params.recurrent_kernel.astype(cdt), sdt)
+        x_r, x_z, x_n = jnp.split(xp.astype(sdt), 3, axis=-1)
+        h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
+        w_r, w_z, w_n = _self_weights(params.recurrent_kernel.astype(sdt), 3)
+        m = mask.astype(sdt)
+        primals = (x_r + h_r, x_z + h_z, x_n, h_n + params.recurrent_bias.astype(sdt), h_prev.astype(sdt))
+        tangents = (w_r * m, w_z * m, jnp.zeros_like(x_n), w_n * m, jnp.ones_like(x_n))
+        _, dh = jax.jvp(gru_pointwise, primals, tangents)
+        return _zoned(noise, None, dh.astype(h_prev.dtype))
+
+    return diagonal

@@ -729,6 +729,7 @@ def _lstm_family(
         recurrent_kernels=("recurrent_kernel",),
         kernels=kernels,
         compute_dtype=dtype,
+        jacobian_diagonal=_kernels.lstm_jacobian_diagonal(options, params_type) if transform.sequence_kernels else None,
     )
     return _core.make_cell(
         init=functools.partial(_lstm_init, s),

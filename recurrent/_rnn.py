@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from recurrent import _core, _kernels, _regularisers, _scan
+from recurrent import _core, _kernels, _newton, _regularisers, _scan
 from recurrent._core import Cell, Layer, Loop, ScanLoop
 from recurrent._regularisers import Rates, check_rate
 from recurrent._sequence import (  # noqa: F401 - re-exported: the combinators and users import them from here
@@ -36,10 +37,14 @@ class Trace(NamedTuple):
       carries: the carry after each step, each leaf with a time axis where ``ys`` has it.
       gates: a dict from gate name to activations with the same layout (a tuple of dicts
         for a stacked cell). Padded steps hold the carry and have zero gates.
+      solver: for ``rnn(..., implementation="parallel")`` solved by Newton's method, a
+        :class:`~recurrent.SolverInfo` (iterations, converged, whether the sequential scan
+        computed the result); ``None`` otherwise.
     """
 
     carries: Any
     gates: Any
+    solver: Any = None
 
 
 #: Where ``rnn`` applies the cell's input projection (see :func:`rnn`).
@@ -78,6 +83,10 @@ def rnn(
     zoneout: float | jax.Array = 0.0,
     zoneout_cell: float | jax.Array | None = None,
     implementation: str = "scan",
+    method: str | None = None,
+    tol: float | None = None,
+    max_iters: int | None = None,
+    damping: float | None = None,
 ) -> Layer:
     r"""Runs ``cell`` over a sequence with ``lax.scan``: the library's sequence driver.
 
@@ -90,7 +99,7 @@ def rnn(
     cell's parameters.
 
     ``layer.apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None,
-    resets=None, return_trace=False) -> (carry, ys)``:
+    resets=None, return_trace=False, guess=None) -> (carry, ys)``:
 
     - ``xs``: ``(*batch, T, *features)``, any number of batch axes (also none), or
       ``(T, *batch, *features)`` with ``time_major=True``. ``ys`` has the same layout.
@@ -110,6 +119,9 @@ def rnn(
       so each packed segment is processed on its own in both directions.
     - ``return_trace``: also return a :class:`Trace` of every step's carry and gates:
       ``(carry, ys, trace)``.
+    - ``guess``: with ``implementation="parallel"`` solved by Newton's method, a starting
+      trajectory for the solver laid out as ``trace.carries`` (a warm start, e.g. the trajectory of
+      the previous training step); by default the starting carry at every step.
 
     With ``reverse=True`` each sequence's valid prefix is processed from its last valid step
     to its first; outputs stay aligned with input positions and padding stays zero.
@@ -140,9 +152,18 @@ def rnn(
         the loop on every backend, so no ``(T, B, G*H)`` buffer is kept either.
       input_dropout, variational, recurrent_dropout, dropconnect, zoneout, zoneout_cell:
         the regularisers above.
-      implementation: ``"scan"`` (the default; every cell, every backend), or the name of an
-        exact whole-layer kernel that the cell declares in its :class:`~recurrent.CellSpec`.
-        The library's cells declare two. ``"cudnn"``:
+      implementation: ``"scan"`` (the default; every cell, every backend); ``"parallel"``: the
+        layer evaluated in parallel over time, with ``O(log T)`` depth: the cell's own exact
+        parallel form where it declares one (minGRU, minLSTM, mLSTM: ``method`` and the
+        solver options are then refused), else Newton's method on the whole trajectory for any
+        cell whose step is differentiable (:mod:`recurrent._newton`; ``method``), with the same
+        results to ``tol`` and gradients by implicit differentiation; where it does not
+        converge within ``max_iters`` the scan computes the result inside the same program, and
+        ``Trace.solver`` (a :class:`~recurrent.SolverInfo`) says so. It pays on parallel
+        hardware for long sequences of small or medium carries with contracting dynamics; on a
+        CPU the scan is faster (see docs/parallel.md). Not differentiable in forward mode. Or
+        the name of an exact whole-layer kernel that the cell declares in its
+        :class:`~recurrent.CellSpec`. The library's cells declare two. ``"cudnn"``:
         run a plain float32 :func:`~recurrent.lstm` layer as one cuDNN call through
         ``jax.experimental.rnn`` on an NVIDIA GPU, with the same parameters and results.
         Where that does not apply (another backend or cell, regularisers in training,
@@ -153,6 +174,17 @@ def rnn(
         hand-written backward pass whose weight gradients are computed outside the loop, as
         large matmuls over all steps (any backend and compute dtype; not differentiable in
         forward mode, ``jax.jvp``); same fallbacks but the GPU one.
+      method: the solver of ``implementation="parallel"`` for a cell without its own parallel
+        form: ``"deer"`` (Newton's method with full Jacobians, Lim et al. 2024: few iterations,
+        ``O(T D^3)`` work for a carry of ``D`` entries), ``"quasi"`` (the default: quasi-DEER,
+        their diagonal, ``O(T D)`` per iteration, more iterations) or ``"elk"`` (quasi-DEER with
+        a Levenberg-Marquardt trust region, computed as Kalman smoothing: Gonzalez et al. 2024;
+        stable where quasi-DEER is not).
+      tol: the solver stops at an iterate whose every residual ``|f_t(s_{t-1}) - s_t|`` and every
+        entry of the update it would take are at most ``tol * (1 + |f_t(s_{t-1})|)``; by default
+        1e-6 for float32 carries, 1e-12 for float64.
+      max_iters: the most Newton iterations before the scan computes the result (default 100).
+      damping: ``"elk"``'s initial damping ``lambda`` (default 1.0), then adapted per sequence.
 
     Returns:
       A :class:`Layer`.
@@ -193,10 +225,14 @@ def rnn(
             f"{where}: unknown `implementation`.",
             expected=" or ".join(repr(p) for p in known) + " (a name the cell declares a kernel under)",
             got=repr(implementation),
-            fix='pass implementation="scan" (portable, the default), "cudnn" (plain LSTM on an NVIDIA GPU), "vjp"'
+            fix='pass implementation="scan" (portable, the default), "parallel" (parallel over time), "cudnn" '
+            '(plain LSTM on an NVIDIA GPU), "vjp"'
             + "".join(f' or "{k}"' for k in known[len(_kernels.IMPLEMENTATIONS) :])
             + " (a kernel of this cell); a stack of cells declares none: stack rnn layers instead.",
         )
+    own = cell.spec.kernels.get(implementation)
+    newton = implementation == "parallel" and not isinstance(own, _core.SequenceKernel)
+    solver = _solver_settings(implementation, newton, method, tol, max_iters, damping, where=where)
     rates = Rates(
         *(
             check_rate(n, r, where=where)
@@ -221,6 +257,10 @@ def rnn(
         zoneout=zoneout,
         zoneout_cell=zoneout_cell,
         implementation=implementation,
+        method=method,
+        tol=tol,
+        max_iters=max_iters,
+        damping=damping,
     )
     where = f"{where}.apply"
     settings = _Settings(cell, reverse, unroll, resolve_projection(projection, remat=remat) == "hoisted", remat,
@@ -230,9 +270,27 @@ def rnn(
         seq = read_sequence(xs, cell.input_rank, lengths=lengths, resets=resets, time_major=time_major, where=where)
         return _loop(settings, params, xs, seq, carry, key, return_trace)
 
-    kernel = None if implementation == "scan" else _kernels.declared(cell.spec, cell.name, implementation)
+    kernel = None if implementation == "scan" or newton else _kernels.declared(cell.spec, cell.name, implementation)
+    diagonal = None
+    if newton and solver.method != "deer":  # the cell whose forward-mode derivative is the diagonal
+        diagonal = cell._replace(probe=_newton.diagonal_probe(cell.probe, cell.spec.jacobian_diagonal))
 
-    def apply(params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False):
+    def apply(
+        params, xs, *, lengths=None, carry=None, time_major=False, key=None, resets=None, return_trace=False,
+        guess=None,
+    ):  # fmt: skip
+        if guess is not None and not newton:
+            raise _core.error(
+                f"{where}: `guess` is a starting trajectory for Newton's method.",
+                expected='guess=None, or a layer built with implementation="parallel" (a cell without its own '
+                "parallel form)",
+                got=f"implementation={implementation!r}",
+                fix='drop `guess`, or build the layer with rnn(cell, implementation="parallel").',
+            )
+        if newton:
+            seq = read_sequence(xs, cell.input_rank, lengths=lengths, resets=resets, time_major=time_major,
+                                where=where)  # fmt: skip
+            return _parallel(settings, solver, diagonal, params, xs, seq, carry, key, return_trace, guess)
         if kernel is not None:
             out = _kernel_apply(settings, implementation, kernel, params, xs, lengths, carry, time_major, key, resets,
                                 return_trace)  # fmt: skip
@@ -270,6 +328,64 @@ class _Settings(NamedTuple):
     variational: bool
     rates: Rates
     where: str
+
+
+def _solver_settings(implementation, newton, method, tol, max_iters, damping, *, where) -> _newton.Settings | None:
+    """The options of Newton's method, checked: refused unless ``newton`` (a cell without its own
+    parallel form under ``implementation="parallel"``)."""
+    given = {k: v for k, v in (("method", method), ("tol", tol), ("max_iters", max_iters), ("damping", damping))
+             if v is not None}  # fmt: skip
+    if not newton:
+        if not given:
+            return None
+        names = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        if implementation == "parallel":
+            raise _core.error(
+                f"{where}: this cell declares its own exact parallel form; {names} are options of Newton's method.",
+                expected="no solver options: the cell's parallel form is exact and runs in one pass",
+                got=names,
+                fix="drop them; Newton's method (method=...) serves cells without a parallel form of their own.",
+            )
+        raise _core.error(
+            f'{where}: {names} are options of implementation="parallel".',
+            expected='implementation="parallel" with solver options, or no solver options',
+            got=f"implementation={implementation!r} with {names}",
+            fix='pass implementation="parallel", or drop the solver options.',
+        )
+    method = _newton.DEFAULT_METHOD if method is None else method
+    if method not in _newton.METHODS:
+        raise _core.error(
+            f"{where}: unknown `method`.",
+            expected=" or ".join(repr(m) for m in _newton.METHODS),
+            got=repr(method),
+            fix='pass method="quasi" (the default), "deer" (full Jacobians) or "elk" (damped).',
+        )
+    for name, value in (("tol", tol), ("damping", damping)):
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+        if not ok or not (0 < float(value) < float("inf")):
+            raise _core.error(
+                f"{where}: `{name}` must be a positive number.",
+                expected=f"a finite float > 0, e.g. {name}={1e-6 if name == 'tol' else 1.0}",
+                got=repr(value),
+                fix=f"pass {name} as a positive Python float (or leave it out for the default).",
+            )
+    if damping is not None and method != "elk":
+        raise _core.error(
+            f'{where}: `damping` is the trust region of method="elk".',
+            expected='damping=None, or method="elk"',
+            got=f"method={method!r}, damping={damping!r}",
+            fix='pass method="elk", or drop `damping`.',
+        )
+    max_iters = _newton.DEFAULT_MAX_ITERS if max_iters is None else max_iters
+    max_iters = _core.check_positive_int("max_iters", max_iters, where=where)
+    return _newton.Settings(
+        method,
+        None if tol is None else float(tol),
+        max_iters,
+        _newton.DEFAULT_DAMPING if damping is None else float(damping),
+    )
 
 
 def _check_inputs(cell: Cell, params: Any, xs: jax.Array) -> None:
@@ -349,6 +465,51 @@ def _loop(s: _Settings, params: Any, xs: jax.Array, seq, carry: Any, key, return
         return carry, ys, Trace(carries, gates)
 
     return Loop(carry_in(carry), body, (jnp.arange(seq.T), xp_TB), finish)
+
+
+def _parallel(s: _Settings, solver, diagonal, params, xs, seq, carry, key, return_trace, guess):
+    """``apply`` by Newton's method over the driver's own loop body (:mod:`recurrent._newton`);
+    ``diagonal``: the cell whose forward-mode derivative is the diagonal (quasi, elk)."""
+    loop = _loop(s, params, xs, seq, carry, key, return_trace)
+    diag_loop = (
+        None if diagonal is None else _loop(s._replace(cell=diagonal), params, xs, seq, carry, key, return_trace)
+    )
+    guess = None if guess is None else _guess(s, guess, seq, loop.carry)
+    carry, out, info = _newton.solve(loop, diag_loop, solver, reverse=s.reverse, guess=guess, where=s.where)
+    result = loop.finish(carry, out)
+    if return_trace:
+        carry, ys, trace = result
+        return carry, ys, trace._replace(solver=info)
+    return result
+
+
+def _guess(s: _Settings, guess, seq, like) -> Any:
+    """A user's starting trajectory (laid out as ``Trace.carries``) as ``(T, B, ...)`` leaves of the
+    loop carry's dtypes."""
+    fix = "pass the `carries` of a Trace that this layer returned for inputs of the same shape."
+    if jax.tree.structure(guess) != jax.tree.structure(like):
+        raise _core.error(
+            f"{s.where}: `guess` has the wrong structure.",
+            expected=f"{jax.tree.structure(like)}, the carry's, each leaf with a time axis",
+            got=str(jax.tree.structure(guess)),
+            fix=fix,
+        )
+    out = []
+    for path_leaf, ref in zip(jax.tree_util.tree_flatten_with_path(guess)[0], jax.tree.leaves(like)):
+        path, leaf = path_leaf
+        state = tuple(ref.shape[1:])
+        expected = (seq.T, *seq.batch, *state) if seq.time_major else (*seq.batch, seq.T, *state)
+        if tuple(np.shape(leaf)) != expected:
+            raise _core.error(
+                f"{s.where}: guess{jax.tree_util.keystr(path)} has the wrong shape.",
+                expected=f"{expected} (the layout of ys, with the carry's state shape)",
+                got=str(tuple(np.shape(leaf))),
+                fix=fix,
+            )
+        leaf = jnp.asarray(leaf)
+        leaf = leaf if seq.time_major else jnp.moveaxis(leaf, len(seq.batch), 0)
+        out.append(leaf.reshape((seq.T, seq.B, *state)).astype(ref.dtype))
+    return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
 def _kernel_apply(s: _Settings, implementation, kernel, params, xs, lengths, carry, time_major, key, resets, trace):

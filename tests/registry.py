@@ -516,6 +516,9 @@ def _entries() -> list[Entry]:
             Rnn(StackCells([C(L, 3), C(G, 3)]), remat=True, projection="hoisted"),
             (2,),
         ),
+        # ---- Newton's method over the driver's loop body, in parallel over time
+        Entry("rnn_lstm_parallel_deer", Rnn(C(L, 4), implementation="parallel", method="deer"), (3,)),
+        Entry("rnn_gru_parallel_elk", Rnn(C(G, 4, bias_init=_bias), implementation="parallel", method="elk"), (3,)),
     ]
 
 

@@ -33,6 +33,7 @@ LAYOUT_IDS = """
     stacked_lstm_gru stacked_conv_lstm_2d stacked_mlstm_lstm rnn_reverse_gru rnn_reverse_stacked
     bidirectional_concat bidirectional_of_layers bidirectional_mlstm stacked_layers_residual reversed_stacked
     rnn_lstm_hoisted rnn_lstm_vjp rnn_gru_vjp_hoisted bidirectional_lstm_vjp rnn_stacked_remat_hoisted
+    rnn_lstm_parallel_deer
 """.split()
 LAYOUT = [by_id(i) for i in LAYOUT_IDS]  # a renamed entry fails here rather than dropping out
 layouts = pytest.mark.parametrize("entry", LAYOUT, ids=lambda e: e.id)

@@ -346,3 +346,32 @@ def test_parallel_time_skips_a_program_above_the_memory_bound(monkeypatch):
         assert "median_ms" not in by_key["parallel", w] and "scan_over_this" not in by_key["parallel", w]
         assert len(by_key["scan", w]["samples_ms"]) == 2
     assert {f for f, _, _ in called} == {"scan"}
+
+
+def test_parallel_time_newton_quick_run_reports_iterations_memory_and_agreement(tmp_path, capsys):
+    from benchmarks import parallel_time
+
+    path = tmp_path / "newton.json"
+    result = parallel_time.main(
+        ["--newton", "--quick", "--methods", "deer,quasi", "--repeats", "2", "--out", str(path)]
+    )
+    saved = json.loads(path.read_text())
+    assert (tmp_path / "newton.png").stat().st_size > 0
+    assert saved["methods"] == ["deer", "quasi"] and saved["shape"] == parallel_time.QUICK_NEWTON["shape"]
+    rows = {(r["form"], r["workload"]): r for r in saved["rows"]}
+    assert set(rows) == {(f, w) for f in ("scan", "deer", "quasi") for w in ("fwd", "fwdbwd")}
+    for (form, workload), r in rows.items():
+        assert "skipped" not in r and r["memory_mb"] > 0 and r["compile_s"] > 0
+        assert r["median_ms"] == pytest.approx(statistics.median(r["samples_ms"]), rel=1e-9)
+        if form != "scan":
+            scan = rows["scan", workload]
+            assert r["scan_over_this"] == pytest.approx(scan["median_ms"] / r["median_ms"], rel=1e-9)
+    for method in ("deer", "quasi"):  # the solver's report, and its answer against the scan's
+        fwd = rows[method, "fwd"]
+        assert fwd["converged"] and not fwd["fell_back"] and 1 <= fwd["iterations"] <= max(saved["lengths"])
+        assert fwd["max_abs_diff"] < 1e-5
+    assert set(saved["crossover"]) == {f"lstm2/{m}/{w}" for m in ("deer", "quasi") for w in ("fwd", "fwdbwd")}
+    assert result["crossover"] == saved["crossover"]
+    assert "forward+backward" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parallel_time.main(["--newton", "--methods", "deer,newton"])

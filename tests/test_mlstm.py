@@ -481,7 +481,7 @@ def test_bad_inputs_and_regularisers_are_refused():
     with clear_error("unknown `implementation`", "'chunkwise'"):
         recurrent.rnn(cell, implementation="chunked")
     with clear_error("unknown `implementation`"):
-        recurrent.rnn(recurrent.lstm(4), implementation="parallel")  # the LSTM declares no such form
+        recurrent.rnn(recurrent.lstm(4), implementation="chunkwise")  # the LSTM declares no such form
 
 
 def test_input_dropout_runs_on_the_scan_and_the_forms_fall_back_with_a_reason():
