@@ -20,12 +20,13 @@ import jax.numpy as jnp
 from recurrent import _core
 from recurrent._core import SequenceKernel
 
-IMPLEMENTATIONS = ("scan", "cudnn", "vjp", "parallel")
+IMPLEMENTATIONS = ("scan", "cudnn", "vjp", "parallel", "native")
 
 #: Which of the library's cells declare each kernel (for the messages of cells that do not).
 COVERED = {
     "vjp": "the LSTM (plain, peephole, CIFG) and the GRU only",
     "cudnn": "the plain LSTM only",
+    "native": "the plain float32 LSTM on CPU only (the optional oneDNN kernel, recurrent.native)",
 }
 
 
@@ -106,8 +107,12 @@ def lstm_kernels(options: Mapping[str, Any], params_type: type) -> dict[str, Seq
         kernels["vjp"] = SequenceKernel(vjp, _vjp_reason(params_type), remat=False)
     if cudnn_odd:
         kernels["cudnn"] = f"{what('cudnn')} the plain float32 LSTM only; this cell has {cudnn_odd}"
+        kernels["native"] = f"{what('native')} the plain float32 LSTM only; this cell has {cudnn_odd}"
     else:
+        from recurrent import native  # Python only: the compiled library loads at the first call
+
         kernels["cudnn"] = cudnn_kernel(params_type)
+        kernels["native"] = native.kernel()
     return kernels
 
 

@@ -4,7 +4,7 @@
 - :mod:`recurrent._regularisers`: dropout, DropConnect and zoneout through the cell's spec;
 - :mod:`recurrent._scan`: the loop body's wrappers and :func:`~recurrent._scan.run_scan`, the one
   place that calls ``lax.scan`` on time steps;
-- :mod:`recurrent._kernels`: the exact whole-layer kernels cells declare (``"vjp"``, ``"cudnn"``).
+- :mod:`recurrent._kernels`: the exact whole-layer kernels cells declare (``"vjp"``, ``"cudnn"``, ``"native"``).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def rnn(
         hardware for long sequences of small or medium carries with contracting dynamics; on a
         CPU the scan is faster (see docs/parallel.md). Not differentiable in forward mode. Or
         the name of an exact whole-layer kernel that the cell declares in its
-        :class:`~recurrent.CellSpec`. The library's cells declare two. ``"cudnn"``:
+        :class:`~recurrent.CellSpec`. The library's cells declare three. ``"cudnn"``:
         run a plain float32 :func:`~recurrent.lstm` layer as one cuDNN call through
         ``jax.experimental.rnn`` on an NVIDIA GPU, with the same parameters and results.
         Where that does not apply (another backend or cell, regularisers in training,
@@ -173,7 +173,11 @@ def rnn(
         default GRU (``reset_after=True``, no layer norm) with a
         hand-written backward pass whose weight gradients are computed outside the loop, as
         large matmuls over all steps (any backend and compute dtype; not differentiable in
-        forward mode, ``jax.jvp``); same fallbacks but the GPU one.
+        forward mode, ``jax.jvp``); same fallbacks but the GPU one. ``"native"``: the plain
+        float32 LSTM on a CPU as one call of oneDNN's LSTM primitive (forward and backward),
+        through an XLA FFI custom call (:mod:`recurrent.native`); optional: it runs once built
+        with ``python -m recurrent.native.build`` and falls back to the scan, saying so, where
+        it is not built.
       method: the solver of ``implementation="parallel"`` for a cell without its own parallel
         form: ``"deer"`` (Newton's method with full Jacobians, Lim et al. 2024: few iterations,
         ``O(T D^3)`` work for a carry of ``D`` entries), ``"quasi"`` (the default: quasi-DEER,
@@ -226,7 +230,7 @@ def rnn(
             expected=" or ".join(repr(p) for p in known) + " (a name the cell declares a kernel under)",
             got=repr(implementation),
             fix='pass implementation="scan" (portable, the default), "parallel" (parallel over time), "cudnn" '
-            '(plain LSTM on an NVIDIA GPU), "vjp"'
+            '(plain LSTM on an NVIDIA GPU), "native" (plain LSTM on a CPU, oneDNN, when built), "vjp"'
             + "".join(f' or "{k}"' for k in known[len(_kernels.IMPLEMENTATIONS) :])
             + " (a kernel of this cell); a stack of cells declares none: stack rnn layers instead.",
         )

@@ -1,0 +1,142 @@
+"""The optional native LSTM kernel (oneDNN through an XLA FFI custom call) against PyTorch's
+``nn.LSTM`` and our ``lax.scan`` and ``implementation="vjp"`` layers, interleaved in one process.
+
+Run ``python -m benchmarks.native [--quick] [--repeats=N] [--threads=N] [--out=DIR]`` after
+building the kernel (``python -m recurrent.native.build``). Figures per contender: ``fwd_ms``
+(``xs -> ys``; PyTorch under ``no_grad``) and ``fwdbwd_ms`` (the gradient of ``mean(ys)`` with
+respect to the parameters and ``xs``), medians over interleaved repeats, and each one's ratio to
+PyTorch's median and the median of its per-repeat ratios (paired: both saw the same load). Before
+timing, the native layer's outputs and gradients are compared with the scan's. ``--quick`` shrinks
+the shape (a smoke test). On a machine that other jobs load, ``--threads=1`` (one thread for
+PyTorch, XLA and oneDNN) is the comparison to trust: threads that wait for each other at every
+step (OpenMP, TBB) lose whole time slices to the other jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+import recurrent
+from benchmarks import suite
+from benchmarks._common import calls_per_sample, interleaved, write_json
+
+SHAPE = dict(batch=32, steps=128, features=128, hidden=256)
+QUICK = dict(batch=2, steps=5, features=3, hidden=4)
+
+
+def _ours(layer_fn, H, params, xs):
+    def forward(p, x):
+        return layer_fn(p, x)[1]
+
+    fwd, bwd, _, _ = suite._jax_contender(forward, params, xs)
+    return fwd, bwd
+
+
+def contenders(B, T, F, H, xs, threads):
+    from recurrent import native
+
+    cell = recurrent.lstm(H)
+    params = cell.init(jax.random.key(0), (F,))
+    scan = recurrent.rnn(cell)
+    vjp = recurrent.rnn(cell, implementation="vjp")
+
+    def native_apply(p, x):
+        carry = cell.initial_carry(p, x[:, 0].shape)
+        return native.apply(p, x, None, carry)
+
+    out = {
+        "torch": suite.torch_rnn("lstm", B, T, F, H, 1, xs, threads=threads)[:2],
+        "ours_scan": _ours(scan.apply, H, params, xs),
+        "ours_vjp": _ours(vjp.apply, H, params, xs),
+        "native": _ours(native_apply, H, params, xs),
+    }
+    return out, (scan, native_apply, params)
+
+
+def agreement(scan, native_apply, params, xs) -> dict[str, float]:
+    """Largest absolute differences of the native layer's outputs and gradients from the scan's."""
+
+    def loss(apply):
+        return lambda p, x: jnp.mean(apply(p, x)[1])
+
+    ys_s, ys_n = jax.jit(scan.apply)(params, xs)[1], jax.jit(native_apply)(params, xs)[1]
+    g_s = jax.jit(jax.grad(loss(scan.apply), argnums=(0, 1)))(params, xs)
+    g_n = jax.jit(jax.grad(loss(native_apply), argnums=(0, 1)))(params, xs)
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g_s, g_n)
+    return {"ys": float(jnp.max(jnp.abs(ys_s - ys_n))), "grad": max(jax.tree.leaves(diffs))}
+
+
+def single_thread(threads: int) -> None:
+    """With one thread, XLA's CPU runtime and oneDNN's SYCL CPU device get one too (before JAX
+    starts its backend): a comparison that a loaded machine disturbs less."""
+    if threads == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        os.environ.setdefault("SYCL_CPU_NUM_CUS", "1")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch's threads; 1 makes XLA and oneDNN use one")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    single_thread(args.threads)
+    from recurrent import native
+
+    why = native.reason()
+    if why is not None:
+        parser.error(why)
+    s = QUICK if args.quick else SHAPE
+    B, T, F, H = s["batch"], s["steps"], s["features"], s["hidden"]
+    xs = jax.random.normal(jax.random.key(1), (B, T, F))
+    built, (scan, native_apply, params) = contenders(B, T, F, H, xs, args.threads)
+    diff = agreement(scan, native_apply, params, xs)
+    calls = {}
+    for name, (fwd, bwd) in built.items():
+        calls[name, "fwd"], calls[name, "fwdbwd"] = fwd, bwd
+    for fn in calls.values():  # warm up (and first-call JIT of oneDNN's kernels)
+        fn()
+    number = {key: calls_per_sample(fn) for key, fn in calls.items()}
+    samples = interleaved(calls, 3 if args.quick else args.repeats, number)
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    rows = {}
+    for name in built:
+        rows[name] = {}
+        for w in ("fwd", "fwdbwd"):
+            paired = [a / b for a, b in zip(samples[name, w], samples["torch", w])]
+            rows[name][f"{w}_ms"] = round(med[name, w], 3)
+            rows[name][f"{w}_over_torch"] = round(med[name, w] / med["torch", w], 3)
+            rows[name][f"{w}_over_torch_paired"] = round(statistics.median(paired), 3)
+    print(f"shape B={B} T={T} F={F} H={H}, torch threads={args.threads}, cores={suite.CORES}")
+    print(f"native vs scan: max |dys| = {diff['ys']:.2e}, max |dgrad| = {diff['grad']:.2e}")
+    print("ratios: of the medians, and (paired) the median over repeats of each repeat's ratio")
+    print(f"{'contender':<12}{'fwd_ms':>9}{'/torch':>8}{'paired':>8}{'fwdbwd_ms':>11}{'/torch':>8}{'paired':>8}")
+    for name, r in rows.items():
+        print(
+            f"{name:<12}{r['fwd_ms']:>9.2f}{r['fwd_over_torch']:>8.2f}{r['fwd_over_torch_paired']:>8.2f}"
+            f"{r['fwdbwd_ms']:>11.2f}{r['fwdbwd_over_torch']:>8.2f}{r['fwdbwd_over_torch_paired']:>8.2f}"
+        )
+    result = {
+        "shape": dict(batch=B, steps=T, features=F, hidden=H),
+        "threads": args.threads,
+        "repeats": len(next(iter(samples.values()))),
+        "machine": platform.processor() or platform.machine(),
+        "agreement": diff,
+        "rows": rows,
+        "samples_ms": {f"{c}/{w}": v for (c, w), v in samples.items()},
+    }
+    if args.out:
+        write_json(os.path.join(args.out, "native.json"), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

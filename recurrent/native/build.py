@@ -1,0 +1,75 @@
+"""Builds the optional native LSTM kernel (oneDNN through an XLA FFI custom call).
+
+Run ``python -m recurrent.native.build`` after ``pip install onednn-devel``: it compiles
+``lstm_onednn.cc`` with the C++ compiler (``$CXX``, else ``g++``) against jaxlib's FFI headers
+and the oneDNN of the running environment, into ``recurrent/native/_build/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "lstm_onednn.cc"
+BUILD = HERE / "_build"
+LIBRARY = BUILD / "librecurrent_native.so"
+
+
+def onednn_prefix() -> Path | None:
+    """The environment prefix whose ``include/oneapi/dnnl/dnnl.hpp`` and ``lib/libdnnl.so`` the
+    ``onednn`` and ``onednn-devel`` wheels installed, or ``None``."""
+    for prefix in dict.fromkeys((sys.prefix, sysconfig.get_paths()["data"], sys.base_prefix)):
+        p = Path(prefix)
+        if (p / "include" / "oneapi" / "dnnl" / "dnnl.hpp").exists() and any((p / "lib").glob("libdnnl.so*")):
+            return p
+    return None
+
+
+def command(output: Path = LIBRARY) -> list[str]:
+    """The compiler command line that builds the kernel into ``output``."""
+    import jax
+
+    prefix = onednn_prefix()
+    if prefix is None:
+        raise SystemExit(
+            "recurrent.native.build: oneDNN's headers and library were not found in this environment "
+            f"({sys.prefix}).\n  fix: pip install onednn onednn-devel"
+        )
+    lib = prefix / "lib"
+    return [
+        *shlex.split(os.environ.get("CXX", "g++")),
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        str(SOURCE),
+        f"-I{prefix / 'include'}",
+        f"-I{jax.ffi.include_dir()}",
+        f"-L{lib}",
+        "-ldnnl",
+        # DT_RPATH (not RUNPATH) so that libdnnl's own dependencies (TBB, the SYCL runtime) are found
+        # beside it too.
+        "-Wl,--disable-new-dtags",
+        f"-Wl,-rpath,{lib}",
+        "-o",
+        str(output),
+    ]
+
+
+def build(output: Path = LIBRARY, verbose: bool = True) -> Path:
+    """Compiles the kernel into ``output`` and returns its path."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cmd = command(output)
+    if verbose:
+        print(" ".join(shlex.quote(c) for c in cmd))
+    subprocess.run(cmd, check=True)
+    return output
+
+
+if __name__ == "__main__":
+    print(build())

@@ -1,0 +1,218 @@
+"""The optional native LSTM kernel (:mod:`recurrent.native`: oneDNN through an XLA FFI custom call).
+
+The kernel's tests are skipped, with the reason, where it is not built
+(``python -m recurrent.native.build``) or JAX does not run on CPU; where the library file exists
+they all run, so a kernel that was built but does not load fails here instead of being skipped.
+The fallback (a clear warning, then the scan) and the reasons other cells declare are tested
+everywhere.
+
+Checked: values against the NumPy reference written from the paper's equations (with an initial
+carry, with lengths including 0 and T), values and gradients against the ``lax.scan`` layer to
+1e-5 (forward and reverse; directly and through ``rnn(..., implementation="native")`` with lengths
+and ``carry=``), lengths against per-sequence runs, the inference forward against the training
+forward, ``jax.vmap`` against a loop, and the errors on inputs the kernel does not take.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recurrent
+from recurrent import native
+from recurrent._sequence import reverse_sequences
+from tests import reference
+
+_NOT_CPU = jax.default_backend() != "cpu"
+needs_kernel = pytest.mark.skipif(
+    _NOT_CPU or not native.library_path().exists(),
+    reason=f"the native kernel runs on CPU; JAX's default backend is {jax.default_backend()}"
+    if _NOT_CPU
+    else f"the native kernel is not built: {native.BUILD_HINT}",
+)
+
+B, T, F, H = 4, 6, 3, 5
+TOL = 1e-5
+
+
+def _setup(seed=0):
+    cell = recurrent.lstm(H)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    params = cell.init(keys[0], (F,))
+    xs = jax.random.normal(keys[1], (B, T, F))
+    carry = recurrent.LSTMState(jax.random.normal(keys[2], (B, H)), jax.random.normal(keys[3], (B, H)))
+    return cell, params, xs, carry
+
+
+def _loss(apply, lengths):
+    def loss(params, xs, carry):
+        carry, ys = apply(params, xs, lengths, carry)
+        w = jnp.arange(ys.size, dtype=ys.dtype).reshape(ys.shape) / ys.size
+        return jnp.sum(ys * w) + jnp.sum(carry.h * 1.3) - jnp.sum(carry.c * 0.7), (carry, ys)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _scan(cell, reverse=False):
+    layer = recurrent.rnn(cell, reverse=reverse)
+    return lambda params, xs, lengths, carry: layer.apply(params, xs, lengths=lengths, carry=carry)
+
+
+def _native(reverse=False):
+    """The native layer as the driver would run it (reverse: flip each valid prefix around it)."""
+
+    def apply(params, xs, lengths, carry):
+        if reverse:
+            xs = reverse_sequences(xs, lengths, 1)
+        carry, ys = native.apply(params, xs, lengths, carry)
+        return carry, reverse_sequences(ys, lengths, 1) if reverse else ys
+
+    return apply
+
+
+def _close(a, b, tol=TOL):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+@needs_kernel
+def test_loads():
+    assert native.reason() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("lengths", [None, [0, 3, T, 1]], ids=["full", "lengths"])
+def test_matches_numpy_reference(lengths):
+    _, params, xs, carry = _setup()
+    got_carry, got_ys = jax.jit(native.apply)(params, xs, None if lengths is None else jnp.array(lengths), carry)
+    want_ys = np.zeros((B, T, H))
+    want_h, want_c = np.asarray(carry.h, np.float64).copy(), np.asarray(carry.c, np.float64).copy()
+    for b in range(B):
+        n = T if lengths is None else lengths[b]
+        if n == 0:
+            continue
+        ys, (h, c) = reference.lstm(
+            xs[b : b + 1, :n], *params[:3], h0=np.asarray(carry.h[b : b + 1]), c0=np.asarray(carry.c[b : b + 1])
+        )
+        want_ys[b, :n], want_h[b], want_c[b] = ys[0], h[0], c[0]
+    _close((got_ys, got_carry.h, got_carry.c), (want_ys, want_h, want_c))
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", [None, [0, 3, T, 1]], ids=["full", "lengths"])
+def test_values_and_gradients_match_scan(lengths, reverse):
+    cell, params, xs, carry = _setup(1)
+    lengths = None if lengths is None else jnp.array(lengths)
+    want = _loss(_scan(cell, reverse), lengths)(params, xs, carry)
+    got = _loss(_native(reverse), lengths)(params, xs, carry)
+    _close(got, want)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(B, 0, F), (0, T, F)], ids=["no_steps", "no_batch"])
+def test_empty_inputs(shape):
+    cell, params, _, _ = _setup()
+    xs = jnp.ones(shape)
+    layer = recurrent.rnn(native.attach(cell), implementation="native")
+    grads = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x)[1]) + jnp.sum(layer.apply(p, x)[0].c), argnums=(0, 1))
+    _close(jax.jit(layer.apply)(params, xs), recurrent.rnn(cell).apply(params, xs), tol=0)
+    _close(grads(params, xs), jax.tree.map(jnp.zeros_like, (params, xs)), tol=0)
+
+
+@needs_kernel
+def test_inference_forward_matches_training_forward():
+    _, params, xs, carry = _setup(2)
+    inference = jax.jit(native.lstm_layer)(*params[:3], xs, carry.h, carry.c)
+    training, _ = jax.jit(lambda *a: jax.vjp(native.lstm_layer, *a))(*params[:3], xs, carry.h, carry.c)
+    _close(inference, training, tol=0)
+
+
+@needs_kernel
+def test_vmap_matches_loop():
+    _, params, xs, carry = _setup(3)
+    xs2 = jnp.stack([xs, 2 * xs])
+
+    def run(p, x):
+        return native.apply(p, x, jnp.array([1, T, 0, 2]), carry)
+
+    def loss(p, x):
+        carry, ys = run(p, x)
+        return jnp.sum(ys**2) + jnp.sum(carry.c)
+
+    got = jax.jit(jax.vmap(run, (None, 0)))(params, xs2)
+    want = [jax.jit(run)(params, x) for x in xs2]
+    _close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), tol=0)
+    got_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, (None, 0))(p, x)), argnums=(0, 1)))(params, xs2)
+    each = [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x) for x in xs2]
+    _close(got_grads[0], jax.tree.map(lambda a, b: a + b, each[0][0], each[1][0]))
+    _close(got_grads[1], jnp.stack([each[0][1], each[1][1]]))
+
+
+def test_rejects_other_dtypes_and_ranks():
+    _, params, xs, carry = _setup()
+    with pytest.raises(ValueError, match="float32 only(.|\n)*xs bfloat16(.|\n)*fix"):
+        native.apply(params, xs.astype(jnp.bfloat16), None, carry)
+    with pytest.raises(ValueError, match="one batch axis(.|\n)*got:      xs \\(2, 4, 6, 3\\)"):
+        native.apply(params, jnp.stack([xs, xs]), None, carry)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_rnn_runs_native_with_lengths_and_carry(reverse):
+    """Through the driver: lengths (0 and T among them), an initial carry, reverse, no fallback."""
+    cell, params, xs, carry = _setup(4)
+    lengths = jnp.array([2, 0, T, 5])
+    native_layer = recurrent.rnn(native.attach(cell), reverse=reverse, implementation="native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = _loss(lambda p, x, n, c: native_layer.apply(p, x, lengths=n, carry=c), lengths)(params, xs, carry)
+    _close(got, _loss(_scan(cell, reverse), lengths)(params, xs, carry))
+
+
+@needs_kernel
+def test_rnn_native_lengths_equal_per_sequence_runs():
+    """The battery's lengths check: each sequence alone, cut at its length, gives the same."""
+    cell, params, xs, _ = _setup(5)
+    lengths = [3, 0, T, 1]
+    layer = recurrent.rnn(native.attach(cell), implementation="native")
+    carry, ys = jax.jit(layer.apply)(params, xs, lengths=jnp.array(lengths))
+    zero = cell.initial_carry(params, (1, F))
+    for b, n in enumerate(lengths):
+        one_carry, one_ys = jax.jit(layer.apply)(params, xs[b : b + 1, :n]) if n else (zero, None)
+        _close((carry.h[b], carry.c[b]), (one_carry.h[0], one_carry.c[0]))
+        if n:
+            _close(ys[b, :n], one_ys[0])
+        np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0)
+
+
+def test_falls_back_with_a_clear_warning_when_not_built(monkeypatch, tmp_path):
+    cell, params, xs, _ = _setup()
+    monkeypatch.setenv("RECURRENT_NATIVE_LIBRARY", str(tmp_path / "missing.so"))
+    layer = recurrent.rnn(native.attach(cell), implementation="native")
+    with pytest.warns(recurrent.FallbackWarning, match="not built(.|\n)*python -m recurrent.native.build"):
+        _, ys = layer.apply(params, xs)
+    _close(ys, recurrent.rnn(cell).apply(params, xs)[1], tol=0)
+
+
+def test_other_cells_declare_why_not():
+    peephole = native.attach(recurrent.lstm(H, peephole=True))
+    params = peephole.init(jax.random.key(0), (F,))
+    with pytest.warns(recurrent.FallbackWarning, match="plain float32 LSTM only; this cell has {'peephole': True}"):
+        recurrent.rnn(peephole, implementation="native").apply(params, jnp.ones((B, T, F)))
+    assert "is not one" in native.attach(recurrent.gru(H)).spec.kernels["native"]
+
+
+@needs_kernel
+def test_benchmark_smoke(tmp_path):
+    from benchmarks import native as bench
+
+    result = bench.main(["--quick", "--out", str(tmp_path)])
+    assert result["agreement"]["ys"] < TOL and result["agreement"]["grad"] < TOL
+    assert set(result["rows"]) == {"torch", "ours_scan", "ours_vjp", "native"}
+    assert (tmp_path / "native.json").exists()
