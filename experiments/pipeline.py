@@ -11,10 +11,14 @@ lists of arrays ``(T_i, *features)``; :func:`make_train` turns them into ``train
 - **Optimisers** (:func:`make_optimizer`): Adam (AdamW with ``weight_decay``), SGD with
   momentum, RMSProp; constant, cosine or warmup-cosine schedules; global-norm clipping.
 - **Batches** (:func:`epoch_batches`, :func:`pad_batch`): padded ``(B, T, *F)`` with
-  ``lengths``; ``T`` rounded up to ``pad_multiple`` so only a few shapes compile; length
-  bucketing (sort within windows of ``bucket`` batches); the order of epoch ``e`` is a pure
-  function of ``(data_seed, e)``, so a resumed run sees exactly the batches it would have.
-  Short last batches are filled with zero-length rows, which weigh nothing.
+  ``lengths``. ``buckets="multiple"``: ``T`` rounded up to ``pad_multiple``, one compiled shape
+  per multiple, with length bucketing (sort within windows of ``bucket`` batches);
+  ``buckets="geometric"``: ``T`` one of at most ``max_buckets`` lengths of a ladder growing by
+  ``bucket_ratio`` (:func:`geometric_buckets`), each epoch's rows grouped by them, so that any
+  length distribution compiles a few shapes; ``padded_per_frame`` in the result is the cost.
+  The order of epoch ``e`` is a pure function of ``(data_seed, e)``, so a resumed run sees
+  exactly the batches it would have. Short last batches are filled with zero-length rows,
+  which weigh nothing.
 - **Steps**: the train step (gradient, optimiser update) and the eval step are ``jax.jit``
   compiled; losses stay on the device and are fetched every ``log_every`` steps.
 - **Metrics**: ``metrics.jsonl``, ``metrics.csv`` (long format: step, split, name, value) and
@@ -91,8 +95,16 @@ class TrainConfig:
     momentum: float = field(0.9, "SGD / RMSProp momentum")
     clip_norm: float = field(1.0, "global gradient-norm clip (0: off)")
     weight_decay: float = field(0.0, "decoupled weight decay (AdamW; added to the gradient for sgd/rmsprop)")
-    bucket: int = field(8, "length bucketing: sort within windows of this many batches (1: off)")
+    bucket: int = field(8, "--buckets=multiple: sort by length within windows of this many batches (1: off)")
     pad_multiple: int = field(16, "pad the time axis up to a multiple of this (fewer compiled shapes)")
+    buckets: str = field(
+        "multiple",
+        "padded lengths: multiple (every multiple of --pad_multiple: one compiled shape each, many on long pieces) "
+        "| geometric (at most --max_buckets lengths from a ladder growing by --bucket_ratio; each epoch's rows "
+        "grouped by them)",
+    )
+    bucket_ratio: float = field(1.1, "--buckets=geometric: ratio of the ladder's neighbouring lengths (> 1)")
+    max_buckets: int = field(8, "--buckets=geometric: at most this many padded lengths (compiled shapes)")
     eval_every: int = field(200, "steps between validation runs (0: only at the end)")
     checkpoint_every: int = field(100, "steps between checkpoints")
     keep_checkpoints: int = field(3, "latest checkpoints kept (plus the best)")
@@ -156,9 +168,11 @@ def _convert(name: str, value: Any, default: Any) -> Any:
 
 _CHOICES = {
     "optimizer": ("adam", "sgd", "rmsprop"),
+    "buckets": ("multiple", "geometric"),
     "schedule": ("constant", "cosine", "warmup_cosine"),
 }
-_POSITIVE = ("steps", "batch_size", "bucket", "pad_multiple", "checkpoint_every", "keep_checkpoints", "log_every")
+_POSITIVE = ("steps", "batch_size", "bucket", "pad_multiple", "max_buckets", "checkpoint_every", "keep_checkpoints",
+             "log_every")  # fmt: skip
 _NON_NEGATIVE = ("warmup_steps", "eval_every", "num_devices", "clip_norm", "weight_decay", "sleep_per_step")
 _FRACTIONS = ("momentum", "ema_decay", "final_lr_fraction")  # in [0, 1)  (final_lr_fraction: [0, 1])
 
@@ -177,6 +191,11 @@ def check_values(config: Any) -> None:
         raise ConfigError(
             f"config field 'learning_rate' must be > 0; got {config.learning_rate!r}.\n"
             "  fix:      e.g. --learning_rate=1e-3 (a negative rate ascends the loss)."
+        )
+    if config.bucket_ratio <= 1:
+        raise ConfigError(
+            f"config field 'bucket_ratio' must be > 1; got {config.bucket_ratio!r}.\n"
+            "  fix:      e.g. --bucket_ratio=1.1 (each padded length a tenth longer than the one below)."
         )
     for name in _POSITIVE:
         if getattr(config, name) < 1:
@@ -448,11 +467,89 @@ class Batch(NamedTuple):
     lengths: np.ndarray
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, data_seed: int, epoch: int, bucket: int) -> list[np.ndarray]:
+def geometric_buckets(
+    lengths: Sequence[int], pad_multiple: int, ratio: float, max_buckets: int, longest: int = 0
+) -> np.ndarray:
+    """The padded lengths of ``--buckets=geometric``: at most ``max_buckets`` rungs of a geometric ladder.
+
+    The ladder starts at the shortest length rounded up to ``pad_multiple``; each rung is ``ratio`` times the one
+    below rounded up to ``pad_multiple`` (at least one ``pad_multiple`` more), and the last is the longest length
+    (or ``longest``, e.g. of the evaluation splits, if that is longer) rounded up. Only the top rung and the rungs
+    that some sequence pads to are kept; while more than ``max_buckets`` remain, they are merged into the
+    ``max_buckets`` that pad the fewest frames of ``lengths`` (an exact dynamic programme over the rungs). So any
+    length distribution compiles at most ``max_buckets`` shapes, and when no merge is needed every sequence of
+    length ``n`` pads to less than ``ratio * n + pad_multiple``.
+
+    >>> geometric_buckets([40, 255, 256, 300, 1788], 16, ratio=1.25, max_buckets=8).tolist()
+    [48, 304, 1792]
+    >>> geometric_buckets(range(1, 5001), 16, ratio=1.25, max_buckets=3).tolist()
+    [1888, 3712, 5008]
+    """
+    n = np.asarray(lengths, np.int64)
+    if n.size == 0:
+        raise DataError("geometric buckets of no sequences.\n  fix:      give every split at least one sequence.")
+    up = lambda x: max(pad_multiple, math.ceil(x / pad_multiple) * pad_multiple)  # noqa: E731
+    ladder, top = [up(n.min())], up(max(n.max(), longest))
+    while ladder[-1] < top:
+        ladder.append(min(top, max(ladder[-1] + pad_multiple, up(ladder[-1] * ratio))))
+    ladder = np.array(ladder)
+    rung = np.searchsorted(ladder, n)  # the rung each sequence pads to
+    count = np.bincount(rung, minlength=len(ladder))
+    keep = (count > 0) | (ladder == top)
+    rungs, count = ladder[keep], count[keep]
+    if len(rungs) <= max_buckets:
+        return rungs
+    # cost[k, j]: fewest padded frames of the sequences of rungs[:j] in k buckets, the top one rungs[j - 1];
+    # every sequence of a bucket pads to its top, so only the counts matter.
+    below = np.concatenate([[0], np.cumsum(count)])
+    cost = np.full((max_buckets + 1, len(rungs) + 1), np.inf)
+    cost[0, 0] = 0.0
+    previous = np.zeros_like(cost, dtype=np.int64)
+    for k in range(1, max_buckets + 1):
+        for j in range(1, len(rungs) + 1):
+            options = cost[k - 1, :j] + (below[j] - below[:j]) * float(rungs[j - 1])
+            previous[k, j] = np.argmin(options)
+            cost[k, j] = options[previous[k, j]]
+    chosen, j = [], len(rungs)
+    for k in range(max_buckets, 0, -1):
+        if j == 0:
+            break
+        chosen.append(int(rungs[j - 1]))
+        j = int(previous[k, j])
+    return np.array(chosen[::-1])
+
+
+def padded_length(n: int, pad_multiple: int, buckets: np.ndarray | None = None) -> int:
+    """The padded time axis of a batch whose longest sequence has ``n`` steps: the next multiple of
+    ``pad_multiple`` (at least one), or with ``buckets`` (:func:`geometric_buckets`) the smallest that holds it."""
+    if buckets is None:
+        return max(pad_multiple, math.ceil(max(n, 1) / pad_multiple) * pad_multiple)
+    i = int(np.searchsorted(buckets, n))
+    if i == len(buckets):
+        raise DataError(
+            f"a sequence of {n} steps is longer than the longest padded length.\n"
+            f"  expected: at most {int(buckets[-1])} steps (the buckets {np.asarray(buckets).tolist()})\n"
+            "  fix:      build the buckets from the lengths of every split (geometric_buckets)."
+        )
+    return int(buckets[i])
+
+
+def epoch_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    data_seed: int,
+    epoch: int,
+    bucket: int,
+    buckets: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """Index arrays of one epoch's batches (``-1`` = filler), a pure function of ``(data_seed, epoch)``.
 
     With ``bucket > 1`` each window of ``bucket * batch_size`` shuffled examples is sorted by
-    length before it is cut into batches, and the batches are shuffled again.
+    length before it is cut into batches, and the batches are shuffled again. With ``buckets``
+    (the padded lengths of :func:`geometric_buckets`) the shuffled examples of the whole epoch are
+    grouped by the bucket they pad to instead (in random order within a bucket) before the cut, so
+    every batch but those that straddle two buckets holds one bucket; ``bucket`` is not used.
+    Either way each example appears once and all batches but the last are full.
 
     >>> [b.tolist() for b in epoch_batches([5, 1, 3], 2, data_seed=0, epoch=0, bucket=1)]
     [[2, 0], [1, -1]]
@@ -460,7 +557,9 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, data_seed: int, epoch
     rng = np.random.default_rng([data_seed, epoch])
     order = rng.permutation(len(lengths))
     lengths = np.asarray(lengths)
-    if bucket > 1:
+    if buckets is not None:
+        order = order[np.argsort(np.searchsorted(buckets, lengths[order]), kind="stable")]
+    elif bucket > 1:
         window = bucket * batch_size
         order = np.concatenate(
             [w[np.argsort(lengths[w], kind="stable")] for w in np.split(order, range(window, len(order), window))]
@@ -468,15 +567,18 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, data_seed: int, epoch
     n = math.ceil(len(order) / batch_size) * batch_size
     order = np.concatenate([order, -np.ones(n - len(order), dtype=order.dtype)])
     batches = order.reshape(-1, batch_size)
-    if bucket > 1:
+    if bucket > 1 or buckets is not None:
         batches = batches[rng.permutation(len(batches))]
     return list(batches)
 
 
-def pad_batch(sequences: Sequence[np.ndarray], indices: np.ndarray, pad_multiple: int) -> Batch:
-    """Stacks ``sequences[indices]`` (``-1``: an empty filler row) into a padded :class:`Batch`."""
+def pad_batch(
+    sequences: Sequence[np.ndarray], indices: np.ndarray, pad_multiple: int, buckets: np.ndarray | None = None
+) -> Batch:
+    """Stacks ``sequences[indices]`` (``-1``: an empty filler row) into a padded :class:`Batch`
+    (time axis: :func:`padded_length`)."""
     lengths = np.array([len(sequences[i]) if i >= 0 else 0 for i in indices], np.int32)
-    T = max(pad_multiple, math.ceil(max(lengths.max(), 1) / pad_multiple) * pad_multiple)
+    T = padded_length(int(lengths.max()), pad_multiple, buckets)
     feature_shape = sequences[0].shape[1:]
     xs = np.zeros((len(indices), T, *feature_shape), np.float32)
     for row, i in enumerate(indices):
@@ -485,12 +587,25 @@ def pad_batch(sequences: Sequence[np.ndarray], indices: np.ndarray, pad_multiple
     return Batch(xs, lengths)
 
 
-def eval_batches(sequences: Sequence[np.ndarray], batch_size: int, pad_multiple: int) -> list[Batch]:
+def eval_batches(
+    sequences: Sequence[np.ndarray], batch_size: int, pad_multiple: int, buckets: np.ndarray | None = None
+) -> list[Batch]:
     """Fixed batches of a whole split, sorted by length (one pass covers every sequence once)."""
     order = np.argsort([len(s) for s in sequences], kind="stable")
     n = math.ceil(len(order) / batch_size) * batch_size
     order = np.concatenate([order, -np.ones(n - len(order), dtype=order.dtype)])
-    return [pad_batch(sequences, idx, pad_multiple) for idx in order.reshape(-1, batch_size)]
+    return [pad_batch(sequences, idx, pad_multiple, buckets) for idx in order.reshape(-1, batch_size)]
+
+
+def padding_buckets(config: Any, data: Data) -> np.ndarray | None:
+    """The padded lengths of ``config.buckets``: None for ``multiple``; for ``geometric`` the
+    :func:`geometric_buckets` that pad the training sequences least and hold the longest sequence of every
+    split, so that training and evaluation share the same at most ``max_buckets`` shapes."""
+    if getattr(config, "buckets", "multiple") != "geometric":
+        return None
+    longest = max(len(s) for split in data for s in split)
+    lengths = [len(s) for s in data.train]
+    return geometric_buckets(lengths, config.pad_multiple, config.bucket_ratio, config.max_buckets, longest)
 
 
 # --------------------------------------------------------------------------------------
@@ -759,7 +874,8 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
 
     ``ms_per_step`` is the wall time per train step alone: without the steps that compile (the first
     of each batch shape, ``compiled_shapes`` of them, ``compile_s`` seconds in all), evaluations and
-    checkpoints.
+    checkpoints. ``padded_per_frame`` is the frames of the padded train batches (``B x T``, fillers
+    included) per real frame over the run's steps: 1.0 without padding.
 
     Resumes from ``config.workdir`` when it holds checkpoints (see :mod:`experiments.workdir`:
     a changed config there is refused here, before anything compiles; damaged checkpoints are
@@ -779,10 +895,25 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         scale = 1.0 / (1.0 - config.ema_decay ** jnp.maximum(state["step"], 1).astype(jnp.float32))
         return jax.tree.map(lambda e: e * scale, state["ema"])
 
-    valid_batches = eval_batches(data.valid, config.batch_size, config.pad_multiple)
-    test_batches = eval_batches(data.test, config.batch_size, config.pad_multiple)
-    train_lengths = [len(s) for s in data.train]
+    buckets = padding_buckets(config, data)
+    valid_batches = eval_batches(data.valid, config.batch_size, config.pad_multiple, buckets)
+    test_batches = eval_batches(data.test, config.batch_size, config.pad_multiple, buckets)
+    train_lengths = np.array([len(s) for s in data.train])
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+
+    def batch_indices(data_seed: int, epoch: int) -> list[np.ndarray]:
+        return epoch_batches(train_lengths, config.batch_size, data_seed, epoch, config.bucket, buckets)
+
+    def padded_per_frame(data_seed: int) -> float:
+        """Frames of the padded train batches (fillers included) per real frame, over steps 0..steps-1: a pure
+        function of the data order, the same after a resume."""
+        padded = real = 0
+        for epoch in range(math.ceil(config.steps / steps_per_epoch)):
+            for idx in batch_indices(data_seed, epoch)[: config.steps - epoch * steps_per_epoch]:
+                n = train_lengths[idx[idx >= 0]]
+                padded += len(idx) * padded_length(int(n.max()), config.pad_multiple, buckets)
+                real += int(n.sum())
+        return padded / max(real, 1)
 
     def train(key: jax.Array) -> dict[str, Any]:
         write_config(config)
@@ -834,8 +965,8 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
             epoch, i = divmod(step, steps_per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache.clear()
-                epoch_cache[epoch] = epoch_batches(train_lengths, config.batch_size, data_seed, epoch, config.bucket)
-            return pad_batch(data.train, epoch_cache[epoch][i], config.pad_multiple)
+                epoch_cache[epoch] = batch_indices(data_seed, epoch)
+            return pad_batch(data.train, epoch_cache[epoch][i], config.pad_multiple, buckets)
 
         def fetch(done: int) -> None:
             """Fetches the pending steps' metrics; a non-finite one stops the run before any save."""
@@ -916,7 +1047,8 @@ def make_train(config: TrainConfig, task: Task, data: Data) -> Callable[[jax.Arr
         steps_per_s = (config.steps - s_start) / max(time.perf_counter() - t_start, 1e-9)
         valid = evaluate(eval_step, eval_params(state), valid_batches, devices)
         test = evaluate(eval_step, eval_params(state), test_batches, devices)
-        result = {"step": config.steps, "valid": valid, "test": test, **timing}
+        result = {"step": config.steps, "valid": valid, "test": test, **timing,
+                  "padded_per_frame": padded_per_frame(data_seed)}  # fmt: skip
         best_step = best.best_step()
         if best_step is not None:
             best_state = best.restore(best_step, state)

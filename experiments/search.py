@@ -364,8 +364,8 @@ class Config(pipeline.TrainConfig):
 
     unused: ClassVar[frozenset[str]] = frozenset(
         {"learning_rate", "schedule", "warmup_steps", "final_lr_fraction", "momentum", "clip_norm", "weight_decay",
-         "bucket", "pad_multiple", "checkpoint_every", "log_every", "ema_decay", "progress",
-         "sleep_per_step"}
+         "bucket", "buckets", "bucket_ratio", "max_buckets", "pad_multiple", "checkpoint_every", "log_every",
+         "ema_decay", "progress", "sleep_per_step"}
     )  # fmt: skip
     # The curves' shapes depend on steps, so a search cannot be extended on a rerun.
     resume_safe: ClassVar[frozenset[str]] = (pipeline.TrainConfig.resume_safe - {"steps"}) | {"stop_after", "plots"}

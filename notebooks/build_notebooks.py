@@ -33,6 +33,48 @@ except ImportError:  # e.g. on Colab: install the package from its repository, o
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
     import recurrent"""
 
+# The Colab notebook installs from a wheel uploaded to Colab or from a git URL the user sets; with
+# neither it stops with what to do (tests/test_notebooks.py runs this cell with recurrent not importable).
+COLAB_SETUP = """\
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+SIZE = os.environ.get("RECURRENT_NOTEBOOK_SIZE", "full")  # "small": the seconds-long CI size
+SMALL = SIZE == "small"
+
+# >>> Where to install recurrent from, if it is not installed (see the first cell): <<<
+GIT_URL = ""  # e.g. "git+https://github.com/YOUR_NAME/recurrent.git@main"; used when no wheel is uploaded
+WHEEL_FOLDERS = [".", "/content"]  # a recurrent-*.whl uploaded to one of these is installed first
+
+try:
+    import recurrent
+except ImportError:
+    wheels = sorted(
+        (w for folder in WHEEL_FOLDERS for w in glob.glob(os.path.join(folder, "recurrent-*.whl"))),
+        key=os.path.getmtime,
+    )
+    if wheels:
+        source = wheels[-1]  # the newest upload
+    elif GIT_URL.strip():
+        source = GIT_URL.strip() if GIT_URL.strip().startswith("git+") else "git+" + GIT_URL.strip()
+    else:
+        raise RuntimeError(
+            "recurrent is not installed, and there is nothing to install it from.\\n"
+            f"  expected: a recurrent-*.whl in {' or '.join(map(os.path.abspath, WHEEL_FOLDERS))}, or GIT_URL set\\n"
+            "  got:      neither\\n"
+            "  fix:      on your machine, in the repository: pip wheel . --no-deps -w dist ; upload\\n"
+            "            dist/recurrent-*.whl with Colab's Files pane (it lands in /content), rerun this cell;\\n"
+            '            or set GIT_URL = "git+https://github.com/YOUR_NAME/recurrent.git" above.'
+        )
+    print("installing recurrent from", source)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+    importlib.invalidate_caches()
+    import recurrent
+print("recurrent", getattr(recurrent, "__version__", "(version unknown)"), "is ready")"""
+
 
 def md(text: str):
     return new_markdown_cell(text.strip("\n"))
@@ -802,16 +844,25 @@ COLAB = [
     md("""
 # 05 · On a Colab TPU or GPU: one population sharded over every core
 
-Runs unchanged on a Colab TPU, a GPU or a CPU. It installs `recurrent` from its repository if needed,
-finds the accelerator, and trains a population of small LSTMs (one per learning rate) with
-`jax.vmap`, splitting the population over every device with `jax.sharding`: each core trains its own
-slice of the population, with no communication. On a CPU with one device the same code runs the whole
-population on it.
+Runs unchanged on a Colab TPU, a GPU or a CPU. It finds the accelerator and trains a population of
+small LSTMs (one per learning rate) with `jax.vmap`, splitting the population over every device with
+`jax.sharding`: each core trains its own slice of the population, with no communication. On a CPU with
+one device the same code runs the whole population on it.
 
-On Colab: *Runtime → Change runtime type → TPU* (or GPU), then run all cells. To try the sharding on
-a CPU, start the kernel with `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
+On Colab: *Runtime → Change runtime type → TPU* (or GPU), then install `recurrent` in one of two ways:
+
+1. **A wheel** (works for a private or unpublished checkout). On your machine, in the repository:
+   `pip wheel . --no-deps -w dist` (or `python -m build --wheel`, with `pip install build`). Upload
+   `dist/recurrent-0.1.0-py3-none-any.whl` with Colab's *Files* pane (it lands in `/content`); the next
+   cell installs the newest `recurrent-*.whl` it finds in the working directory or `/content`.
+2. **A git URL**: set `GIT_URL = "git+https://github.com/YOUR_NAME/recurrent.git@main"` in the next cell
+   (any URL that `pip install` accepts); it is used when no wheel is uploaded.
+
+With neither, the next cell stops with a message saying this. Where `recurrent` is already importable
+(a local kernel with the package installed), nothing is installed. Then run all cells. To try the
+sharding on a CPU, start the kernel with `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 """),
-    code(SETUP),
+    code(COLAB_SETUP),
     code("""
 import time
 

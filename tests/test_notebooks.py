@@ -72,3 +72,39 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         assert text.count(expected) >= EXPECTED[name].count(expected), f"{name}: {expected!r} not printed"
     assert "MISMATCH" not in text
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} shows no plot"
+
+
+def test_colab_install_cell_installs_an_uploaded_wheel_or_a_git_url_and_else_says_how(tmp_path, monkeypatch):
+    """The install branch of notebook 05's first code cell, which the runs above skip (``recurrent`` is
+    importable there): run with ``recurrent`` not importable and ``pip`` replaced by a recorder."""
+    import subprocess
+    import sys
+
+    source = BUILDER.build("05_colab_tpu.ipynb").cells[1].source
+    assert 'GIT_URL = ""' in source
+    import recurrent as real
+
+    calls = []
+
+    def pip(argv, check):
+        calls.append(argv)
+        sys.modules["recurrent"] = real  # "installed"
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "recurrent", None)  # import recurrent raises ImportError
+    with pytest.raises(RuntimeError, match=r"(?s)nothing to install it from.*pip wheel \. --no-deps -w dist"):
+        exec(source, {})
+    assert calls == []
+
+    git = source.replace('GIT_URL = ""', 'GIT_URL = "https://example.org/someone/recurrent.git"')
+    exec(git, {})
+    assert calls[-1] == [sys.executable, "-m", "pip", "install", "-q", "git+https://example.org/someone/recurrent.git"]
+
+    sys.modules["recurrent"] = None
+    wheel = tmp_path / "recurrent-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    exec(git, {})  # an uploaded wheel comes first
+    assert calls[-1] == [sys.executable, "-m", "pip", "install", "-q", os.path.join(".", wheel.name)]
+    assert len(calls) == 2
