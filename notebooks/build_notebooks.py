@@ -17,25 +17,10 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).resolve().parent
 
+# Every notebook's first code cell: where recurrent is not installed (e.g. on Colab) it installs it from a
+# wheel uploaded to Colab or from a git URL the user sets; with neither it stops with what to do
+# (tests/test_notebooks.py runs this cell with recurrent not importable).
 SETUP = """\
-import os
-
-SIZE = os.environ.get("RECURRENT_NOTEBOOK_SIZE", "full")  # "small": the seconds-long CI size
-SMALL = SIZE == "small"
-REPO_URL = "https://github.com/OWNER/recurrent"  # the repository to install from where it is not installed
-
-try:
-    import recurrent
-except ImportError:  # e.g. on Colab: install the package from its repository, once
-    import subprocess
-    import sys
-
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
-    import recurrent"""
-
-# The Colab notebook installs from a wheel uploaded to Colab or from a git URL the user sets; with
-# neither it stops with what to do (tests/test_notebooks.py runs this cell with recurrent not importable).
-COLAB_SETUP = """\
 import glob
 import importlib
 import os
@@ -862,7 +847,7 @@ With neither, the next cell stops with a message saying this. Where `recurrent` 
 (a local kernel with the package installed), nothing is installed. Then run all cells. To try the
 sharding on a CPU, start the kernel with `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 """),
-    code(COLAB_SETUP),
+    code(SETUP),
     code("""
 import time
 
