@@ -16,6 +16,7 @@ C     input channels of a ConvLSTM step
 from __future__ import annotations
 
 import functools
+import math
 import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -522,6 +523,19 @@ def check_positive_int(name: str, value: Any, *, where: str) -> int:
             fix=f"pass e.g. {name}=128.",
         )
     return int(value)
+
+
+def check_number(name: str, value: Any, *, where: str, example: float, allow_zero: bool = False) -> float:
+    """``value`` as a float: a finite Python or NumPy real number, > 0 (>= 0 with ``allow_zero``)."""
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise error(
+            f"{where}: `{name}` must be a {'non-negative' if allow_zero else 'positive'} number.",
+            expected=f"a finite float {'>= 0' if allow_zero else '> 0'}",
+            got=repr(value),
+            fix=f"pass e.g. {name}={example}.",
+        )
+    return float(value)
 
 
 def narrow_float(dtype: Any) -> bool:

@@ -242,9 +242,9 @@ def mlstm(
     _check_choice("gates_from", gates_from, _GATES_FROM, where)
     chunk = _core.check_positive_int("chunk_size", chunk_size, where=where)
     for name, value in (("eps", eps), ("layer_norm_epsilon", layer_norm_epsilon)):
-        _check_non_negative(name, value, where)
+        _core.check_number(name, value, where=where, example=1e-6, allow_zero=True)
     if gate_soft_cap is not None:
-        _check_non_negative("gate_soft_cap", gate_soft_cap, where, positive=True)
+        _core.check_number("gate_soft_cap", gate_soft_cap, where=where, example=15.0)
     blocks = 4 if output_gate else 3
     width = blocks * H + 2 * N  # of the projected input: q | k | v | (o) | i | f
 
@@ -460,15 +460,4 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...], where: str) -
             expected=" or ".join(repr(c) for c in choices),
             got=repr(value),
             fix=f"pass {name}={choices[0]!r} (the default).",
-        )
-
-
-def _check_non_negative(name: str, value: Any, where: str, *, positive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or not positive and value == 0)
-    if not ok or not math.isfinite(value):
-        raise _core.error(
-            f"{where}: `{name}` must be a {'positive' if positive else 'non-negative'} number.",
-            expected="a float " + ("> 0" if positive else ">= 0"),
-            got=repr(value),
-            fix=f"pass e.g. {name}={15.0 if positive else 1e-6}.",
         )

@@ -364,17 +364,9 @@ def _solver_settings(implementation, newton, method, tol, max_iters, damping, *,
             got=repr(method),
             fix='pass method="quasi" (the default), "deer" (full Jacobians) or "elk" (damped).',
         )
-    for name, value in (("tol", tol), ("damping", damping)):
-        if value is None:
-            continue
-        ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-        if not ok or not (0 < float(value) < float("inf")):
-            raise _core.error(
-                f"{where}: `{name}` must be a positive number.",
-                expected=f"a finite float > 0, e.g. {name}={1e-6 if name == 'tol' else 1.0}",
-                got=repr(value),
-                fix=f"pass {name} as a positive Python float (or leave it out for the default).",
-            )
+    for name, value, example in (("tol", tol, 1e-6), ("damping", damping, 1.0)):
+        if value is not None:
+            _core.check_number(name, value, where=where, example=example)
     if damping is not None and method != "elk":
         raise _core.error(
             f'{where}: `damping` is the trust region of method="elk".',
