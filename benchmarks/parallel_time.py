@@ -209,22 +209,23 @@ def format_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
+def _plot_against_length(result: dict, path: str, key: str, panels, forms, title, suptitle: str, height: float):
+    """ms against T, log-log: a row of panels (forward, forward+backward) per value of the rows'
+    ``key`` in ``panels``, a line per form in ``forms(value)``; ``title(value)`` names the row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = result["cells"]
-    fig, axes = plt.subplots(len(cells), 2, figsize=(11, 3.4 * len(cells)), squeeze=False)
-    for i, name in enumerate(cells):
-        for j, (workload, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward+backward"))):
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, height * len(panels)), squeeze=False)
+    for i, value in enumerate(panels):
+        for j, (workload, what) in enumerate((("fwd", "forward"), ("fwdbwd", "forward+backward"))):
             ax = axes[i][j]
-            for form in FORMS[name]:
+            for form in forms(value):
                 points = [
                     (r["T"], r["median_ms"])
                     for r in result["rows"]
-                    if (r["cell"], r["form"], r["workload"]) == (name, form, workload) and "median_ms" in r
+                    if (r[key], r["form"], r["workload"]) == (value, form, workload) and "median_ms" in r
                 ]
                 if points:
                     ax.plot(*zip(*points), marker="o", label=form)
@@ -232,18 +233,22 @@ def plot(result: dict, path: str) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("sequence length T")
             ax.set_ylabel("ms (median)")
-            ax.set_title(f"{name}, {title}")
+            ax.set_title(f"{title(value)}, {what}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
-    shape = result["shape"]
-    fig.suptitle(
-        f"{result['machine']}; batch {shape['batch']}, {shape['features']} -> {shape['hidden']}, "
-        f"mLSTM {shape['heads']} heads, chunks of {shape['chunk']}; medians",
-        fontsize=9,
-    )
+    fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot(result: dict, path: str) -> None:
+    shape = result["shape"]
+    suptitle = (
+        f"{result['machine']}; batch {shape['batch']}, {shape['features']} -> {shape['hidden']}, "
+        f"mLSTM {shape['heads']} heads, chunks of {shape['chunk']}; medians"
+    )
+    _plot_against_length(result, path, "cell", result["cells"], FORMS.__getitem__, str, suptitle, 3.4)
 
 
 def newton_compiled(form: str, H: int, xs) -> tuple[dict[str, tuple], dict]:
@@ -401,35 +406,10 @@ def format_newton(result: dict) -> str:
 
 
 def plot_newton(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    hidden = result["hidden"]
-    fig, axes = plt.subplots(len(hidden), 2, figsize=(11, 3.2 * len(hidden)), squeeze=False)
-    for i, H in enumerate(hidden):
-        for j, (workload, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward+backward"))):
-            ax = axes[i][j]
-            for form in ("scan", *result["methods"]):
-                points = [
-                    (r["T"], r["median_ms"])
-                    for r in result["rows"]
-                    if (r["hidden"], r["form"], r["workload"]) == (H, form, workload) and "median_ms" in r
-                ]
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=form)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length T")
-            ax.set_ylabel("ms (median)")
-            ax.set_title(f"LSTM {H} units, {title}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-    fig.suptitle(f"{result['machine']}; batch {result['shape']['batch']}; medians", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plot_against_length(
+        result, path, "hidden", result["hidden"], lambda H: ("scan", *result["methods"]),
+        lambda H: f"LSTM {H} units", f"{result['machine']}; batch {result['shape']['batch']}; medians", 3.2,
+    )  # fmt: skip
 
 
 def newton_main(args, parser, argv) -> dict:
