@@ -112,6 +112,7 @@ def writing(what: str, path: str, resume_hint: str = "") -> Iterator[None]:
         reason = storage_reason(e)
         if reason is None:
             raise
+        _REPORTED.storage_failure_reported()
         hint = resume_hint or "rerun the same command"
         raise StorageError(
             f"cannot write {what} to {path}: {reason}. Free space or fix the permissions (or pass another "
@@ -267,16 +268,65 @@ def _readable_metadata(step_dir: str) -> str | None:
 
 
 class _ReportedStorageFailures(logging.Filter):
-    """Drops orbax's own log record of a storage failure that :func:`writing` reports as one line.
+    """Keeps the echoes of a storage failure off stderr, where :func:`writing` reports it as one line.
 
-    orbax logs an exception raised in its save threads (through absl, which installs a stderr
-    handler on first use) before the main thread sees it; a full disk would print that traceback
-    above the one-line :class:`StorageError`. Other records, and other failures, pass.
+    A failed orbax save leaves three kinds of echo, each printed before or after the main thread
+    sees the failure: orbax logs the exception of its save thread (through absl, which installs
+    a stderr handler on first use); asyncio logs "Task exception was never retrieved" for the
+    writes gathered with the failed one; and tensorstore writes that finish after orbax closed
+    its event loop raise "Event loop is closed" in a callback, which Python prints as an
+    unraisable exception. The log records are dropped when their exception is a storage failure
+    (other records pass). The unraisable ones carry no cause, so they are held back: dropped once
+    a storage failure has been reported, printed at exit otherwise.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.reported = False
+        self.held: list[Any] = []
+        self._next_hook = None
+
+    def install(self) -> None:
+        """Idempotent: the filter is added once per logger, the hook is chained once."""
+        import atexit
+        import sys
+
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(self)
+        if self._next_hook is None:
+            self._next_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+            atexit.register(self._release)
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         return error is None or storage_reason(error) is None
+
+    def _unraisable(self, unraisable: Any) -> None:
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value
+        )
+        if not closed_loop:
+            self._next_hook(unraisable)
+        elif not self.reported:
+            self.held.append(_HeldUnraisable(unraisable))
+
+    def storage_failure_reported(self) -> None:
+        self.reported = True
+        self.held.clear()
+
+    def _release(self) -> None:
+        held, self.held = self.held, []
+        for unraisable in held:
+            self._next_hook(unraisable)
+
+
+class _HeldUnraisable:
+    """A copy of an ``UnraisableHookArgs`` (whose fields Python clears after the hook returns)."""
+
+    def __init__(self, unraisable: Any):
+        self.exc_type, self.exc_value = unraisable.exc_type, unraisable.exc_value
+        self.exc_traceback, self.err_msg, self.object = unraisable.exc_traceback, unraisable.err_msg, unraisable.object
 
 
 _REPORTED = _ReportedStorageFailures()
@@ -295,7 +345,7 @@ class Checkpoints:
     def __init__(self, path: str, keep: int, *, best: bool = False):
         self.path = os.path.abspath(path)
         self.keep, self.best = keep, best
-        logging.getLogger("absl").addFilter(_REPORTED)  # idempotent: a filter is added once
+        _REPORTED.install()
         if primary():
             for step in saved_steps(self.path):
                 reason = _readable_metadata(os.path.join(self.path, str(step)))

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -249,7 +250,7 @@ def test_a_full_disk_is_one_clear_line_and_the_run_resumes_once_space_is_freed(m
     with tmpfs(tmp_path / "small", "300k") as small:
         full = run_music(fault_args(mat, small / "run"))
         assert full.returncode == 1, full.stderr[-3000:]
-        assert full.stderr.startswith("error: cannot write") and "no space left" in full.stderr
+        assert full.stderr.startswith("error: cannot write") and "no space left" in full.stderr, full.stderr
         assert full.stderr.count("\n") == 1, full.stderr
         assert "it resumes" in full.stderr
         assert not (small / "run" / "final_params.npz").exists()
@@ -272,6 +273,37 @@ def test_orbax_logs_of_a_storage_failure_are_dropped_and_other_errors_still_logg
             except RuntimeError:
                 absl_logger.exception("_SignalingThread.run() raised an exception")
     assert len(caplog.records) == 1 and "shapes differ" in caplog.text  # the storage failure is reported once, by us
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for error in (ValueError("RESOURCE_EXHAUSTED: Error writing ..."), ValueError("shapes differ")):
+            logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=(ValueError, error, None))
+    assert len(caplog.records) == 1 and "shapes differ" in caplog.text
+
+
+def test_closed_event_loop_echoes_are_held_dropped_after_a_storage_failure_and_printed_otherwise(monkeypatch):
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: printed.append(str(u.exc_value)))
+    guard = workdir._ReportedStorageFailures()
+    monkeypatch.setattr(guard, "filter", lambda record: True)  # the loggers' filters are another test's
+    guard.install()
+
+    def raise_unraisable(message):
+        sys.unraisablehook(types.SimpleNamespace(
+            exc_type=RuntimeError, exc_value=RuntimeError(message), exc_traceback=None, err_msg=None, object=None
+        ))  # fmt: skip
+
+    raise_unraisable("Event loop is closed")
+    raise_unraisable("something else")
+    assert printed == ["something else"]  # other unraisable exceptions pass at once
+    guard._release()  # no storage failure was reported: printed at exit
+    assert printed == ["something else", "Event loop is closed"]
+    raise_unraisable("Event loop is closed")
+    guard.storage_failure_reported()
+    raise_unraisable("Event loop is closed")
+    guard._release()
+    assert printed == ["something else", "Event loop is closed"]  # echoes of a reported failure: dropped
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).removeFilter(guard)
 
 
 def test_storage_failures_are_recognised_through_wrapping_exceptions():
