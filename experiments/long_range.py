@@ -7,13 +7,19 @@ and a linear readout of its outputs answers at the steps the task scores.
 - ``adding`` (Hochreiter & Schmidhuber 1997, experiment 4): pairs (value in [-1, 1], marker);
   one marker among the first 10 steps, one before step ``T/2``; the target at the last step is
   :math:`0.5 + (X_1 + X_2) / 4`. Run at every length of ``--lengths`` (100, 500, 1000).
+- ``adding_sum`` (Le, Jaitly & Hinton 2015; Arjovsky, Shah & Bengio 2016): values in [0, 1], one
+  marker in each half of the sequence, the target is their sum :math:`X_1 + X_2`; always answering 1
+  costs the target's variance, :math:`1/6 \approx 0.167` (the baseline those papers plot).
+  Also at every length of ``--lengths``.
 - ``temporal_order`` (ibid., experiment 6a): 100 symbols, ``E`` first and ``B`` last, random
   distractors ``a-d`` elsewhere except an ``X`` or ``Y`` at a step in [10, 20] and another in
   [50, 60]; the class (XX, XY, YX, YY) is asked at the last step.
 - ``copy`` (Hochreiter & Schmidhuber 1997 / Arjovsky et al. 2016): 10 symbols of 8,
   ``--copy_delay - 1`` blanks, a delimiter, then the 10 symbols must be reproduced (Arjovsky et
-  al.'s ``T = copy_delay``: ``T + 20`` steps). Only the 10 answers are scored, so the memoryless
-  baseline (a uniform guess) costs :math:`10 \ln 8 \approx 20.79` nats per sequence.
+  al.'s ``T = copy_delay``: ``T + 20`` steps). By default only the 10 answers are scored, so the
+  memoryless baseline (a uniform guess) costs :math:`10 \ln 8 \approx 20.79` nats per sequence;
+  ``--copy_scoring=all`` scores every step (a blank is the answer outside the last 10), Arjovsky et
+  al.'s loss, whose mean per step has the baseline :math:`10 \ln 8 / (T + 20)`.
 - ``interval`` (in the spirit of Gers, Schraudolph & Schmidhuber 2002, "MSD"): two spikes
   ``D`` or ``D + 1`` steps apart (``D = --interval``), the answer (which?) asked at the last step:
   telling apart intervals that differ by one step.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -46,7 +53,8 @@ from experiments import errors, pipeline
 from experiments.generated import Generated
 from experiments.pipeline import ConfigError, field
 
-TASKS = ("adding", "temporal_order", "copy", "interval", "spikes")
+TASKS = ("adding", "adding_sum", "temporal_order", "copy", "interval", "spikes")
+COPY_SCORING = ("answers", "all")
 CELLS = ("lstm", "peephole_lstm", "cifg_lstm", "gru")
 # each cell's fused gate blocks, for chrono init (recurrent.chrono_init sets the forget or update gate)
 CHRONO_GATES = {
@@ -78,6 +86,9 @@ class Config(pipeline.TrainConfig):
         "(0: off, use --forget_bias; on, it replaces --forget_bias)",
     )
     copy_delay: int = field(50, "copy task: steps from the last symbol to the delimiter (T of Arjovsky et al. 2016)")
+    copy_scoring: str = field(
+        "answers", "copy task: answers (the 10 symbols) | all (every step, blanks too: Arjovsky et al. 2016's loss)"
+    )
     interval: int = field(20, "the shorter of the two intervals (D vs D + 1) of the interval task")
     period: int = field(10, "steps between the spikes to generate")
     spike_count: int = field(3, "spikes to generate")
@@ -142,6 +153,11 @@ def adding_lengths(config: Config) -> list[int]:
 def check_config(config: Config) -> Config:
     pipeline.choices(config.tasks, TASKS, "tasks")
     pipeline.choices(config.cells, CELLS, "cells")
+    if config.copy_scoring not in COPY_SCORING:
+        raise ConfigError(
+            f"config field 'copy_scoring' must be one of {', '.join(COPY_SCORING)}; got {config.copy_scoring!r}.\n"
+            "  fix:      --copy_scoring=all for Arjovsky et al.'s loss over every step"
+        )
     adding_lengths(config)
     if config.chrono and config.chrono < 3:
         raise ConfigError(f"config field 'chrono' must be 0 (off) or >= 3; got {config.chrono}.")
@@ -160,7 +176,8 @@ class Spec(NamedTuple):
 
     ``kind`` is ``"value"`` (squared error of a linear output), ``"class"`` (softmax over
     ``outputs`` classes) or ``"binary"`` (a sigmoid per step); ``scored(T)`` marks the steps
-    whose answers count.
+    whose answers count. ``baseline`` is the loss per sequence of the best answer that remembers
+    nothing (the mean of a value, a uniform guess over the classes it cannot know), or None.
     """
 
     name: str
@@ -170,6 +187,7 @@ class Spec(NamedTuple):
     kind: str
     scored: np.ndarray
     make: Callable[[np.random.Generator], np.ndarray]
+    baseline: float | None = None
 
 
 def adding(T: int) -> Spec:
@@ -181,7 +199,21 @@ def adding(T: int) -> Spec:
         x[-1, 2] = 0.5 + (x[a, 0] + x[b, 0]) / 4
         return x
 
-    return Spec(f"adding_{T}", T, 2, 1, "value", np.arange(T) == T - 1, make)
+    # the target's variance: 2 Var(X) / 16 with Var(X) = 1/3 for X uniform in [-1, 1]
+    return Spec(f"adding_{T}", T, 2, 1, "value", np.arange(T) == T - 1, make, baseline=1 / 24)
+
+
+def adding_sum(T: int) -> Spec:
+    def make(rng):
+        x = np.zeros((T, 3), np.float32)
+        x[:, 0] = rng.uniform(0, 1, T)
+        a, b = rng.integers(0, T // 2), rng.integers(T // 2, T)
+        x[[a, b], 1] = 1.0
+        x[-1, 2] = x[a, 0] + x[b, 0]
+        return x
+
+    # always answering 1 (the mean): the variance of a sum of two uniforms in [0, 1], 2/12
+    return Spec(f"adding_sum_{T}", T, 2, 1, "value", np.arange(T) == T - 1, make, baseline=1 / 6)
 
 
 def temporal_order(T: int = 100) -> Spec:
@@ -197,10 +229,11 @@ def temporal_order(T: int = 100) -> Spec:
         x[-1, 8] = 2 * u + v
         return x
 
-    return Spec("temporal_order", T, 8, 4, "class", np.arange(T) == T - 1, make)
+    return Spec("temporal_order", T, 8, 4, "class", np.arange(T) == T - 1, make, baseline=float(np.log(4)))
 
 
-def copy(delay: int, symbols: int = 10) -> Spec:
+def copy(delay: int, symbols: int = 10, scoring: str = "answers") -> Spec:
+    """``scoring``: ``"answers"`` (the last ``symbols`` steps) or ``"all"`` (every step, Arjovsky et al.'s loss)."""
     # inputs: 8 symbols, blank (8), delimiter (9); targets: the symbol, blank (8) elsewhere
     T = 2 * symbols + delay
 
@@ -214,7 +247,10 @@ def copy(delay: int, symbols: int = 10) -> Spec:
         x[-symbols:, 10] = s
         return x
 
-    return Spec(f"copy_{delay}", T, 10, 9, "class", np.arange(T) >= T - symbols, make)
+    scored = np.arange(T) >= T - symbols if scoring == "answers" else np.ones(T, bool)
+    name = f"copy_{delay}" if scoring == "answers" else f"copy_{delay}_all_steps"
+    # the blanks are certain without memory; the symbols are a uniform guess over 8
+    return Spec(name, T, 10, 9, "class", scored, make, baseline=float(symbols * np.log(8)))
 
 
 def interval(D: int) -> Spec:
@@ -227,7 +263,7 @@ def interval(D: int) -> Spec:
         x[-1, 1] = longer
         return x
 
-    return Spec(f"interval_{D}_vs_{D + 1}", T, 1, 2, "class", np.arange(T) == T - 1, make)
+    return Spec(f"interval_{D}_vs_{D + 1}", T, 1, 2, "class", np.arange(T) == T - 1, make, baseline=float(np.log(2)))
 
 
 def spikes(period: int, count: int) -> Spec:
@@ -248,10 +284,12 @@ def task_specs(config: Config) -> list[Spec]:
     for name in pipeline.choices(config.tasks, TASKS, "tasks"):
         if name == "adding":
             specs += [adding(T) for T in adding_lengths(config)]
+        elif name == "adding_sum":
+            specs += [adding_sum(T) for T in adding_lengths(config)]
         elif name == "temporal_order":
             specs.append(temporal_order())
         elif name == "copy":
-            specs.append(copy(config.copy_delay))
+            specs.append(copy(config.copy_delay, scoring=config.copy_scoring))
         elif name == "interval":
             specs.append(interval(config.interval))
         else:
@@ -373,21 +411,30 @@ def run(config: Config) -> dict[str, dict[str, dict[str, Any]]]:
     for spec in task_specs(config):
         data = make_data(spec, config)
         for cell_name in pipeline.choices(config.cells, CELLS, "cells"):
+            started = time.perf_counter()
             result = make_train(config, spec, cell_name, data)(jax.random.key(config.seed))
+            wall = time.perf_counter() - started
             metrics = evaluate(config, spec, cell_name, result["params"], data.test)
             metrics["test_loss"] = result["test"]
+            metrics.update(steps=config.steps, wall_s=wall, compile_s=result["compile_s"])
+            if spec.baseline is not None:
+                metrics["baseline"] = spec.baseline
+            # per step: Arjovsky et al.'s copy loss (with --copy_scoring=all), against baseline / T
+            metrics["loss_per_step"] = result["test"] / spec.length
             table.setdefault(spec.name, {})[cell_name] = metrics
             print(
                 f"{spec.name} {cell_name}: solved {metrics['solved']} ({metrics['solved_share']:.1%} of test "
-                f"sequences within {TOLERANCE}), mean abs error {metrics['mean_abs_error']:.4f}",
+                f"sequences within {TOLERANCE}), mean abs error {metrics['mean_abs_error']:.4f}, test loss "
+                f"{metrics['test_loss']:.4f} (baseline {metrics.get('baseline', float('nan')):.4f}), {wall:.0f} s",
                 flush=True,
             )
-    print(f"\n| task | cell | test loss | mean abs error | within {TOLERANCE} | solved |")
-    print("| --- | --- | ---: | ---: | ---: | --- |")
+    print(f"\n| task | cell | test loss | baseline | mean abs error | within {TOLERANCE} | solved |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for task, rows in table.items():
         for cell_name, m in rows.items():
+            baseline = f"{m['baseline']:.4f}" if "baseline" in m else "-"
             print(
-                f"| {task} | {cell_name} | {m['test_loss']:.4f} | {m['mean_abs_error']:.4f} | "
+                f"| {task} | {cell_name} | {m['test_loss']:.4f} | {baseline} | {m['mean_abs_error']:.4f} | "
                 f"{m['solved_share']:.1%} | {'yes' if m['solved'] else 'no'} |"
             )
     return table

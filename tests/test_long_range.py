@@ -12,7 +12,7 @@ from experiments import long_range, pipeline
 def test_generators_are_deterministic_for_a_seed():
     config = long_range.quick_config()
     every = pipeline.override(config, lengths="30,40", tasks=",".join(long_range.TASKS))
-    assert len(long_range.task_specs(every)) == 6
+    assert len(long_range.task_specs(every)) == 8
     for spec in long_range.task_specs(every):
         a, b = long_range.make_data(spec, config), long_range.make_data(spec, config)
         np.testing.assert_array_equal(np.asarray(a.train[3]), np.asarray(b.train[3]))
@@ -30,6 +30,43 @@ def test_adding_problem_follows_hochreiter_and_schmidhuber():
         assert len(marked) == 2 and marked[0] < 10 and 10 <= marked[1] < 50
         assert x[-1, 2] == pytest.approx(0.5 + x[marked, 0].sum() / 4)
         assert np.abs(x[:, 0]).max() <= 1
+
+
+def test_adding_sum_follows_arjovsky_et_al_and_its_baseline_is_the_variance_of_the_sum():
+    spec = long_range.adding_sum(100)
+    targets = []
+    for i in range(2000):
+        x = long_range.generate(spec, 0, "train", i)
+        marked = np.flatnonzero(x[:, 1])
+        assert len(marked) == 2 and marked[0] < 50 <= marked[1]  # one marker in each half
+        assert x[-1, 2] == pytest.approx(x[marked, 0].sum())
+        assert 0 <= x[:, 0].min() and x[:, 0].max() <= 1
+        targets.append(x[-1, 2])
+    # always answering 1 costs Var(X1 + X2) = 1/6 (the 0.167 Arjovsky et al. plot); the data agree
+    assert spec.baseline == pytest.approx(1 / 6)
+    assert np.mean((np.array(targets) - 1) ** 2) == pytest.approx(1 / 6, rel=0.05)
+    hs = long_range.adding(100)
+    assert hs.baseline == pytest.approx(1 / 24)
+    hs_targets = np.array([long_range.generate(hs, 0, "train", i)[-1, 2] for i in range(2000)])
+    assert np.var(hs_targets) == pytest.approx(1 / 24, rel=0.1)
+
+
+def test_copy_scoring_all_steps_is_arjovskys_loss():
+    answers, every = long_range.copy(100), long_range.copy(100, scoring="all")
+    assert answers.scored.sum() == 10 and every.scored.all() and every.length == 120
+    assert answers.baseline == every.baseline == pytest.approx(10 * np.log(8))
+    # the memoryless guess: certain blanks, uniform symbols; its mean per step is 10 ln 8 / (T + 20)
+    import jax.numpy as jnp
+
+    logits = np.zeros((120, 9), np.float32)
+    logits[:-10, 8] = 50.0  # a blank where the target is one
+    logits[-10:, 8] = -50.0  # a uniform guess over the 8 symbols at the answers
+    xs = np.stack([long_range.generate(every, 0, "test", i) for i in range(4)])
+    step_loss, _ = long_range.per_step(every, jnp.asarray(logits)[None].repeat(4, 0), xs[..., -1])
+    per_sequence = np.asarray(step_loss).sum(-1)
+    np.testing.assert_allclose(per_sequence / every.length, 10 * np.log(8) / 120, rtol=1e-4)
+    with pytest.raises(pipeline.ConfigError, match="copy_scoring"):
+        long_range.check_config(pipeline.override(long_range.quick_config(), copy_scoring="blanks"))
 
 
 def test_temporal_order_copy_and_timing_tasks():
@@ -94,11 +131,14 @@ def test_solved_criterion():
 
 
 def test_quick_run_of_every_task(tmp_path):
-    table = long_range.main(["--quick", f"--workdir={tmp_path}", "--tasks=adding,copy,spikes"])
-    assert set(table) == {"adding_24", "copy_5", "spikes_every_3"}
+    table = long_range.main(["--quick", f"--workdir={tmp_path}", "--tasks=adding,adding_sum,copy,spikes"])
+    assert set(table) == {"adding_24", "adding_sum_24", "copy_5", "spikes_every_3"}
     for rows in table.values():
         assert set(rows) == {"peephole_lstm"}
         assert all(np.isfinite(m["test_loss"]) and 0 <= m["solved_share"] <= 1 for m in rows.values())
+        assert all(m["steps"] == 2 and m["wall_s"] > 0 for m in rows.values())
+    assert table["adding_sum_24"]["peephole_lstm"]["baseline"] == pytest.approx(1 / 6)
+    assert "baseline" not in table["spikes_every_3"]["peephole_lstm"]
 
 
 def test_forget_bias_and_chrono_init():
