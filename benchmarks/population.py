@@ -1,6 +1,9 @@
 """A population of small LSTMs trained as one vmapped program, against one after another.
 
 Run ``python -m benchmarks.population [--quick] [--out=PATH.json] [--members=64] [--torch_device=auto]``.
+``--grid_members=4,16,64 --grid_hidden=16,64,256`` times the two JAX contenders over a grid of
+population and hidden sizes instead (``--steps``, ``--batch``, ``--length`` set the rest): where the
+vmapped program starts to pay on this machine.
 
 The workload (the issue's): 64 LSTMs of hidden size 64, batch 32, sequences of 64 steps, 200 Adam
 steps each, every member with its own learning rate (log-uniform in [1e-4, 1e-2]) and its own key.
@@ -159,6 +162,54 @@ def time_torch(sizes: dict[str, int], lrs: np.ndarray, device: str) -> dict[str,
     }
 
 
+def _ints(text: str, default: int, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()] if text else [default]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"error: {flag} must be comma-separated positive integers; got {text!r} (e.g. {flag}=4,16,64)")
+    return values
+
+
+def population_inputs(members: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's learning rate (log-uniform in [1e-4, 1e-2]) and key data, from seed 0."""
+    rng = np.random.default_rng(0)
+    lrs = np.exp(rng.uniform(np.log(1e-4), np.log(1e-2), members))
+    root = jax.random.key(0)
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(root, m))) for m in range(members)])
+    return lrs, keys
+
+
+def grid(sizes: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """Vmapped against sequential over members x hidden: the ratio sequential / vmapped of each cell."""
+    members = _ints(args.grid_members, sizes["members"], "--grid_members")
+    hiddens = _ints(args.grid_hidden, sizes["hidden"], "--grid_hidden")
+    result: dict[str, Any] = {
+        "sizes": {k: v for k, v in sizes.items() if k not in ("members", "hidden")},
+        "jax_backend": jax.default_backend(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "load_average": list(os.getloadavg()),
+        "cells": [],
+    }
+    print(f"batch {sizes['batch']}, {sizes['length']} steps, {sizes['steps']} training steps; jax on "
+          f"{result['jax_backend']}; seconds for the whole population (ratio: sequential / vmapped)")  # fmt: skip
+    print("| members | hidden | vmapped s | sequential s | sequential / vmapped |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for hidden in hiddens:
+        for m in members:
+            cell_sizes = {**sizes, "members": m, "hidden": hidden}
+            timed = time_jax(cell_sizes, *population_inputs(m))
+            ratio = timed["sequential_s"] / timed["vmapped_s"]
+            result["cells"].append({"members": m, "hidden": hidden, **timed, "ratio_sequential_over_vmapped": ratio})
+            print(f"| {m} | {hidden} | {timed['vmapped_s']:.2f} | {timed['sequential_s']:.2f} | {ratio:.2f}x |",
+                  flush=True)  # fmt: skip
+    result["load_average_after"] = list(os.getloadavg())
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.population", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test; timings mean nothing)")
@@ -166,14 +217,20 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--members", type=int, default=0, help="population size (default 64; quick 4)")
     parser.add_argument("--torch_device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch contender")
+    for name in ("hidden", "batch", "length", "steps"):
+        parser.add_argument(
+            f"--{name}", type=int, default=0, help=f"{name} (default {FULL[name]}; quick {QUICK[name]})"
+        )
+    parser.add_argument("--grid_members", default="", help="comma-separated population sizes of a grid (JAX only)")
+    parser.add_argument("--grid_hidden", default="", help="comma-separated hidden sizes of a grid (JAX only)")
     args = parser.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
-    if args.members:
-        sizes["members"] = args.members
-    rng = np.random.default_rng(0)
-    lrs = np.exp(rng.uniform(np.log(1e-4), np.log(1e-2), sizes["members"]))
-    root = jax.random.key(0)
-    keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(root, m))) for m in range(sizes["members"])])
+    for name in ("members", "hidden", "batch", "length", "steps"):
+        if getattr(args, name):
+            sizes[name] = getattr(args, name)
+    if args.grid_members or args.grid_hidden:
+        return grid(sizes, args)
+    lrs, keys = population_inputs(sizes["members"])
 
     result: dict[str, Any] = {
         "sizes": sizes,
