@@ -1,11 +1,13 @@
-"""The optional native LSTM kernel (oneDNN through an XLA FFI custom call) against PyTorch's
+"""The optional native LSTM kernel (XLA FFI custom calls, oneDNN inside) against PyTorch's
 ``nn.LSTM`` and our ``lax.scan`` and ``implementation="vjp"`` layers, interleaved in one process.
 
 Run ``python -m benchmarks.native [--quick] [--repeats=N] [--threads=N] [--out=DIR]`` after
 building the kernel (``python -m recurrent.native.build``). Figures per contender: ``fwd_ms``
 (``xs -> ys``; PyTorch under ``no_grad``) and ``fwdbwd_ms`` (the gradient of ``mean(ys)`` with
 respect to the parameters and ``xs``), medians over interleaved repeats, and each one's ratio to
-PyTorch's median and the median of its per-repeat ratios (paired: both saw the same load). Before
+PyTorch's median and the median of its per-repeat ratios (paired: both saw the same load); the same
+for the process's CPU time per call (``*_cpu_ms``), which other jobs on the machine disturb less
+than the wall-clock time when every contender runs one thread. Before
 timing, the native layer's outputs and gradients are compared with the scan's. ``--quick`` shrinks
 the shape (a smoke test). On a machine that other jobs load, ``--threads=1`` (one thread for
 PyTorch, XLA and oneDNN) is the comparison to trust: threads that wait for each other at every
@@ -18,6 +20,7 @@ import argparse
 import os
 import platform
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +75,29 @@ def agreement(scan, native_apply, params, xs) -> dict[str, float]:
     return {"ys": float(jnp.max(jnp.abs(ys_s - ys_n))), "grad": max(jax.tree.leaves(diffs))}
 
 
+def _cpu_timed(fn, sink: list[float]):
+    """``fn`` that also appends the process's CPU seconds of each call to ``sink``."""
+
+    def call():
+        t = time.process_time()
+        out = fn()
+        sink.append(time.process_time() - t)
+        return out
+
+    return call
+
+
+def _ratios(samples, name: str, w: str, suffix: str = "") -> dict[str, float]:
+    """Median (ms), ratio of medians to PyTorch's and median of per-repeat ratios to PyTorch's."""
+    mine, torch = samples[name, w], samples["torch", w]
+    paired = [a / b for a, b in zip(mine, torch)]
+    return {
+        f"{w}{suffix}_ms": round(statistics.median(mine), 3),
+        f"{w}{suffix}_over_torch": round(statistics.median(mine) / statistics.median(torch), 3),
+        f"{w}{suffix}_over_torch_paired": round(statistics.median(paired), 3),
+    }
+
+
 def single_thread(threads: int) -> None:
     """With one thread, XLA's CPU runtime and oneDNN's SYCL CPU device get one too (before JAX
     starts its backend): a comparison that a loaded machine disturbs less."""
@@ -105,25 +131,32 @@ def main(argv=None):
     for fn in calls.values():  # warm up (and first-call JIT of oneDNN's kernels)
         fn()
     number = {key: calls_per_sample(fn) for key, fn in calls.items()}
-    samples = interleaved(calls, 3 if args.quick else args.repeats, number)
-    med = {key: statistics.median(v) for key, v in samples.items()}
+    cpu_calls = {key: [] for key in calls}
+    samples = interleaved(
+        {key: _cpu_timed(fn, cpu_calls[key]) for key, fn in calls.items()}, 3 if args.quick else args.repeats, number
+    )
+    cpu = {
+        key: [1e3 * sum(v[i : i + number[key]]) / number[key] for i in range(0, len(v), number[key])]
+        for key, v in cpu_calls.items()
+    }
     rows = {}
     for name in built:
         rows[name] = {}
         for w in ("fwd", "fwdbwd"):
-            paired = [a / b for a, b in zip(samples[name, w], samples["torch", w])]
-            rows[name][f"{w}_ms"] = round(med[name, w], 3)
-            rows[name][f"{w}_over_torch"] = round(med[name, w] / med["torch", w], 3)
-            rows[name][f"{w}_over_torch_paired"] = round(statistics.median(paired), 3)
+            rows[name].update(_ratios(samples, name, w))
+            rows[name].update(_ratios(cpu, name, w, "_cpu"))
     print(f"shape B={B} T={T} F={F} H={H}, torch threads={args.threads}, cores={suite.CORES}")
     print(f"native vs scan: max |dys| = {diff['ys']:.2e}, max |dgrad| = {diff['grad']:.2e}")
     print("ratios: of the medians, and (paired) the median over repeats of each repeat's ratio")
     print(f"{'contender':<12}{'fwd_ms':>9}{'/torch':>8}{'paired':>8}{'fwdbwd_ms':>11}{'/torch':>8}{'paired':>8}")
-    for name, r in rows.items():
-        print(
-            f"{name:<12}{r['fwd_ms']:>9.2f}{r['fwd_over_torch']:>8.2f}{r['fwd_over_torch_paired']:>8.2f}"
-            f"{r['fwdbwd_ms']:>11.2f}{r['fwdbwd_over_torch']:>8.2f}{r['fwdbwd_over_torch_paired']:>8.2f}"
-        )
+    for suffix, title in (("", "wall-clock"), ("_cpu", "CPU time of the process")):
+        print(f"{title}:")
+        for name, r in rows.items():
+            f, fb = f"fwd{suffix}", f"fwdbwd{suffix}"
+            print(
+                f"{name:<12}{r[f + '_ms']:>9.2f}{r[f + '_over_torch']:>8.2f}{r[f + '_over_torch_paired']:>8.2f}"
+                f"{r[fb + '_ms']:>11.2f}{r[fb + '_over_torch']:>8.2f}{r[fb + '_over_torch_paired']:>8.2f}"
+            )
     result = {
         "shape": dict(batch=B, steps=T, features=F, hidden=H),
         "threads": args.threads,
@@ -132,6 +165,7 @@ def main(argv=None):
         "agreement": diff,
         "rows": rows,
         "samples_ms": {f"{c}/{w}": v for (c, w), v in samples.items()},
+        "cpu_samples_ms": {f"{c}/{w}": v for (c, w), v in cpu.items()},
     }
     if args.out:
         write_json(os.path.join(args.out, "native.json"), result)

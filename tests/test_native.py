@@ -1,4 +1,4 @@
-"""The optional native LSTM kernel (:mod:`recurrent.native`: oneDNN through an XLA FFI custom call).
+"""The optional native LSTM kernel (:mod:`recurrent.native`: an XLA FFI custom call, oneDNN inside).
 
 The kernel's tests are skipped, with the reason, where it is not built
 (``python -m recurrent.native.build``) or JAX does not run on CPU; where the library file exists
@@ -9,8 +9,10 @@ everywhere.
 Checked: values against the NumPy reference written from the paper's equations (with an initial
 carry, with lengths including 0 and T), values and gradients against the ``lax.scan`` layer to
 1e-5 (forward and reverse; directly and through ``rnn(..., implementation="native")`` with lengths
-and ``carry=``), lengths against per-sequence runs, the inference forward against the training
-forward, ``jax.vmap`` against a loop, and the errors on inputs the kernel does not take.
+and ``carry=``), the fused training path at sizes that leave vector-loop remainders (B = 1, H not a
+multiple of 8), lengths against per-sequence runs, the inference forward (oneDNN's primitive)
+against the training forward (the fused one), ``jax.vmap`` against a loop, and the errors on inputs
+the kernel does not take.
 """
 
 from __future__ import annotations
@@ -115,6 +117,21 @@ def test_values_and_gradients_match_scan(lengths, reverse):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(1, 7, 3, 13), (3, 9, 5, 21)], ids=["B1_H13", "B3_H21"])
+def test_training_path_matches_scan_at_odd_sizes(shape):
+    """The fused training forward and backward where the vector loops have remainders: H not a
+    multiple of 8 (nor of 16), and a batch of one."""
+    b, t, f, h = shape
+    cell = recurrent.lstm(h)
+    keys = jax.random.split(jax.random.key(6), 4)
+    params = cell.init(keys[0], (f,))
+    xs = jax.random.normal(keys[1], (b, t, f))
+    carry = recurrent.LSTMState(jax.random.normal(keys[2], (b, h)), jax.random.normal(keys[3], (b, h)))
+    for lengths in (None, jnp.array([t - 2] + [t] * (b - 1))):
+        _close(_loss(_native(), lengths)(params, xs, carry), _loss(_scan(cell), lengths)(params, xs, carry))
+
+
+@needs_kernel
 @pytest.mark.parametrize("shape", [(B, 0, F), (0, T, F)], ids=["no_steps", "no_batch"])
 def test_empty_inputs(shape):
     cell, params, _, _ = _setup()
@@ -130,7 +147,7 @@ def test_inference_forward_matches_training_forward():
     _, params, xs, carry = _setup(2)
     inference = jax.jit(native.lstm_layer)(*params[:3], xs, carry.h, carry.c)
     training, _ = jax.jit(lambda *a: jax.vjp(native.lstm_layer, *a))(*params[:3], xs, carry.h, carry.c)
-    _close(inference, training, tol=0)
+    _close(inference, training)  # two implementations: oneDNN's primitive and the fused training forward
 
 
 @needs_kernel

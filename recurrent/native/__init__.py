@@ -1,5 +1,7 @@
-r"""The optional native LSTM kernel: one plain float32 LSTM layer as one XLA FFI custom call into
-oneDNN's LSTM primitive (forward training and backward), the library PyTorch uses on CPU.
+r"""The optional native LSTM kernel: one plain float32 LSTM layer as XLA FFI custom calls. The
+undifferentiated forward is oneDNN's LSTM primitive (the kernel PyTorch's CPU LSTM runs); training
+runs a hand-fused forward and backward around oneDNN's JIT GEMM (``dnnl_sgemm``), because oneDNN's
+primitive runs reference code for training on CPUs.
 
 Nothing imports this module by default, and importing it loads nothing: the compiled kernel is
 loaded on the first call. Build it as a wheel (CMake through scikit-build-core)::
@@ -21,7 +23,11 @@ or in place, into ``recurrent/native/_build/`` (git-ignored)::
 
     z_t = x_t W + h_{t-1} U + b, \quad c_t = f_t c_{t-1} + i_t g_t, \quad h_t = o_t \tanh c_t
 
-over batch-first ``xs (B, T, F)`` and is a ``jax.custom_vjp`` whose backward is oneDNN's. With
+over batch-first ``xs (B, T, F)`` and is a ``jax.custom_vjp``. Its training forward makes one GEMM
+per step, ``[x_t, h_{t-1}] [W; U]``, and one fused pointwise loop that keeps the gate activations
+and ``c_t`` in a workspace; its backward makes, per step backwards, one fused pointwise loop for the
+gate gradients and one GEMM ``[dx_t, dh_{t-1}] = dz_t [W; U]^T``, then ``[dW; dU]`` as one GEMM
+over all steps. With
 ``lengths`` (:func:`apply`), each sequence is frozen after its last valid step by one extra
 input feature whose weights saturate the input gate shut and the forget gate open (so
 ``c`` is carried exactly and no gradient flows through the padding); ``h`` is read from the
@@ -87,7 +93,7 @@ def reason() -> str | None:
 
 
 def _load() -> ctypes.CDLL:
-    """Loads the kernel once and registers its two FFI targets with XLA."""
+    """Loads the kernel once and registers its three FFI targets with XLA."""
     global _library
     with _lock:
         if _library is None:
@@ -114,10 +120,8 @@ def _sycl_cpu_device() -> None:
 
 @functools.cache
 def _workspace_bytes(B: int, T: int, F: int, H: int) -> int:
-    n = _load().recurrent_lstm_workspace_bytes(B, T, F, H)
-    if n < 0:
-        raise RuntimeError(f"oneDNN cannot build an LSTM primitive for B={B}, T={T}, F={F}, H={H}")
-    return n
+    """Bytes of what the training forward keeps for the backward (the gate activations and c)."""
+    return _load().recurrent_lstm_workspace_bytes(B, T, F, H)
 
 
 def _forward_call(W, U, b, xs_TBF, h0, c0):
@@ -135,7 +139,8 @@ def _forward_call(W, U, b, xs_TBF, h0, c0):
 
 @jax.custom_vjp
 def _layer(W, U, b, xs_TBF, h0, c0):
-    """Undifferentiated: oneDNN's inference forward, which keeps no workspace."""
+    """Undifferentiated: oneDNN's inference forward, which keeps no workspace. Differentiated: the
+    fused training forward and backward."""
     _load()
     T, B, _ = xs_TBF.shape
     out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in ((T, B, U.shape[0]), h0.shape, c0.shape))
@@ -162,8 +167,8 @@ _layer.defvjp(_fwd, _bwd)
 
 def lstm_layer(W, U, b, xs_BTF, h0, c0):
     """``(ys, h_T, c_T)`` of a plain LSTM over batch-first float32 ``xs_BTF (B, T, F)`` with
-    ``W (F, 4H)``, ``U (H, 4H)``, ``b (4H,)`` and initial ``h0, c0 (B, H)``, through oneDNN
-    (time-major inside: oneDNN's fast implementation reads ``(T, B, F)``)."""
+    ``W (F, 4H)``, ``U (H, 4H)``, ``b (4H,)`` and initial ``h0, c0 (B, H)`` through the native
+    kernel (time-major inside: oneDNN's fast implementation reads ``(T, B, F)``)."""
     ys, h, c = _layer(W, U, b, jnp.moveaxis(xs_BTF, 1, 0), h0, c0)
     return jnp.moveaxis(ys, 0, 1), h, c
 
@@ -236,7 +241,7 @@ def kernel() -> Any:
     """The native kernel as a :class:`~recurrent.SequenceKernel` for a plain float32 LSTM's spec:
     its ``reason`` says why it cannot run (not built, not on CPU, other parameters or dtypes), and
     the driver then falls back to its scan with a :class:`~recurrent.FallbackWarning`. It stores
-    oneDNN's workspace for the backward pass, so ``remat=True`` falls back too."""
+    a workspace for the backward pass, so ``remat=True`` falls back too."""
     from recurrent._core import SequenceKernel
     from recurrent._lstm import LSTMParams
 

@@ -1,20 +1,30 @@
-// One plain LSTM layer as one XLA FFI custom call into oneDNN's LSTM primitive (forward
-// training and backward), the library PyTorch's CPU LSTM uses.
+// One plain LSTM layer as XLA FFI custom calls: the undifferentiated forward through oneDNN's
+// LSTM primitive (its fast brgemm inference kernel, the one PyTorch's CPU LSTM uses), and a
+// hand-fused training forward and backward around oneDNN's JIT GEMM (`dnnl_sgemm`).
 //
 // Layouts (float32, one layer, one direction, time-major):
 //   x (T, B, F), W (F, 4H), U (H, 4H), b (4H,), h0, c0 (B, H); gates i, f, g, o.
-// Ours are oneDNN's user layouts as they are: x is `tnc` (oneDNN picks its fast brgemm
-// implementation for `tnc`, its reference one for batch-first `ntc`), W and U are `ldigo` with L = D = 1
-// (i over inputs, g over the four gates, o over H), b is `ldgo`, and oneDNN's gate order
-// (i, f, c~, o) is ours, so no gate reorder is needed. The primitive picks its own weight
-// layouts (`any`); the weights are reordered into them on every call (they change every step
-// of training), and the gradients back.
+// For the primitive, ours are oneDNN's user layouts as they are: x is `tnc` (oneDNN picks its fast
+// brgemm implementation for `tnc`, its reference one for batch-first `ntc`), W and U are `ldigo`
+// with L = D = 1, b is `ldgo`, and oneDNN's gate order (i, f, c~, o) is ours. The primitive picks
+// its own weight layouts (`any`); the weights are reordered into them on every call.
 //
-// The forward keeps oneDNN's workspace (its saved gates) as an output, so the backward call
-// reads it instead of recomputing the forward.
+// Training (oneDNN's LSTM primitive runs reference code for forward training and backward on
+// CPUs, so it is not used there):
+//   forward   Z = x W (all steps, one GEMM) into the workspace; per step Z_t += h_{t-1} U (one
+//             GEMM) and one fused pointwise loop that adds b, applies the gates, writes c_t, h_t
+//             and overwrites Z_t with the activations (i, f, g, o) the backward reads.
+//   backward  per step, backwards: one fused pointwise loop gives dZ_t and dc_{t-1}, then
+//             dh_{t-1} = dZ_t U^T (one GEMM); after the loop the weight gradients as single GEMMs
+//             over all steps: dU = H_prev^T dZ, dW = x^T dZ, dx = dZ W^T, db = column sums of dZ.
+// Workspace (float32): the activations A (T, B, 4H), then c (T, B, H).
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -24,6 +34,7 @@
 #include <tuple>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -49,8 +60,8 @@ dnnl::stream& Stream() {
   return stream;
 }
 
-// One lock around the primitive caches and every execution: XLA may run custom calls from
-// several threads, and the primitives share one stream.
+// One lock around the primitive cache and every execution of the primitive: XLA may run custom
+// calls from several threads, and the primitives share one stream. The training path needs none.
 std::mutex& Lock() {
   static std::mutex mutex;
   return mutex;
@@ -71,44 +82,21 @@ Descs UserDescs(const Shape& s) {
 
 memory::desc Any(const memory::desc& d) { return memory::desc(d.get_dims(), dt::f32, tag::any); }
 
-dnnl::lstm_forward::primitive_desc ForwardPd(const Shape& s, bool training) {
-  Descs d = UserDescs(s);
-  return dnnl::lstm_forward::primitive_desc(
-      Engine(), training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference, dnnl::rnn_direction::unidirectional_left2right, d.x, d.h, d.h,
-      Any(d.W), Any(d.U), d.b, d.y, d.h, d.h);
-}
-
+// oneDNN's inference forward for one shape.
 struct Forward {
   dnnl::lstm_forward::primitive_desc pd;
   dnnl::lstm_forward prim;
 };
 
-struct Backward {
-  dnnl::lstm_backward::primitive_desc pd;
-  dnnl::lstm_backward prim;
-};
-
-// The forward primitive for one shape; `training` keeps the workspace the backward reads.
-Forward& ForwardFor(const Shape& s, bool training = true) {
-  static std::map<std::pair<Shape, bool>, std::unique_ptr<Forward>> cache;
-  auto& slot = cache[{s, training}];
-  if (!slot) {
-    auto pd = ForwardPd(s, training);
-    slot.reset(new Forward{pd, dnnl::lstm_forward(pd)});
-  }
-  return *slot;
-}
-
-Backward& BackwardFor(const Shape& s) {
-  static std::map<Shape, std::unique_ptr<Backward>> cache;
+Forward& ForwardFor(const Shape& s) {
+  static std::map<Shape, std::unique_ptr<Forward>> cache;
   auto& slot = cache[s];
   if (!slot) {
     Descs d = UserDescs(s);
-    auto pd = dnnl::lstm_backward::primitive_desc(
-        Engine(), dnnl::prop_kind::backward, dnnl::rnn_direction::unidirectional_left2right, d.x, d.h, d.h,
-        Any(d.W), Any(d.U), d.b, d.y, d.h, d.h, d.x, d.h, d.h, Any(d.W), Any(d.U), d.b, d.y, d.h, d.h,
-        ForwardFor(s).pd);
-    slot.reset(new Backward{pd, dnnl::lstm_backward(pd)});
+    dnnl::lstm_forward::primitive_desc pd(Engine(), dnnl::prop_kind::forward_inference,
+                                          dnnl::rnn_direction::unidirectional_left2right, d.x, d.h, d.h, Any(d.W),
+                                          Any(d.U), d.b, d.y, d.h, d.h);
+    slot.reset(new Forward{pd, dnnl::lstm_forward(pd)});
   }
   return *slot;
 }
@@ -123,35 +111,28 @@ memory Into(const memory& user, const memory::desc& want) {
   return out;
 }
 
-// Zeroed memory in the primitive's layout `want` for the output `user`: `user` itself if they agree.
-memory Scratch(const memory& user, const memory::desc& want) {
-  memory out = user.get_desc() == want ? user : memory(want, Engine());
-  std::memset(out.get_data_handle(), 0, want.get_size());
-  return out;
+ffi::Error Fail(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInternal, "recurrent native LSTM: " + what);
 }
-
-ffi::Error Fail(const std::string& what) { return ffi::Error(ffi::ErrorCode::kInternal, "recurrent native LSTM: " + what); }
 
 Shape ShapeOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& U) {
   auto xd = x.dimensions();
   return {xd[1], xd[0], xd[2], U.dimensions()[0]};  // x is (T, B, F)
 }
 
-// `workspace` is null for inference (no backward follows).
-ffi::Error Run(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& W, ffi::Buffer<ffi::F32>& U, ffi::Buffer<ffi::F32>& b,
-               ffi::Buffer<ffi::F32>& h0, ffi::Buffer<ffi::F32>& c0, ffi::ResultBuffer<ffi::F32>& ys,
-               ffi::ResultBuffer<ffi::F32>& hT, ffi::ResultBuffer<ffi::F32>& cT, ffi::ResultBuffer<ffi::U8>* workspace) {
+// The undifferentiated forward: oneDNN's inference primitive.
+ffi::Error InferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                         ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                         ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
+                         ffi::ResultBuffer<ffi::F32> cT) {
   try {
     Shape s = ShapeOf(x, U);
     std::lock_guard<std::mutex> guard(Lock());
-    Forward& f = ForwardFor(s, workspace != nullptr);
-    if (workspace && (*workspace)->size_bytes() != f.pd.workspace_desc().get_size())
-      return Fail("workspace size mismatch");
+    Forward& f = ForwardFor(s);
     Descs d = UserDescs(s);
     memory Wp = Into(Wrap(d.W, W.typed_data()), f.pd.weights_layer_desc());
     memory Up = Into(Wrap(d.U, U.typed_data()), f.pd.weights_iter_desc());
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, Wrap(d.x, x.typed_data())},
+    f.prim.execute(Stream(), {{DNNL_ARG_SRC_LAYER, Wrap(d.x, x.typed_data())},
                               {DNNL_ARG_SRC_ITER, Wrap(d.h, h0.typed_data())},
                               {DNNL_ARG_SRC_ITER_C, Wrap(d.h, c0.typed_data())},
                               {DNNL_ARG_WEIGHTS_LAYER, Wp},
@@ -159,9 +140,7 @@ ffi::Error Run(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& W, ffi::Buffer<f
                               {DNNL_ARG_BIAS, Wrap(d.b, b.typed_data())},
                               {DNNL_ARG_DST_LAYER, Wrap(d.y, ys->typed_data())},
                               {DNNL_ARG_DST_ITER, Wrap(d.h, hT->typed_data())},
-                              {DNNL_ARG_DST_ITER_C, Wrap(d.h, cT->typed_data())}};
-    if (workspace) args[DNNL_ARG_WORKSPACE] = Wrap(f.pd.workspace_desc(), (*workspace)->untyped_data());
-    f.prim.execute(Stream(), args);
+                              {DNNL_ARG_DST_ITER_C, Wrap(d.h, cT->typed_data())}});
     Stream().wait();
   } catch (const dnnl::error& e) {
     return Fail(e.what());
@@ -169,18 +148,184 @@ ffi::Error Run(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& W, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// ---- The fused training path ----------------------------------------------------------------
+
+// Row-major C (M, N) = alpha op(A) op(B) + beta C through oneDNN's JIT GEMM; false on failure.
+bool Gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B_,
+          int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return true;
+  if (K == 0) {  // dnnl_sgemm may reject K = 0: C = beta C
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.f ? 0.f : beta * C[m * ldc + n];
+    return true;
+  }
+  return dnnl_sgemm(ta, tb, M, N, K, 1.f, A, lda, B_, ldb, beta, C, ldc) == dnnl_success;
+}
+
+// exp(x) for x in [-87.3, 88.3] (clamped outside), Cephes' single-precision polynomial (about
+// 1 ulp), written so that the compiler vectorises the loops that inline it.
+inline float Exp(float x) {
+  x = x > 88.3f ? 88.3f : x;
+  x = x < -87.3f ? -87.3f : x;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (branch-free, unlike floor without SSE4.1).
+  float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Exactly 0 below -87 and exactly 1 above 17 (1 + e^-x rounds to 1): the hold input that freezes
+// padded steps saturates the input and forget gates with +-1e30, which must give exact 0 and 1.
+inline float Sigmoid(float x) {
+  float s = 1.f / (1.f + Exp(-x));
+  return x < -87.f ? 0.f : s;
+}
+
+inline float Tanh(float x) {
+  float e = Exp(x < 0.f ? 2.f * x : -2.f * x);
+  float t = (1.f - e) / (1.f + e);
+  return x < 0.f ? -t : t;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define RECURRENT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RECURRENT_CLONES
+#endif
+
+// One step's gates: z (B, 4H) holds [x_t, h_{t-1}] [W; U] and becomes the activations (i, f, g, o);
+// writes c_t and h_t. `__restrict`: the arrays never overlap, which lets the loop vectorise.
+RECURRENT_CLONES void ForwardStep(int64_t B, int64_t H, float* __restrict z, const float* __restrict bias,
+                                  const float* __restrict c_prev, float* __restrict c, float* __restrict h) {
+  for (int64_t n = 0; n < B; ++n) {
+    float* __restrict zi = z + n * 4 * H;
+    float* __restrict zf = zi + H;
+    float* __restrict zg = zf + H;
+    float* __restrict zo = zg + H;
+    const float* __restrict cp = c_prev + n * H;
+    float* __restrict cn = c + n * H;
+    float* __restrict hn = h + n * H;
+    for (int64_t j = 0; j < H; ++j) {
+      float i = Sigmoid(zi[j] + bias[j]);
+      float f = Sigmoid(zf[j] + bias[H + j]);
+      float g = Tanh(zg[j] + bias[2 * H + j]);
+      float o = Sigmoid(zo[j] + bias[3 * H + j]);
+      float cj = f * cp[j] + i * g;
+      zi[j] = i;
+      zf[j] = f;
+      zg[j] = g;
+      zo[j] = o;
+      cn[j] = cj;
+      hn[j] = o * Tanh(cj);
+    }
+  }
+}
+
+// One step backwards: from the activations a (B, 4H), c_t, c_{t-1}, dh = dL/dh_t from step t + 1
+// (rows `dh_stride` apart) plus dy = dL/dy_t, and dc = dL/dc_t (updated in place to dL/dc_{t-1}),
+// the gate gradients dz (B, 4H), summed into db (4H).
+RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, const float* __restrict a, const float* __restrict c,
+                                   const float* __restrict c_prev, const float* __restrict dh, int64_t dh_stride,
+                                   const float* __restrict dy, float* __restrict dc, float* __restrict dz,
+                                   float* __restrict db) {
+  for (int64_t n = 0; n < B; ++n) {
+    const float* __restrict ai = a + n * 4 * H;
+    const float* __restrict af = ai + H;
+    const float* __restrict ag = af + H;
+    const float* __restrict ao = ag + H;
+    const float* __restrict cn = c + n * H;
+    const float* __restrict cp = c_prev + n * H;
+    const float* __restrict dhn = dh + n * dh_stride;
+    const float* __restrict dyn = dy + n * H;
+    float* __restrict dcn = dc + n * H;
+    float* __restrict di = dz + n * 4 * H;
+    float* __restrict df = di + H;
+    float* __restrict dg = df + H;
+    float* __restrict dO = dg + H;
+    for (int64_t j = 0; j < H; ++j) {
+      float i = ai[j], f = af[j], g = ag[j], o = ao[j];
+      float tc = Tanh(cn[j]);
+      float dhj = dhn[j] + dyn[j];
+      float dcj = dcn[j] + dhj * o * (1.f - tc * tc);
+      di[j] = dcj * g * i * (1.f - i);
+      df[j] = dcj * cp[j] * f * (1.f - f);
+      dg[j] = dcj * i * (1.f - g * g);
+      dO[j] = dhj * tc * o * (1.f - o);
+      dcn[j] = dcj * f;
+    }
+    for (int64_t k = 0; k < 4 * H; ++k) db[k] += di[k];
+  }
+}
+
+// Scratch memory that stays with the calling thread between calls (no page faults per call).
+float* Scratch(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// a (R, C) row-major into out (C, R), whose rows are `ld` apart.
+void Transpose(const float* a, int64_t R, int64_t C, float* out, int64_t ld) {
+  constexpr int64_t k = 32;
+  for (int64_t r0 = 0; r0 < R; r0 += k)
+    for (int64_t c0 = 0; c0 < C; c0 += k)
+      for (int64_t r = r0; r < std::min(R, r0 + k); ++r)
+        for (int64_t c = c0; c < std::min(C, c0 + k); ++c) out[c * ld + r] = a[r * C + c];
+}
+
+// Rows of `cols` floats from `src` (rows `src_stride` apart) into `dst` (rows `dst_stride` apart).
+void CopyRows(int64_t rows, int64_t cols, const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, cols * sizeof(float));
+}
+
+// The workspace (float32): the activations A (T, B, 4H), then c (T, B, H). Kept this small on purpose:
+// XLA allocates it on every call, and the pages of a fresh (mmap-ed) allocation fault when first written.
+int64_t WorkspaceFloats(const Shape& s) { return s.T * s.B * 5 * s.H; }
+
+// The fused training forward (the undifferentiated one is oneDNN's primitive: faster here).
+ffi::Error Fused(const Shape& s, const float* x, const float* W, const float* U, const float* b, const float* h0,
+                 const float* c0, float* ys, float* hT, float* cT, float* workspace) {
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
+  thread_local std::vector<float> scratch;
+  // [W; U] (F + H, 4H), so that one GEMM per step, [x_t, h_{t-1}] [W; U], gives the whole
+  // pre-activation, and xh, one step's [x_t, h_{t-1}].
+  float* WU = Scratch(scratch, K * G + B * K);
+  float* xh = WU + K * G;
+  std::memcpy(WU, W, F * G * sizeof(float));
+  std::memcpy(WU + F * G, U, H * G * sizeof(float));
+  float* A = workspace;
+  float* C = A + T * B * G;
+  for (int64_t t = 0; t < T; ++t) {
+    float* z = A + t * B * G;
+    CopyRows(B, F, x + t * B * F, F, xh, K);
+    CopyRows(B, H, t == 0 ? h0 : ys + (t - 1) * B * H, H, xh + F, K);
+    if (!Gemm('N', 'N', B, G, K, xh, K, WU, G, 0.f, z, G)) return Fail("[x, h] [W; U] failed");
+    ForwardStep(B, H, z, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
+  }
+  std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(float));
+  std::memcpy(cT, C + (T - 1) * B * H, B * H * sizeof(float));
+  return ffi::Error::Success();
+}
+
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                        ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
                        ffi::ResultBuffer<ffi::U8> workspace) {
-  return Run(x, W, U, b, h0, c0, ys, hT, cT, &workspace);
-}
-
-ffi::Error InferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
-                         ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                         ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
-                         ffi::ResultBuffer<ffi::F32> cT) {
-  return Run(x, W, U, b, h0, c0, ys, hT, cT, nullptr);
+  Shape s = ShapeOf(x, U);
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace->size_bytes() != static_cast<size_t>(WorkspaceFloats(s)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  return Fused(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
+               ys->typed_data(), hT->typed_data(), cT->typed_data(),
+               reinterpret_cast<float*>(workspace->untyped_data()));
 }
 
 ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
@@ -190,60 +335,54 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
                         ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dW,
                         ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
                         ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
-  try {
-    Shape s = ShapeOf(x, U);
-    std::lock_guard<std::mutex> guard(Lock());
-    Backward& bw = BackwardFor(s);
-    Descs d = UserDescs(s);
-    memory Wp = Into(Wrap(d.W, W.typed_data()), bw.pd.weights_layer_desc());
-    memory Up = Into(Wrap(d.U, U.typed_data()), bw.pd.weights_iter_desc());
-    // The weight gradients go straight into the outputs where oneDNN's layout is ours, else
-    // through a buffer reordered after. oneDNN accumulates into them: start them at zero.
-    memory dWu = Wrap(d.W, dW->typed_data());
-    memory dUu = Wrap(d.U, dU->typed_data());
-    memory dWp = Scratch(dWu, bw.pd.diff_weights_layer_desc());
-    memory dUp = Scratch(dUu, bw.pd.diff_weights_iter_desc());
-    std::memset(db->untyped_data(), 0, db->size_bytes());
-    memory dbm = Wrap(d.b, db->typed_data());
-    bw.prim.execute(Stream(), {{DNNL_ARG_SRC_LAYER, Wrap(d.x, x.typed_data())},
-                               {DNNL_ARG_SRC_ITER, Wrap(d.h, h0.typed_data())},
-                               {DNNL_ARG_SRC_ITER_C, Wrap(d.h, c0.typed_data())},
-                               {DNNL_ARG_WEIGHTS_LAYER, Wp},
-                               {DNNL_ARG_WEIGHTS_ITER, Up},
-                               {DNNL_ARG_BIAS, Wrap(d.b, b.typed_data())},
-                               {DNNL_ARG_DST_LAYER, Wrap(d.y, ys.typed_data())},
-                               {DNNL_ARG_DST_ITER, Wrap(d.h, hT.typed_data())},
-                               {DNNL_ARG_DST_ITER_C, Wrap(d.h, cT.typed_data())},
-                               {DNNL_ARG_WORKSPACE, Wrap(bw.pd.workspace_desc(), workspace.untyped_data())},
-                               {DNNL_ARG_DIFF_DST_LAYER, Wrap(d.y, dys.typed_data())},
-                               {DNNL_ARG_DIFF_DST_ITER, Wrap(d.h, dhT.typed_data())},
-                               {DNNL_ARG_DIFF_DST_ITER_C, Wrap(d.h, dcT.typed_data())},
-                               {DNNL_ARG_DIFF_SRC_LAYER, Wrap(d.x, dx->typed_data())},
-                               {DNNL_ARG_DIFF_SRC_ITER, Wrap(d.h, dh0->typed_data())},
-                               {DNNL_ARG_DIFF_SRC_ITER_C, Wrap(d.h, dc0->typed_data())},
-                               {DNNL_ARG_DIFF_WEIGHTS_LAYER, dWp},
-                               {DNNL_ARG_DIFF_WEIGHTS_ITER, dUp},
-                               {DNNL_ARG_DIFF_BIAS, dbm}});
-    if (dWp.get_data_handle() != dWu.get_data_handle()) dnnl::reorder(dWp, dWu).execute(Stream(), dWp, dWu);
-    if (dUp.get_data_handle() != dUu.get_data_handle()) dnnl::reorder(dUp, dUu).execute(Stream(), dUp, dUu);
-    Stream().wait();
-  } catch (const dnnl::error& e) {
-    return Fail(e.what());
+  Shape s = ShapeOf(x, U);
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
+  if (T == 0 || B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace.size_bytes() != static_cast<size_t>(WorkspaceFloats(s)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  const float* A = reinterpret_cast<const float*>(workspace.untyped_data());
+  const float* C = A + T * B * G;
+  thread_local std::vector<float> dz_buffer, weights;
+  // dZ (T, B, 4H) and XH (T, B, F + H) = [x_t, h_{t-1}] of every step, for [dW; dU] = XH^T dZ.
+  float* dZ = Scratch(dz_buffer, T * B * (G + K));
+  float* XH = dZ + T * B * G;
+  CopyRows(T * B, F, x.typed_data(), F, XH, K);
+  CopyRows(B, H, h0.typed_data(), H, XH + F, K);
+  CopyRows((T - 1) * B, H, ys.typed_data(), H, XH + B * K + F, K);
+  // [W; U]^T (4H, F + H) once, so that one GEMM per step gives [dx_t, dh_{t-1}] = dz_t [W; U]^T
+  // (a transposed operand would cost dnnl_sgemm a repacking on every call); then dxh, one step's
+  // [dx_t, dh_{t-1}], and dWU, [dW; dU].
+  float* WUt = Scratch(weights, G * K + B * K + K * G);
+  float* dxh = WUt + G * K;
+  float* dWU = dxh + B * K;
+  Transpose(W.typed_data(), F, G, WUt, K);
+  Transpose(U.typed_data(), H, G, WUt + F, K);
+  float* dc = dc0->typed_data();
+  float* dbias = db->typed_data();
+  CopyRows(B, H, dhT.typed_data(), H, dxh + F, K);
+  std::memcpy(dc, dcT.typed_data(), B * H * sizeof(float));
+  std::fill(dbias, dbias + G, 0.f);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float* c_prev = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+    float* dz = dZ + t * B * G;
+    BackwardStep(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, dys.typed_data() + t * B * H, dc, dz, dbias);
+    if (!Gemm('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T failed");
+    CopyRows(B, F, dxh, K, dx->typed_data() + t * B * F, F);
   }
+  CopyRows(B, H, dxh + F, K, dh0->typed_data(), H);
+  // [dW; dU] = XH^T dZ over all steps at once.
+  if (!Gemm('T', 'N', K, G, T * B, XH, K, dZ, G, 0.f, dWU, G)) return Fail("[x, h]^T dz failed");
+  std::memcpy(dW->typed_data(), dWU, F * G * sizeof(float));
+  std::memcpy(dU->typed_data(), dWU + F * G, H * G * sizeof(float));
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 // The workspace's size in bytes for one shape (the Python wrapper sizes the forward's
-// workspace output with it at trace time); -1 if oneDNN cannot build the primitive.
+// workspace output with it at trace time).
 extern "C" int64_t recurrent_lstm_workspace_bytes(int64_t B, int64_t T, int64_t F, int64_t H) {
-  try {
-    std::lock_guard<std::mutex> guard(Lock());
-    return static_cast<int64_t>(ForwardFor({B, T, F, H}).pd.workspace_desc().get_size());
-  } catch (const dnnl::error&) {
-    return -1;
-  }
+  return WorkspaceFloats({B, T, F, H}) * static_cast<int64_t>(sizeof(float));
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmForward, ForwardImpl,
