@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import recurrent
+from tests.fast_compiles import optimisations_off
 from tests.registry import CELLS, FORWARD_ONLY, REGISTRY, by_id, jitted_apply, step_loop, to_numpy
 
 each = pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.id)
@@ -46,10 +47,8 @@ pytestmark = pytest.mark.filterwarnings("error::recurrent.FallbackWarning")
 def _fast_compiles():
     """Hundreds of tiny programs are compiled here; XLA's optimisation passes would take most
     of the battery's time. Results are compared with tolerances, so unoptimised code is fine."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 T = 5

@@ -25,6 +25,7 @@ import pytest
 
 import recurrent
 from tests import reference_family as ref
+from tests.fast_compiles import optimisations_off
 from tests.registry import step_loop
 
 B, T, H, C = 2, 5, 2, 2
@@ -36,10 +37,8 @@ _relu = lambda x: np.maximum(x, 0.0)  # noqa: E731
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
     """Many tiny programs; results are compared in float64, so unoptimised code is fine."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 def randomize(params, seed):

@@ -22,11 +22,21 @@ import pytest
 
 import recurrent
 from tests import reference_family as ref
+from tests.fast_compiles import optimisations_off
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, T = 2, 6
 LENGTHS = np.array([T, 3])
 F, H, P = 3, 4, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """A program per configuration, each run once against the NumPy reference: XLA's optimisation
+    passes would take most of the time."""
+    with optimisations_off():
+        yield
+
 
 identity = ref.identity
 

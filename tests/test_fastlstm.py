@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import recurrent
+from tests.fast_compiles import optimisations_off
 
 B, T, F, H = 3, 7, 4, 5
 
@@ -20,6 +21,14 @@ B, T, F, H = 3, 7, 4, 5
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Each check compiles a gradient of a small scan on both paths; XLA's optimisation passes
+    would take most of the time. Both sides of each comparison are compiled alike."""
+    with optimisations_off():
         yield
 
 
@@ -47,10 +56,21 @@ def _randomised(params):
     )
 
 
-@pytest.mark.parametrize("cell", list(LSTMS))
-@pytest.mark.parametrize("projection", ["fused", "hoisted"])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("time_major", [False, True])
+# (reverse, time_major). The hand-written pass itself sees every sequence forwards and batch-first:
+# the driver reverses the valid prefixes and moves the time axis around it (``_rnn._kernel_apply``),
+# the same code for every cell. So the plain LSTM runs in all four layouts with both projections,
+# and each other cell (whose pass differs in the gates and the peepholes) in two of them, so that
+# every layout meets several cells.
+LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
+LSTM_CASES = [
+    pytest.param(cell, projection, reverse, time_major, id=f"{time_major}-{reverse}-{projection}-{cell}")
+    for k, cell in enumerate(LSTMS)
+    for j, projection in enumerate(["fused", "hoisted"])
+    for reverse, time_major in (LAYOUTS if k == 0 else [LAYOUTS[(2 * k + j + 1) % 4]])
+]
+
+
+@pytest.mark.parametrize("cell, projection, reverse, time_major", LSTM_CASES)
 def test_vjp_equals_scan_autodiff_in_float64(x64, cell, projection, reverse, time_major):
     make = lambda implementation: recurrent.rnn(  # noqa: E731
         LSTMS[cell](param_dtype=jnp.float64),
@@ -72,8 +92,10 @@ def test_vjp_equals_scan_autodiff_in_float64(x64, cell, projection, reverse, tim
             c, ys = layer.apply(params, xs, lengths=lengths, carry=carry, time_major=time_major)
         return jnp.sum(jnp.sin(3 * ys)) + jnp.sum(jnp.sin(c.h)) + jnp.sum(c.c**2), (c, ys)
 
-    got = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
-    want = jax.value_and_grad(lambda *a: loss(scan, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
+    value_and_grad = lambda layer: jax.value_and_grad(  # noqa: E731
+        lambda *a: loss(layer, *a), argnums=(0, 1, 2), has_aux=True
+    )(params, xs, carry)
+    got, want = jax.jit(lambda: (value_and_grad(fast), value_and_grad(scan)))()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -85,9 +107,10 @@ def test_vjp_vmaps_and_jits():
     xs = _rand((B, T, F), 1, jnp.float32)
     grad = jax.jit(jax.vmap(jax.grad(lambda p: jnp.sum(fast.apply(p, xs)[1] ** 2))))(params)
     scan = recurrent.rnn(recurrent.lstm(H))
+    scan_grad = jax.jit(jax.grad(lambda p: jnp.sum(scan.apply(p, xs)[1] ** 2)))  # one member at a time
     for m in range(3):
         p = jax.tree.map(lambda a: a[m], params)
-        want = jax.grad(lambda p: jnp.sum(scan.apply(p, xs)[1] ** 2))(p)
+        want = scan_grad(p)
         for a, b in zip(jax.tree.leaves(jax.tree.map(lambda a: a[m], grad)), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -109,8 +132,8 @@ def test_vjp_fallbacks_say_why(make, options, match):
     params = fast.init(jax.random.key(0), (F,))
     xs = _rand((B, T, F), 1, jnp.float32)
     with pytest.warns(recurrent.FallbackWarning, match=rf'implementation="vjp".*{match}'):
-        got = fast.apply(params, xs)
-    want = recurrent.rnn(make(), **options).apply(params, xs)
+        got = jax.jit(fast.apply)(params, xs)  # the warning comes as the program is traced
+    want = jax.jit(recurrent.rnn(make(), **options).apply)(params, xs)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
 
@@ -149,8 +172,10 @@ def test_vjp_in_bfloat16_follows_the_cells_rounding(name):
     def value_and_grad(layer):
         return jax.value_and_grad(lambda *a: loss(layer, *a), (0, 1), has_aux=True)(params, xs)
 
-    (_, (got_s, got_ys)), got_g = value_and_grad(fast)
-    (_, (want_s, want_ys)), want_g = value_and_grad(scan)
+    float32 = make("scan", None)
+    ((_, (got_s, got_ys)), got_g), ((_, (want_s, want_ys)), want_g), (_, ref) = jax.jit(
+        lambda: [value_and_grad(layer) for layer in (fast, scan, float32)]
+    )()
     assert got_ys.dtype == want_ys.dtype == jnp.bfloat16 and got_s.dtype == want_s.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got_ys, np.float32), np.asarray(want_ys, np.float32), atol=2**-8)
     np.testing.assert_allclose(got_s, want_s, rtol=1e-2, atol=1e-2)
@@ -158,7 +183,6 @@ def test_vjp_in_bfloat16_follows_the_cells_rounding(name):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=5e-2, atol=2e-2 * float(jnp.abs(b).max()))
     # and both are close to float32's gradients (bfloat16 is not a silent wrong answer)
-    _, ref = value_and_grad(make("scan", None))
     for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(jnp.abs(b).max()))
 
@@ -203,8 +227,10 @@ def test_gru_vjp_equals_scan_autodiff_in_float64(x64, projection, reverse):
             h, ys = layer.apply(params, xs, lengths=lengths, carry=carry)
         return jnp.sum(jnp.sin(3 * ys)) + jnp.sum(h**2), (h, ys)
 
-    got = jax.value_and_grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
-    want = jax.value_and_grad(lambda *a: loss(scan, *a), argnums=(0, 1, 2), has_aux=True)(params, xs, carry)
+    value_and_grad = lambda layer: jax.value_and_grad(  # noqa: E731
+        lambda *a: loss(layer, *a), argnums=(0, 1, 2), has_aux=True
+    )(params, xs, carry)
+    got, want = jax.jit(lambda: (value_and_grad(fast), value_and_grad(scan)))()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -236,5 +262,6 @@ def test_vjp_honours_unroll_in_both_loops(x64, make):
     }
     jaxpr = jax.make_jaxpr(grad["vjp"])(params, xs)
     assert _scan_unrolls(jaxpr.jaxpr) == [3, 3], "the forward and the backward loop, each unrolled 3 times"
-    for a, b in zip(jax.tree.leaves(grad["vjp"](params, xs)), jax.tree.leaves(grad["scan"](params, xs)), strict=True):
+    got, want = jax.jit(lambda p, xs: (grad["vjp"](p, xs), grad["scan"](p, xs)))(params, xs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

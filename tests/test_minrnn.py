@@ -18,6 +18,7 @@ import recurrent
 from recurrent import _minrnn
 from tests import reference_minrnn as ref
 from tests import test_battery as battery
+from tests.fast_compiles import optimisations_off
 from tests.registry import CellSpec, Entry, Rnn, _bias, _kernel
 from tests.test_own_cell import _applies, _battery_checks
 
@@ -34,10 +35,8 @@ LENGTHS = np.array([T, 4, 0], np.int32)
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
     """Many small programs compared with tolerances: XLA's optimisation passes are not needed."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 def _params(cell, seed=0, dtype=np.float32):

@@ -20,6 +20,7 @@ import pytest
 import recurrent
 from recurrent import MLSTMParams, MLSTMState
 from tests import test_battery as battery
+from tests.fast_compiles import optimisations_off
 from tests.reference_mlstm import mlstm_reference
 from tests.registry import MLSTM_INIT, CellSpec, Entry, Rnn, by_id
 
@@ -48,10 +49,8 @@ FORMS32 = [("parallel", 64), ("chunkwise", T), ("chunkwise", T + 5)]
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 def make(config="paper", H=4, chunk_size=64, **kwargs):

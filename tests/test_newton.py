@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 import recurrent
 from recurrent import _newton
 from tests import test_battery as battery
+from tests.fast_compiles import optimisations_off
 from tests.test_own_cell import janet
 
 METHODS = ("deer", "quasi", "elk")
@@ -38,10 +39,8 @@ CELLS = {
 def _fast_compiles():
     """Many small programs: XLA's optimisation passes would take most of the time (results are
     compared with tolerances)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 @pytest.fixture

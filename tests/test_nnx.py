@@ -17,8 +17,17 @@ from flax import nnx
 
 import recurrent
 from recurrent import nnx as rnnx
+from tests.fast_compiles import optimisations_off
 
 F = 4  # input features of the dense cases
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Small modules compiled for a call or two each: XLA's optimisation passes would take most of
+    the time."""
+    with optimisations_off():
+        yield
 
 
 def _lengths(batch: int, T: int) -> jax.Array:

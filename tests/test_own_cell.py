@@ -25,6 +25,7 @@ import pytest
 
 import recurrent
 from tests import test_battery as battery
+from tests.fast_compiles import optimisations_off
 from tests.registry import Bidi, CellSpec, Entry, Rnn, Stack, StackCells
 
 
@@ -121,10 +122,8 @@ def _takes_entry(fn) -> bool:
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 @pytest.mark.parametrize(
@@ -174,18 +173,19 @@ def test_every_regulariser_reaches_the_own_cell():
     cell = janet(4)
     params = cell.init(jax.random.key(0), (3,))
     xs = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 3)).astype(np.float32))
-    _, clean = recurrent.rnn(cell).apply(params, xs)
+    _, clean = jax.jit(recurrent.rnn(cell).apply)(params, xs)
     for options in ({"input_dropout": 0.5}, {"recurrent_dropout": 0.5}, {"dropconnect": 0.5}, {"zoneout": 0.5},
                     {"zoneout": 0.3, "zoneout_cell": 0.6}):  # fmt: skip
         layer = recurrent.rnn(cell, **options)
-        _, train = layer.apply(params, xs, key=jax.random.key(2))
-        _, again = layer.apply(params, xs, key=jax.random.key(2))
-        _, evaluation = layer.apply(params, xs)
+        apply = jax.jit(layer.apply)
+        _, train = apply(params, xs, key=jax.random.key(2))
+        _, again = apply(params, xs, key=jax.random.key(2))
+        _, evaluation = apply(params, xs)
         assert not np.allclose(train, clean, atol=1e-4), options  # the noise is applied in training
         np.testing.assert_array_equal(train, again)  # a pure function of the key
         if "zoneout" not in options:
             np.testing.assert_array_equal(evaluation, clean)  # off without a key
-        grads = jax.grad(lambda p: jnp.sum(layer.apply(p, xs, key=jax.random.key(3))[1]))(params)
+        grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, xs, key=jax.random.key(3))[1])))(params)  # noqa: B023
         assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
@@ -234,6 +234,7 @@ def test_a_population_of_own_cells_trains_in_one_vmapped_program():
         return jnp.mean(layer.apply(p, x, key=k)[1] ** 2)
 
     grads = jax.jit(jax.vmap(jax.grad(loss)))(params, xs, keys)
+    one_member = jax.jit(jax.grad(loss))  # compiled once, called per member
     for m in range(4):
-        one = jax.grad(loss)(jax.tree.map(lambda a: a[m], params), xs[m], keys[m])
+        one = one_member(jax.tree.map(lambda a: a[m], params), xs[m], keys[m])
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[m], b, atol=1e-6), grads, one)

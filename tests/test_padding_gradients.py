@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import recurrent
+from tests.fast_compiles import optimisations_off
 from tests.registry import REGISTRY, _kernel
 
 T = 5
@@ -23,10 +24,8 @@ BAD = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "1e30": 1e30}
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
     """Many small programs, compared exactly: XLA's optimisation passes are not needed."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 def _lstm(h, **kw):

@@ -237,13 +237,15 @@ def test_legitimate_params_are_accepted():
         recurrent.bidirectional(recurrent.lstm(3), recurrent.gru(2)),
         recurrent.rnn(recurrent.lstm(3), implementation="vjp"),
     ]
+    # The check runs as ``apply`` is traced: under jit and vmap, ``jax.eval_shape`` traces as they
+    # do (abstract parameters, batched ones under vmap) without compiling what is accepted.
     for layer in cases:
         params = layer.init(KEY, (F,))
-        layer.apply(params, XS, lengths=jnp.array([4, 2, 0]))
-        jax.jit(layer.apply)(params, XS)
+        layer.apply(params, XS, lengths=jnp.array([4, 2, 0]))  # eagerly, on concrete parameters
+        jax.eval_shape(jax.jit(layer.apply), params, XS)
         # a population: vmapped over stacked parameters
-        population = jax.vmap(lambda k: layer.init(k, (F,)))(jax.random.split(KEY, 2))  # noqa: B023
-        jax.vmap(lambda p: layer.apply(p, XS))(population)  # noqa: B023
+        population = jax.eval_shape(jax.vmap(lambda k: layer.init(k, (F,))), jax.random.split(KEY, 2))  # noqa: B023
+        jax.eval_shape(jax.vmap(lambda p: layer.apply(p, XS)), population)  # noqa: B023
 
 
 def test_a_cell_written_outside_the_library_is_checked_too():

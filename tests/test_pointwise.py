@@ -16,9 +16,19 @@ import numpy as np
 import pytest
 
 import recurrent
+from tests.fast_compiles import optimisations_off
 
 B, T, F, H = 3, 6, 4, 5
 _normal = jax.nn.initializers.normal(0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Every check compiles a few derivative programs of a small scan; XLA's optimisation passes
+    would take most of their time. Both sides of each comparison are compiled alike."""
+    with optimisations_off():
+        yield
+
 
 CONFIGS = {
     "lstm": {},
@@ -45,6 +55,27 @@ def _close(a, b, tol=1e-12):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
+def _every_order(f, args, tangents, kernel_of=None):
+    """Values and derivatives of ``f`` in every mode, for one program to compute them all:
+    forward (``jvp``: the value and a directional derivative), reverse (``grad``, the primal output
+    of the forward-over-reverse ``jvp`` that gives the Hessian-vector product) and, with
+    ``kernel_of``, reverse over reverse (the gradient of a function of the gradient with respect
+    to ``args[0]``, of which ``kernel_of`` picks a leaf)."""
+    grad, hvp = jax.jvp(jax.grad(f, tuple(range(len(args)))), args, tangents)
+    results = (jax.jvp(f, args, tangents), grad, hvp)
+    if kernel_of is not None:
+        results += (jax.grad(lambda p: jnp.sum(kernel_of(jax.grad(f)(p, *args[1:])) ** 2))(args[0]),)
+    return results
+
+
+def _assert_every_order_close(written, general):
+    """``written`` and ``general``: the results of :func:`_every_order`, first-order ones to
+    1e-12 and second-order ones to 1e-10."""
+    (written_jvp, written_grad, *written_second), (general_jvp, general_grad, *general_second) = written, general
+    _close((written_jvp, written_grad), (general_jvp, general_grad))
+    _close(written_second, general_second, tol=1e-10)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_values_and_derivatives_of_every_order_equal_autodiff(name):
     with jax.enable_x64(True):
@@ -65,20 +96,21 @@ def test_values_and_derivatives_of_every_order_equal_autodiff(name):
 
             return f
 
-        fast, slow = loss(layers[0]), loss(layers[1])
         args = (params, xs, carry)
         tangents = jax.tree.map(lambda a: 0.3 * jnp.cos(a), args)
-        trace = lambda layer: jax.jit(lambda p, x: layer.apply(p, x, return_trace=True))(params, xs)  # noqa: E731
-        _close(trace(layers[0]), trace(layers[1]))
-        grad = lambda f: jax.jit(jax.grad(f, (0, 1, 2)))(*args)  # noqa: E731
-        _close(grad(fast), grad(slow))
-        jvp = lambda f: jax.jit(lambda a, t: jax.jvp(f, a, t))(args, tangents)  # noqa: E731
-        _close(jvp(fast), jvp(slow))
-        # forward over reverse (Hessian-vector products) and reverse over reverse
-        hvp = lambda f: jax.jit(lambda a, t: jax.jvp(jax.grad(f, (0, 1, 2)), a, t)[1])(args, tangents)  # noqa: E731
-        _close(hvp(fast), hvp(slow), tol=1e-10)
-        gg = lambda f: jax.jit(jax.grad(lambda p: jnp.sum(jax.grad(f)(p, xs, carry).recurrent_kernel ** 2)))(params)  # noqa: E731
-        _close(gg(fast), gg(slow), tol=1e-10)
+        kernel = lambda g: g.recurrent_kernel  # noqa: E731
+
+        # One program for both paths, each with its trace and its derivatives of every order.
+        @jax.jit
+        def both(args, tangents):
+            return [
+                (layer.apply(*args[:2], return_trace=True), _every_order(loss(layer), args, tangents, kernel))
+                for layer in layers
+            ]
+
+        (written_trace, written), (general_trace, general) = both(args, tangents)
+        _close(written_trace, general_trace)
+        _assert_every_order_close(written, general)
 
 
 def test_bfloat16_compute_matches_the_general_path():
@@ -87,7 +119,7 @@ def test_bfloat16_compute_matches_the_general_path():
     params = cells[0].init(jax.random.key(0), (F,))
     xs = jax.random.normal(jax.random.key(1), (B, T, F))
     loss = lambda layer: lambda p: jnp.sum(layer.apply(p, xs)[1].astype(jnp.float32) ** 2)  # noqa: E731
-    got, want = jax.grad(loss(layers[0]))(params), jax.grad(loss(layers[1]))(params)
+    got, want = jax.jit(lambda p: [jax.grad(loss(layer))(p) for layer in layers])(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert a.dtype == b.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
@@ -137,15 +169,12 @@ def test_conv_lstm_derivatives_equal_autodiff(monkeypatch):
         params = jax.tree.map(lambda a: a.astype(jnp.float64), layer.init(jax.random.key(0), (4, 4, 2)))
         xs = jax.random.normal(jax.random.key(1), (2, 3, 4, 4, 2), jnp.float64)
         f = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)[1]))  # noqa: E731
-        tangents = jax.tree.map(lambda a: 0.3 * jnp.cos(a), (params, xs))
+        args = (params, xs)
+        tangents = jax.tree.map(lambda a: 0.3 * jnp.cos(a), args)
 
         def everything():
-            return (
-                layer.apply(params, xs, return_trace=True),
-                jax.grad(f, (0, 1))(params, xs),
-                jax.jvp(f, (params, xs), tangents),
-                jax.jvp(jax.grad(f, (0, 1)), (params, xs), tangents)[1],
-            )
+            # a new function each call, so that it is traced again with the patched module
+            return jax.jit(lambda a, t: (layer.apply(*a, return_trace=True), _every_order(f, a, t)))(args, tangents)
 
         written, stored = everything(), _stored_per_step(cell, (4, 4, 2))
         monkeypatch.setattr(recurrent._conv, "lstm_pointwise", recurrent._lstm._lstm_pointwise_primal)
@@ -166,16 +195,13 @@ def test_gru_derivatives_equal_autodiff(monkeypatch, options):
         f = lambda p, x, h: jnp.sum(jnp.sin(layer.apply(p, x, carry=h, lengths=jnp.array([6, 2, 0]))[1]))  # noqa: E731
         args = (params, xs, h0)
         tangents = jax.tree.map(lambda a: 0.3 * jnp.cos(a), args)
+        kernel = lambda g: g.recurrent_kernel  # noqa: E731
 
         def everything():
-            gg = jax.grad(lambda p: jnp.sum(jax.grad(f)(p, xs, h0).recurrent_kernel ** 2))(params)
-            return (
-                layer.apply(params, xs, carry=h0, return_trace=True),
-                jax.grad(f, (0, 1, 2))(*args),
-                jax.jvp(f, args, tangents),
-                jax.jvp(jax.grad(f, (0, 1, 2)), args, tangents)[1],
-                gg,
-            )
+            # a new function each call, so that it is traced again with the patched module
+            return jax.jit(
+                lambda a, t: (layer.apply(a[0], a[1], carry=a[2], return_trace=True), _every_order(f, a, t, kernel))
+            )(args, tangents)
 
         written, stored = everything(), _stored_per_step(cell)
         monkeypatch.setattr(recurrent._gru, "gru_pointwise", recurrent._gru._gru_pointwise_primal)

@@ -22,10 +22,20 @@ import pytest
 
 import recurrent
 from tests import reference_family as ref
+from tests.fast_compiles import optimisations_off
 from tests.test_family import random_params
 
 B, T, F, H = 3, 5, 3, 4
 TIGHT = dict(rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Many small programs, each run once or twice: XLA's optimisation passes would take most of
+    their time. (Eager execution, op by op, is the battery's ``test_jit_matches_eager``: here every
+    layer runs jitted.)"""
+    with optimisations_off():
+        yield
 
 
 def inputs(seed=0, batch=B, steps=T, features=F):
@@ -256,7 +266,7 @@ def test_dropconnect_reaches_kernels_inside_stacks_and_bidirectional_layers():
     ]:
         params = random_params(make(), (F,), 13)
         loss = lambda p, layer: layer.apply(p, XS, key=jax.random.key(0))[1].sum()  # noqa: E731
-        grads = jax.grad(loss)(params, layer_of(dropconnect=0.5))
+        grads = jax.jit(jax.grad(loss), static_argnums=1)(params, layer_of(dropconnect=0.5))
         leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
         for path, g in leaves:
             name = getattr(path[-1], "name", "")
@@ -293,9 +303,10 @@ def test_deterministic_for_a_key(cell, params):
 )
 @pytest.mark.parametrize("cell, params", [(LSTM, LSTM_PARAMS), (GRU, GRU_PARAMS)], ids=["lstm", "gru"])
 def test_dropout_is_the_identity_at_evaluation(cell, params, options):
-    plain = recurrent.rnn(cell).apply(params, XS)
-    evaluated = recurrent.rnn(cell, **options).apply(params, XS)  # no key
-    trained = recurrent.rnn(cell, **options).apply(params, XS, key=jax.random.key(0))
+    plain = jax.jit(recurrent.rnn(cell).apply)(params, XS)
+    apply = jax.jit(recurrent.rnn(cell, **options).apply)
+    evaluated = apply(params, XS)  # no key
+    trained = apply(params, XS, key=jax.random.key(0))
     for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(evaluated)):
         np.testing.assert_array_equal(x, y)
     assert not np.allclose(plain[1], trained[1])
@@ -319,7 +330,7 @@ def test_zoneout_at_evaluation_is_the_expectation_lstm():
     rng = np.random.default_rng(3)
     h0, c0 = rng.standard_normal((2, B, H)).astype(np.float32)
     carry0 = recurrent.LSTMState(jnp.asarray(h0), jnp.asarray(c0))
-    final, ys = recurrent.rnn(LSTM, zoneout=z_h, zoneout_cell=z_c).apply(LSTM_PARAMS, xs, carry=carry0)
+    final, ys = jax.jit(recurrent.rnn(LSTM, zoneout=z_h, zoneout_cell=z_c).apply)(LSTM_PARAMS, xs, carry=carry0)
     p = LSTM_PARAMS
     h, c = h0.astype(np.float64), c0.astype(np.float64)
     expected = []
@@ -331,8 +342,8 @@ def test_zoneout_at_evaluation_is_the_expectation_lstm():
     np.testing.assert_allclose(final.h, h, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(final.c, c, rtol=1e-5, atol=1e-5)
     # zoneout_cell defaults to zoneout
-    _, ys_default = recurrent.rnn(LSTM, zoneout=z_h).apply(p, xs, carry=carry0)
-    _, ys_same = recurrent.rnn(LSTM, zoneout=z_h, zoneout_cell=z_h).apply(p, xs, carry=carry0)
+    _, ys_default = jax.jit(recurrent.rnn(LSTM, zoneout=z_h).apply)(p, xs, carry=carry0)
+    _, ys_same = jax.jit(recurrent.rnn(LSTM, zoneout=z_h, zoneout_cell=z_h).apply)(p, xs, carry=carry0)
     np.testing.assert_array_equal(ys_default, ys_same)
 
 
@@ -340,7 +351,7 @@ def test_zoneout_at_evaluation_is_the_expectation_gru():
     z = 0.25
     xs = XS[:, :2]
     h0 = np.random.default_rng(4).standard_normal((B, H)).astype(np.float32)
-    final, ys = recurrent.rnn(GRU, zoneout=z).apply(GRU_PARAMS, xs, carry=jnp.asarray(h0))
+    final, ys = jax.jit(recurrent.rnn(GRU, zoneout=z).apply)(GRU_PARAMS, xs, carry=jnp.asarray(h0))
     h = h0.astype(np.float64)
     expected = []
     for t in range(2):
@@ -404,7 +415,7 @@ def test_vmapped_rates_compile_once():
     assert len(traces) == 1
     assert population._cache_size() == 1
     # a traced rate of 0 is no regulariser at all
-    _, plain = recurrent.rnn(LSTM).apply(LSTM_PARAMS, xs)
+    _, plain = jax.jit(recurrent.rnn(LSTM).apply)(LSTM_PARAMS, xs)
     np.testing.assert_allclose(ys[0], plain, **TIGHT)
     np.testing.assert_allclose(ys2[2], plain, **TIGHT)
     assert not np.allclose(ys[1], plain) and not np.allclose(ys[2], plain)
@@ -425,7 +436,7 @@ def test_vmapped_stacked_dropout_rates_compile_once():
     ys = population(jnp.array([0.0, 0.5]), jax.random.split(jax.random.key(0), 2))
     population(jnp.array([0.3, 0.6]), jax.random.split(jax.random.key(1), 2))
     assert len(traces) == 1 and population._cache_size() == 1
-    _, plain = recurrent.rnn(recurrent.stacked([LSTM, recurrent.lstm(H)])).apply(STACK_PARAMS, XS)
+    _, plain = jax.jit(recurrent.rnn(recurrent.stacked([LSTM, recurrent.lstm(H)])).apply)(STACK_PARAMS, XS)
     np.testing.assert_allclose(ys[0], plain, **TIGHT)
     assert not np.allclose(ys[1], plain)
 
@@ -450,14 +461,15 @@ def test_stacked_dropout_only_with_a_key(as_layers):
     if not as_layers:
         plain_stack, drop_stack = recurrent.rnn(plain_stack), recurrent.rnn(drop_stack)
     params = (LSTM_PARAMS, PROBE_PARAMS)
-    c_plain, y_plain = plain_stack.apply(params, XS)
-    c_eval, y_eval = drop_stack.apply(params, XS)
+    drop_apply = jax.jit(drop_stack.apply)
+    c_plain, y_plain = jax.jit(plain_stack.apply)(params, XS)
+    c_eval, y_eval = drop_apply(params, XS)
     np.testing.assert_array_equal(y_eval, y_plain)
-    c_train, y_train = drop_stack.apply(params, XS, key=jax.random.key(0))
+    c_train, y_train = drop_apply(params, XS, key=jax.random.key(0))
     # the first layer itself is untouched
     np.testing.assert_allclose(c_train[0].h, c_plain[0].h, **TIGHT)
     seen, first = np.asarray(split_probe(y_train, H)[0]), np.asarray(split_probe(y_plain, H)[0])
-    np.testing.assert_allclose(first, recurrent.rnn(LSTM).apply(LSTM_PARAMS, XS)[1], **TIGHT)
+    np.testing.assert_allclose(first, jax.jit(recurrent.rnn(LSTM).apply)(LSTM_PARAMS, XS)[1], **TIGHT)
     kept = seen != 0
     assert kept.any() and not kept.all()
     np.testing.assert_allclose(seen[kept], first[kept] / (1 - rate), rtol=1e-6, atol=1e-6)
@@ -466,10 +478,10 @@ def test_stacked_dropout_only_with_a_key(as_layers):
 
 def test_stacked_dropout_between_real_layers():
     stack = recurrent.stacked([LSTM, recurrent.lstm(H)], dropout=0.5)
-    layer = recurrent.rnn(stack)
-    _, plain = recurrent.rnn(recurrent.stacked([LSTM, recurrent.lstm(H)])).apply(STACK_PARAMS, XS)
-    np.testing.assert_array_equal(layer.apply(STACK_PARAMS, XS)[1], plain)
-    assert not np.allclose(layer.apply(STACK_PARAMS, XS, key=jax.random.key(0))[1], plain)
+    apply = jax.jit(recurrent.rnn(stack).apply)
+    _, plain = jax.jit(recurrent.rnn(recurrent.stacked([LSTM, recurrent.lstm(H)])).apply)(STACK_PARAMS, XS)
+    np.testing.assert_array_equal(apply(STACK_PARAMS, XS)[1], plain)
+    assert not np.allclose(apply(STACK_PARAMS, XS, key=jax.random.key(0))[1], plain)
 
 
 # --------------------------------------------------------------------------------------

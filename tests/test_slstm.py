@@ -16,6 +16,7 @@ import pytest
 import recurrent
 from recurrent import SLSTMParams, SLSTMState
 from tests import reference_xlstm as ref
+from tests.fast_compiles import optimisations_off
 
 KEY = jax.random.key(0)
 
@@ -23,10 +24,8 @@ KEY = jax.random.key(0)
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
     """Small programs compared with tolerances: XLA's optimisation passes are not needed."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with optimisations_off():
+        yield
 
 
 def random_params(F, H, K, seed, *, scale=0.5, bias=None) -> SLSTMParams:

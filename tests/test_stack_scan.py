@@ -14,8 +14,18 @@ import pytest
 
 import recurrent
 from recurrent import _combinators
+from tests.fast_compiles import optimisations_off
 
 H = 8
+
+
+@pytest.fixture
+def fast_compiles():
+    """Values and gradients of stacks compiled for one call each, compared with tolerances: XLA's
+    optimisation passes would take most of their time. Not for the tests that read compiled
+    programs."""
+    with optimisations_off():
+        yield
 
 
 def _layers(n, **rnn_options):
@@ -44,6 +54,7 @@ def test_equal_runs_are_found():
     "features, options",
     [(5, {}), (H, {"residual": True, "dropout": 0.3})],  # a first layer of its own, or all four in one run
 )
+@pytest.mark.usefixtures("fast_compiles")
 def test_scanned_stack_equals_layer_by_layer(features, options):
     layers = _layers(4, recurrent_dropout=0.2)
     scanned, one_by_one = (recurrent.stacked(layers, scan_layers=s, **options) for s in (True, False))
@@ -98,6 +109,7 @@ def test_default_runs_layers_one_by_one_from_one_traced_function():
     assert _program(6, scan_layers=True, compiled=True).count(" while(") == 6
 
 
+@pytest.mark.usefixtures("fast_compiles")
 def test_default_stack_equals_its_layers_applied_in_turn():
     # An independent reference for the default path, whose equal layers share one function:
     # each layer's own apply, in turn (distinct parameters, carries, lengths, residual).
@@ -121,9 +133,9 @@ def test_default_stack_equals_its_layers_applied_in_turn():
         return jnp.sum(ys**2) + sum(jnp.sum(a) for a in jax.tree.leaves(carry_out))
 
     stacked_apply = lambda p, x: stack.apply(p, x, lengths=lengths, carry=carry)  # noqa: E731
-    for fn in (lambda f: f, jax.jit):  # eagerly and under jit
+    want = jax.jit(jax.value_and_grad(partial(loss, by_hand), argnums=(0, 1)))(params, xs)
+    for fn in (lambda f: f, jax.jit):  # the stack eagerly and under jit
         got = fn(jax.value_and_grad(partial(loss, stacked_apply), argnums=(0, 1)))(params, xs)
-        want = jax.value_and_grad(partial(loss, by_hand), argnums=(0, 1))(params, xs)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -133,6 +145,7 @@ def test_scan_layers_must_be_a_bool():
         recurrent.stacked(_layers(2), scan_layers="auto")
 
 
+@pytest.mark.usefixtures("fast_compiles")
 def test_a_flipped_layer_is_not_equal_to_its_original():
     # A layer run backwards keeps its original's parameters but not its function: scanning the
     # two as equal layers would run both forwards (a silent wrong answer before the fix).
@@ -147,6 +160,7 @@ def test_a_flipped_layer_is_not_equal_to_its_original():
     np.testing.assert_allclose(scanned, one_by_one, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("fast_compiles")
 def test_equal_bidirectional_layers_share_a_function_or_a_scan():
     bi = lambda **o: recurrent.bidirectional(recurrent.rnn(recurrent.lstm(H)), **o)  # noqa: E731
     layers = [bi(), bi(), bi(), bi(merge="sum"), bi(merge="sum", one_scan=False)]
