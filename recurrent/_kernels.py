@@ -26,7 +26,7 @@ IMPLEMENTATIONS = ("scan", "cudnn", "vjp", "parallel", "native")
 COVERED = {
     "vjp": "the LSTM (plain, peephole, CIFG) and the GRU only",
     "cudnn": "the plain LSTM only",
-    "native": "the plain float32 LSTM on CPU only (the optional oneDNN kernel, recurrent.native)",
+    "native": "the plain LSTM (float32 parameters, float32 or bfloat16 compute) on CPU only (recurrent.native)",
 }
 
 
@@ -105,14 +105,24 @@ def lstm_kernels(options: Mapping[str, Any], params_type: type) -> dict[str, Seq
             return _fastlstm.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt, unroll, coupled=coupled)
 
         kernels["vjp"] = SequenceKernel(vjp, _vjp_reason(params_type), remat=False)
+    # the native kernel also runs bfloat16 compute over float32 parameters (bfloat16 GEMMs, float32 state)
+    bf16_compute = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+    native_odd = {k: v for k, v in cudnn_odd.items() if not (k == "dtype" and bf16_compute)}
+    if options["param_dtype"] not in (jnp.float32, "float32"):
+        native_odd["dtype"] = cudnn_odd["dtype"]
     if cudnn_odd:
         kernels["cudnn"] = f"{what('cudnn')} the plain float32 LSTM only; this cell has {cudnn_odd}"
-        kernels["native"] = f"{what('native')} the plain float32 LSTM only; this cell has {cudnn_odd}"
+    else:
+        kernels["cudnn"] = cudnn_kernel(params_type)
+    if native_odd:
+        kernels["native"] = (
+            f"{what('native')} the plain LSTM with float32 parameters (float32 or bfloat16 compute) only; "
+            f"this cell has {native_odd}"
+        )
     else:
         from recurrent import native  # Python only: the compiled library loads at the first call
 
-        kernels["cudnn"] = cudnn_kernel(params_type)
-        kernels["native"] = native.kernel()
+        kernels["native"] = native.kernel(jnp.bfloat16 if bf16_compute else None)
     return kernels
 
 

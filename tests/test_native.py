@@ -13,6 +13,18 @@ and ``carry=``), the fused training path at sizes that leave vector-loop remaind
 multiple of 8), lengths against per-sequence runs, the inference forward (oneDNN's primitive)
 against the training forward (the fused one), ``jax.vmap`` against a loop, and the errors on inputs
 the kernel does not take.
+
+bfloat16 compute (``recurrent.lstm(H, dtype=jnp.bfloat16)``, float32 parameters and ``c``): values
+and gradients against the scan's in the same dtype, with lengths, at B = 1 and odd H, to
+``BF16_TOL`` of each array's largest magnitude. bfloat16 keeps 8 significant bits (a rounding
+moves a value by up to 2^-9 of it, one step of the last bit is 2^-8 = 0.4 %); the forward rounds
+exactly where the cell does, but the GEMMs add in another order, so an output now and then lands
+one bfloat16 step away and carries that into the next steps; the backward rounds ``dz`` to
+bfloat16 for every GEMM (the scan's derivative keeps it float32 for ``dh`` and ``dU``) and sums
+``dU`` and ``dW`` over all steps in float32 (the scan rounds each step's term to bfloat16 first):
+a few roundings of 2^-9 each, within 2 % of the largest entry. That the forward rounds where the
+cell does is checked more sharply: at most 5 % of the bfloat16 outputs differ from the scan's at
+all (none at these sizes; a kernel that did not round ``x W + b`` to bfloat16 differs in about 30 %).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ needs_kernel = pytest.mark.skipif(
 
 B, T, F, H = 4, 6, 3, 5
 TOL = 1e-5
+BF16_TOL = 2e-2
 
 
 def _setup(seed=0):
@@ -175,6 +188,14 @@ def test_rejects_other_dtypes_and_ranks():
     _, params, xs, carry = _setup()
     with pytest.raises(ValueError, match="float32 only(.|\n)*xs bfloat16(.|\n)*fix"):
         native.apply(params, xs.astype(jnp.bfloat16), None, carry)
+    with pytest.raises(ValueError, match="float32 only, or bfloat16 compute(.|\n)*got:      compute dtype float16"):
+        native.apply(params, xs, None, carry, jnp.float16)
+    bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    bf16_carry = recurrent.LSTMState(carry.h.astype(jnp.bfloat16), carry.c)
+    with pytest.raises(ValueError, match="input_kernel bfloat16, recurrent_kernel bfloat16, bias bfloat16"):
+        native.apply(bf16_params, xs, None, bf16_carry, jnp.bfloat16)
+    with pytest.raises(ValueError, match="carry.h float32"):
+        native.apply(params, xs, None, carry, jnp.bfloat16)
     with pytest.raises(ValueError, match="one batch axis(.|\n)*got:      xs \\(2, 4, 6, 3\\)"):
         native.apply(params, jnp.stack([xs, xs]), None, carry)
 
@@ -220,9 +241,85 @@ def test_falls_back_with_a_clear_warning_when_not_built(monkeypatch, tmp_path):
 def test_other_cells_declare_why_not():
     peephole = native.attach(recurrent.lstm(H, peephole=True))
     params = peephole.init(jax.random.key(0), (F,))
-    with pytest.warns(recurrent.FallbackWarning, match="plain float32 LSTM only; this cell has {'peephole': True}"):
+    with pytest.warns(recurrent.FallbackWarning, match="only; this cell has {'peephole': True}"):
         recurrent.rnn(peephole, implementation="native").apply(params, jnp.ones((B, T, F)))
     assert "is not one" in native.attach(recurrent.gru(H)).spec.kernels["native"]
+    # bfloat16 compute with float32 parameters gets the kernel (declared by the cell itself); other
+    # dtypes the reason why not.
+    assert isinstance(recurrent.lstm(H, dtype=jnp.bfloat16).spec.kernels["native"], recurrent.SequenceKernel)
+    assert isinstance(
+        native.attach(recurrent.lstm(H, dtype=jnp.bfloat16)).spec.kernels["native"], recurrent.SequenceKernel
+    )
+    for odd in (dict(dtype=jnp.float16), dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)):
+        cell = native.attach(recurrent.lstm(H, **odd))
+        with pytest.warns(recurrent.FallbackWarning, match="only; this cell has {'dtype'"):
+            recurrent.rnn(cell, implementation="native").apply(cell.init(jax.random.key(0), (F,)), jnp.ones((B, T, F)))
+    peephole_bf16 = native.attach(recurrent.lstm(H, peephole=True, dtype=jnp.bfloat16)).spec.kernels["native"]
+    assert "'peephole': True" in peephole_bf16
+
+
+def _bf16_setup(shape, seed):
+    b, t, f, h = shape
+    cell = recurrent.lstm(h, dtype=jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(seed), 5)
+    params = cell.init(keys[0], (f,))
+    params = params._replace(bias=jax.random.normal(keys[4], params.bias.shape))  # no zero bias to hide rounding
+    xs = jax.random.normal(keys[1], (b, t, f))
+    carry = recurrent.LSTMState(
+        jax.random.normal(keys[2], (b, h)).astype(jnp.bfloat16), jax.random.normal(keys[3], (b, h))
+    )
+    return cell, params, xs, carry
+
+
+def _bf16_loss(layer, lengths):
+    def loss(params, xs, carry):
+        carry, ys = layer.apply(params, xs, lengths=lengths, carry=carry)
+        w = jnp.arange(ys.size, dtype=jnp.float32).reshape(ys.shape) / ys.size
+        value = jnp.sum(ys.astype(jnp.float32) * w) + jnp.sum(carry.h.astype(jnp.float32) * 1.3)
+        return value - jnp.sum(carry.c * 0.7), (carry, ys)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _close_to_largest(got, want, tol=BF16_TOL):
+    """Each array within ``tol`` of the largest magnitude of the wanted one, in the same dtype."""
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert x.dtype == y.dtype
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(np.max(np.abs(y))) + 1e-30)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", [(B, T, F, H), (1, 7, 3, 13), (3, 9, 5, 21)], ids=["B4_H5", "B1_H13", "B3_H21"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_bfloat16_values_and_gradients_match_scan(shape, with_lengths, reverse):
+    b, t = shape[:2]
+    cell, params, xs, carry = _bf16_setup(shape, 7)
+    lengths = jnp.array([t - 2, 0, t, 1][:b] if b > 1 else [t - 2]) if with_lengths else None
+    layer = recurrent.rnn(native.attach(cell), reverse=reverse, implementation="native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = _bf16_loss(layer, lengths)(params, xs, carry)
+    want = _bf16_loss(recurrent.rnn(cell, reverse=reverse), lengths)(params, xs, carry)
+    ((_, (carry_got, ys_got)), _), ((_, (_, ys_want)), _) = got, want
+    assert ys_got.dtype == carry_got.h.dtype == jnp.bfloat16 and carry_got.c.dtype == jnp.float32
+    _close_to_largest(got, want)
+    assert float(np.mean(np.asarray(ys_got, np.float32) != np.asarray(ys_want, np.float32))) <= 0.05
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
+    if with_lengths:
+        for i, n in enumerate(np.asarray(lengths)):
+            np.testing.assert_array_equal(np.asarray(ys_got[i, n:], np.float32), 0)
+
+
+@needs_kernel
+def test_bfloat16_inference_forward_matches_training_forward():
+    _, params, xs, carry = _bf16_setup((B, T, F, H), 8)
+    args = (*params[:3], xs.astype(jnp.bfloat16), carry.h, carry.c)
+    inference = jax.jit(native.lstm_layer)(*args)
+    training, _ = jax.jit(lambda *a: jax.vjp(native.lstm_layer, *a))(*args)
+    _close(inference, training, tol=0)  # the same fused forward, once with a workspace of its own
+    assert [a.dtype for a in inference] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
 
 
 @needs_kernel
@@ -233,3 +330,13 @@ def test_benchmark_smoke(tmp_path):
     assert result["agreement"]["ys"] < TOL and result["agreement"]["grad"] < TOL
     assert set(result["rows"]) == {"torch", "ours_scan", "ours_vjp", "native"}
     assert (tmp_path / "native.json").exists()
+
+
+@needs_kernel
+def test_benchmark_smoke_bfloat16(tmp_path):
+    from benchmarks import native as bench
+
+    result = bench.main(["--quick", "--dtype=bfloat16", "--out", str(tmp_path)])
+    assert result["agreement"]["ys"] < BF16_TOL and result["agreement"]["grad"] < BF16_TOL
+    assert set(result["rows"]) == {"torch", "torch_bf16", "ours_scan", "ours_vjp", "native"}
+    assert "fwdbwd_over_torch_bf16" in result["rows"]["native"]

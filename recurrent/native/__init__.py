@@ -1,7 +1,12 @@
-r"""The optional native LSTM kernel: one plain float32 LSTM layer as XLA FFI custom calls. The
-undifferentiated forward is oneDNN's LSTM primitive (the kernel PyTorch's CPU LSTM runs); training
-runs a hand-fused forward and backward around oneDNN's JIT GEMM (``dnnl_sgemm``), because oneDNN's
-primitive runs reference code for training on CPUs.
+r"""The optional native LSTM kernel: one plain LSTM layer as XLA FFI custom calls, in float32 or
+in bfloat16 compute with float32 parameters and state. In float32 the undifferentiated forward is
+oneDNN's LSTM primitive (the kernel PyTorch's CPU LSTM runs); training runs a hand-fused forward
+and backward around oneDNN's JIT GEMM (``dnnl_sgemm``), because oneDNN's primitive runs reference
+code for training on CPUs. In bfloat16 (``recurrent.lstm(H, dtype=jnp.bfloat16)``) both run the
+same fused loops around oneDNN's bfloat16 GEMM (``dnnl_gemm_bf16bf16f32``: bfloat16 operands,
+float32 accumulation, AVX512-BF16 where the CPU has it), rounding where the cell rounds: ``x W + b``
+and ``h`` to bfloat16, gates and ``c`` float32. Its derivative differs from the scan's in where it
+rounds (``lstm_onednn.cc`` says where): within bfloat16's precision, not bit for bit.
 
 Nothing imports this module by default, and importing it loads nothing: the compiled kernel is
 loaded on the first call. Build it as a wheel (CMake through scikit-build-core)::
@@ -13,9 +18,9 @@ or in place, into ``recurrent/native/_build/`` (git-ignored)::
     pip install onednn onednn-devel
     python -m recurrent.native.build
 
-``rnn(native.attach(cell), implementation="native")`` then runs a plain float32 LSTM through it
-(:func:`attach`); anywhere it cannot run, the driver falls back to its scan with a
-:class:`~recurrent.FallbackWarning` that says why.
+``rnn(recurrent.lstm(H), implementation="native")`` then runs a plain LSTM through it (float32,
+or ``dtype=jnp.bfloat16`` compute over float32 parameters); anywhere it cannot run, the driver
+falls back to its scan with a :class:`~recurrent.FallbackWarning` that says why.
 
 :func:`lstm_layer` computes, for gates in ``LSTM_GATES`` order (i, f, g, o, oneDNN's order too),
 
@@ -49,9 +54,23 @@ import jax.numpy as jnp
 
 from recurrent.native.build import LIBRARY, onednn_prefix
 
-_FORWARD = "recurrent_lstm_forward"
-_BACKWARD = "recurrent_lstm_backward"
-_INFERENCE = "recurrent_lstm_inference"
+# The FFI targets by compute dtype: (training forward, backward, inference forward).
+_TARGETS = {
+    jnp.dtype(jnp.float32): ("recurrent_lstm_forward", "recurrent_lstm_backward", "recurrent_lstm_inference"),
+    jnp.dtype(jnp.bfloat16): (
+        "recurrent_lstm_forward_bf16",
+        "recurrent_lstm_backward_bf16",
+        "recurrent_lstm_inference_bf16",
+    ),
+}
+_SYMBOLS = {
+    "recurrent_lstm_forward": "RecurrentLstmForward",
+    "recurrent_lstm_backward": "RecurrentLstmBackward",
+    "recurrent_lstm_inference": "RecurrentLstmInference",
+    "recurrent_lstm_forward_bf16": "RecurrentLstmForwardBf16",
+    "recurrent_lstm_backward_bf16": "RecurrentLstmBackwardBf16",
+    "recurrent_lstm_inference_bf16": "RecurrentLstmInferenceBf16",
+}
 BUILD_HINT = (
     "pip install ./recurrent/native (from a clone of the repository), or in place: "
     "pip install onednn onednn-devel && python -m recurrent.native.build"
@@ -93,7 +112,7 @@ def reason() -> str | None:
 
 
 def _load() -> ctypes.CDLL:
-    """Loads the kernel once and registers its three FFI targets with XLA."""
+    """Loads the kernel once and registers its FFI targets with XLA."""
     global _library
     with _lock:
         if _library is None:
@@ -101,9 +120,8 @@ def _load() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(library_path()))
             lib.recurrent_lstm_workspace_bytes.restype = ctypes.c_int64
             lib.recurrent_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4
-            jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.RecurrentLstmForward), platform="cpu")
-            jax.ffi.register_ffi_target(_INFERENCE, jax.ffi.pycapsule(lib.RecurrentLstmInference), platform="cpu")
-            jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.RecurrentLstmBackward), platform="cpu")
+            for target, symbol in _SYMBOLS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
             _library = lib
     return _library
 
@@ -124,27 +142,32 @@ def _workspace_bytes(B: int, T: int, F: int, H: int) -> int:
     return _load().recurrent_lstm_workspace_bytes(B, T, F, H)
 
 
+def _outputs(U, xs_TBF, h0, c0):
+    """``ys``, ``h`` in the compute dtype (``xs``'s), ``c`` in float32."""
+    T, B, _ = xs_TBF.shape
+    return (
+        jax.ShapeDtypeStruct((T, B, U.shape[0]), xs_TBF.dtype),
+        jax.ShapeDtypeStruct(h0.shape, xs_TBF.dtype),
+        jax.ShapeDtypeStruct(c0.shape, jnp.float32),
+    )
+
+
 def _forward_call(W, U, b, xs_TBF, h0, c0):
     T, B, F = xs_TBF.shape
-    H = U.shape[0]
-    f32 = jnp.float32
-    out = (
-        jax.ShapeDtypeStruct((T, B, H), f32),
-        jax.ShapeDtypeStruct((B, H), f32),
-        jax.ShapeDtypeStruct((B, H), f32),
-        jax.ShapeDtypeStruct((_workspace_bytes(B, T, F, H),), jnp.uint8),
-    )
-    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(xs_TBF, W, U, b, h0, c0)
+    workspace = jax.ShapeDtypeStruct((_workspace_bytes(B, T, F, U.shape[0]),), jnp.uint8)
+    out = (*_outputs(U, xs_TBF, h0, c0), workspace)
+    target = _TARGETS[xs_TBF.dtype][0]
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(xs_TBF, W, U, b, h0, c0)
 
 
 @jax.custom_vjp
 def _layer(W, U, b, xs_TBF, h0, c0):
-    """Undifferentiated: oneDNN's inference forward, which keeps no workspace. Differentiated: the
-    fused training forward and backward."""
+    """Undifferentiated: oneDNN's inference forward (float32), which keeps no workspace, or the
+    fused forward with a workspace of its own (bfloat16). Differentiated: the fused training
+    forward and backward."""
     _load()
-    T, B, _ = xs_TBF.shape
-    out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in ((T, B, U.shape[0]), h0.shape, c0.shape))
-    return jax.ffi.ffi_call(_INFERENCE, out, vmap_method="sequential")(xs_TBF, W, U, b, h0, c0)
+    target = _TARGETS[xs_TBF.dtype][2]
+    return jax.ffi.ffi_call(target, _outputs(U, xs_TBF, h0, c0), vmap_method="sequential")(xs_TBF, W, U, b, h0, c0)
 
 
 def _fwd(W, U, b, xs_TBF, h0, c0):
@@ -156,7 +179,7 @@ def _bwd(res, cotangents):
     W, U, b, xs_TBF, h0, c0, ys, h, c, workspace = res
     dys, dh, dc = cotangents
     out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (xs_TBF, W, U, b, h0, c0))
-    dxs, dW, dU, db, dh0, dc0 = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")(
+    dxs, dW, dU, db, dh0, dc0 = jax.ffi.ffi_call(_TARGETS[xs_TBF.dtype][1], out, vmap_method="sequential")(
         xs_TBF, W, U, b, h0, c0, ys, h, c, workspace, dys, dh, dc
     )
     return dW, dU, db, dxs, dh0, dc0
@@ -166,33 +189,45 @@ _layer.defvjp(_fwd, _bwd)
 
 
 def lstm_layer(W, U, b, xs_BTF, h0, c0):
-    """``(ys, h_T, c_T)`` of a plain LSTM over batch-first float32 ``xs_BTF (B, T, F)`` with
-    ``W (F, 4H)``, ``U (H, 4H)``, ``b (4H,)`` and initial ``h0, c0 (B, H)`` through the native
-    kernel (time-major inside: oneDNN's fast implementation reads ``(T, B, F)``)."""
+    """``(ys, h_T, c_T)`` of a plain LSTM over batch-first ``xs_BTF (B, T, F)`` with float32
+    ``W (F, 4H)``, ``U (H, 4H)``, ``b (4H,)`` and ``c0 (B, H)`` and ``h0 (B, H)`` in ``xs``'s dtype
+    through the native kernel (time-major inside: oneDNN's fast implementation reads ``(T, B, F)``).
+    ``xs`` in float32 computes in float32; in bfloat16 it computes as ``recurrent.lstm(H,
+    dtype=jnp.bfloat16)`` does (``ys`` and ``h_T`` bfloat16, ``c_T`` float32)."""
     ys, h, c = _layer(W, U, b, jnp.moveaxis(xs_BTF, 1, 0), h0, c0)
     return jnp.moveaxis(ys, 0, 1), h, c
 
 
-def check(params: Any, xs_BTF: jax.Array, carry: Any) -> None:
-    """Raises a clear error (at trace time) unless the arguments are a plain float32 LSTM layer's."""
+COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def check(params: Any, xs_BTF: jax.Array, carry: Any, dtype: Any = None) -> jnp.dtype:
+    """Raises a clear error (at trace time) unless the arguments are those of a plain LSTM layer the
+    kernel runs: float32 parameters and ``c``, compute ``dtype`` float32 or bfloat16 (``None``: the
+    parameters' dtype), ``xs`` in float32 or the compute dtype, ``h`` in the compute dtype. Returns
+    the compute dtype."""
     from recurrent import _core
 
     where = "recurrent.native.apply"
-    arrays = {
-        "xs": xs_BTF,
-        "input_kernel": params.input_kernel,
-        "recurrent_kernel": params.recurrent_kernel,
-        "bias": params.bias,
-        "carry.h": carry.h,
-        "carry.c": carry.c,
+    cdt = _core.compute_dtype(dtype, params.input_kernel)
+    wanted = {
+        "xs": (jnp.float32, cdt),
+        "input_kernel": (jnp.float32,),
+        "recurrent_kernel": (jnp.float32,),
+        "bias": (jnp.float32,),
+        "carry.h": (cdt,),
+        "carry.c": (jnp.float32,),
     }
-    odd = {k: str(jnp.result_type(v)) for k, v in arrays.items() if jnp.result_type(v) != jnp.float32}
-    if odd:
+    arrays = dict(zip(wanted, (xs_BTF, *params[:3], carry.h, carry.c)))
+    odd = {k: str(jnp.result_type(v)) for k, v in arrays.items() if jnp.result_type(v) not in wanted[k]}
+    if cdt not in COMPUTE_DTYPES or odd:
         raise _core.error(
-            f"{where}: the native kernel runs float32 only.",
-            expected="float32 inputs, parameters and carry",
-            got=", ".join(f"{k} {v}" for k, v in odd.items()),
-            fix="cast them with .astype(jnp.float32), or use rnn(...)'s default implementation.",
+            f"{where}: the native kernel runs float32 only, or bfloat16 compute with float32 parameters and state.",
+            expected="float32 parameters and carry.c; compute dtype float32 (xs, carry.h float32) or bfloat16 "
+            "(xs float32 or bfloat16, carry.h bfloat16)",
+            got=f"compute dtype {cdt}" + "".join(f", {k} {v}" for k, v in odd.items()),
+            fix="cast them with .astype(jnp.float32) (carry.h to the compute dtype: cell.initial_carry gives it), "
+            "or use rnn(...)'s default implementation.",
         )
     B = xs_BTF.shape[0] if xs_BTF.ndim == 3 else None
     H = params.recurrent_kernel.shape[0]
@@ -203,28 +238,32 @@ def check(params: Any, xs_BTF: jax.Array, carry: Any) -> None:
             got=f"xs {tuple(xs_BTF.shape)}, h {tuple(jnp.shape(carry.h))}, c {tuple(jnp.shape(carry.c))}",
             fix="reshape several batch axes into one (or jax.vmap over them) and move time to axis 1.",
         )
+    return cdt
 
 
-def apply(params: Any, xs_BTF: jax.Array, lengths_B: jax.Array | None, carry: Any):
-    """One plain float32 LSTM layer (:class:`~recurrent.LSTMParams`) with our semantics:
+def apply(params: Any, xs_BTF: jax.Array, lengths_B: jax.Array | None, carry: Any, dtype: Any = None):
+    """One plain LSTM layer (:class:`~recurrent.LSTMParams`, float32) with our semantics, computing
+    as ``recurrent.lstm(H, dtype=dtype)`` does (float32, or bfloat16 with float32 state):
     ``(carry, ys)``, outputs zero after each sequence's length, the final carry the one after its
     last valid step (the initial carry for length 0)."""
     from recurrent._core import LSTMState
 
-    check(params, xs_BTF, carry)
+    cdt = check(params, xs_BTF, carry, dtype)
+    xs_BTF = xs_BTF.astype(cdt)
     W, U, b = params.input_kernel, params.recurrent_kernel, params.bias
     h0, c0 = carry.h, carry.c
     if 0 in xs_BTF.shape:  # nothing to run (oneDNN takes no empty dimension)
-        return LSTMState(h0, c0), jnp.zeros((*xs_BTF.shape[:2], U.shape[0]), xs_BTF.dtype)
+        return LSTMState(h0, c0), jnp.zeros((*xs_BTF.shape[:2], U.shape[0]), cdt)
     if lengths_B is None:
         ys, h, c = lstm_layer(W, U, b, xs_BTF, h0, c0)
         return LSTMState(h, c), ys
     B, T, _ = xs_BTF.shape
     H = U.shape[0]
     lengths = jnp.clip(lengths_B.astype(jnp.int32), 0, T)
-    padding = (jnp.arange(T)[None, :] >= lengths[:, None]).astype(xs_BTF.dtype)  # (B, T)
+    padding = (jnp.arange(T)[None, :] >= lengths[:, None]).astype(cdt)  # (B, T)
     # One more input feature, 1 at padding: it shuts the input gate, opens the forget gate and adds
-    # nothing to the cell and output gates (i, f, g, o), so c is carried unchanged.
+    # nothing to the cell and output gates (i, f, g, o), so c is carried unchanged. (+-1e30 stays
+    # that large in bfloat16, whose exponent is float32's.)
     hold = jnp.concatenate([jnp.full((H,), -_SATURATE), jnp.full((H,), _SATURATE), jnp.zeros((2 * H,))])
     W_hold = jnp.concatenate([W, jax.lax.stop_gradient(hold.astype(W.dtype))[None]], axis=0)
     xs_hold = jnp.concatenate([xs_BTF, padding[..., None]], axis=-1)
@@ -237,46 +276,51 @@ def apply(params: Any, xs_BTF: jax.Array, lengths_B: jax.Array | None, carry: An
     return LSTMState(h, c), ys
 
 
-def kernel() -> Any:
-    """The native kernel as a :class:`~recurrent.SequenceKernel` for a plain float32 LSTM's spec:
-    its ``reason`` says why it cannot run (not built, not on CPU, other parameters or dtypes), and
-    the driver then falls back to its scan with a :class:`~recurrent.FallbackWarning`. It stores
-    a workspace for the backward pass, so ``remat=True`` falls back too."""
+def kernel(dtype: Any = None) -> Any:
+    """The native kernel as a :class:`~recurrent.SequenceKernel` for a plain LSTM with float32
+    parameters and compute ``dtype`` (``None``: float32; or ``jnp.bfloat16``): its ``reason`` says
+    why it cannot run (not built, not on CPU, other parameters or dtypes), and the driver then
+    falls back to its scan with a :class:`~recurrent.FallbackWarning`. It stores a workspace for
+    the backward pass, so ``remat=True`` falls back too."""
     from recurrent._core import SequenceKernel
     from recurrent._lstm import LSTMParams
 
     def run(params, xs_BTF, lengths_B, carry_B, *, hoist, unroll):
-        return apply(params, xs_BTF, lengths_B, carry_B)
+        return apply(params, xs_BTF, lengths_B, carry_B, dtype)
 
     def why(params, xs):
         if not isinstance(params, LSTMParams):
             return f"the parameters are a {type(params).__name__}"
-        if xs.dtype != jnp.float32 or params.input_kernel.dtype != jnp.float32:
-            return f"the native kernel runs float32, got inputs {xs.dtype}, parameters {params.input_kernel.dtype}"
+        cdt = jnp.dtype(dtype if dtype is not None else params.input_kernel.dtype)
+        if params.input_kernel.dtype != jnp.float32 or xs.dtype not in (jnp.float32, cdt):
+            return (
+                f"the native kernel runs float32 parameters and inputs in float32 or the compute dtype, "
+                f"got inputs {xs.dtype}, parameters {params.input_kernel.dtype}"
+            )
         return reason()
 
     return SequenceKernel(run, why, batchable=True, remat=False)
 
 
 def attach(cell: Any) -> Any:
-    """``cell`` with the native kernel declared under ``"native"`` in its spec, so that
-    ``rnn(cell, implementation="native")`` runs it. Only a plain float32 LSTM (the cells whose
-    spec declares a cuDNN kernel) gets the kernel; any other cell gets the reason why not, which
-    the driver's :class:`~recurrent.FallbackWarning` repeats.
+    """``cell`` with the native kernel, or the reason why not, declared under ``"native"`` in its
+    spec. The library's LSTM declares it itself (a plain LSTM with float32 parameters and float32 or
+    bfloat16 compute gets the kernel; other options the reason), so ``attach`` returns such a cell
+    unchanged; any other cell gets the reason why not, which the driver's
+    :class:`~recurrent.FallbackWarning` repeats.
 
+    >>> import jax.numpy as jnp
     >>> import recurrent
     >>> from recurrent import native
     >>> cell = native.attach(recurrent.lstm(4))
-    >>> "native" in cell.spec.kernels
-    True
+    >>> type(cell.spec.kernels["native"]).__name__
+    'SequenceKernel'
+    >>> type(native.attach(recurrent.lstm(4, dtype=jnp.bfloat16)).spec.kernels["native"]).__name__
+    'SequenceKernel'
     """
-    from recurrent._core import Options, SequenceKernel
+    from recurrent._core import Options
 
-    cudnn = cell.spec.kernels.get("cudnn")
-    if isinstance(cudnn, SequenceKernel):
-        entry: Any = kernel()
-    elif isinstance(cudnn, str):
-        entry = "the native kernel runs " + cudnn.split(" runs ", 1)[-1]
-    else:
-        entry = f"the native kernel runs the plain float32 LSTM only, and {cell.name!r} is not one"
+    if "native" in cell.spec.kernels:
+        return cell
+    entry = f"the native kernel runs the plain LSTM only, and {cell.name!r} is not one"
     return cell._replace(spec=cell.spec._replace(kernels=Options({**cell.spec.kernels, "native": entry})))

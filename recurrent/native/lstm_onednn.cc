@@ -1,6 +1,7 @@
 // One plain LSTM layer as XLA FFI custom calls: the undifferentiated forward through oneDNN's
 // LSTM primitive (its fast brgemm inference kernel, the one PyTorch's CPU LSTM uses), and a
-// hand-fused training forward and backward around oneDNN's JIT GEMM (`dnnl_sgemm`).
+// hand-fused training forward and backward around oneDNN's JIT GEMM (`dnnl_sgemm`); in bfloat16
+// compute, the same fused loops around its bfloat16 GEMM (the bfloat16 path, further down).
 //
 // Layouts (float32, one layer, one direction, time-major):
 //   x (T, B, F), W (F, 4H), U (H, 4H), b (4H,), h0, c0 (B, H); gates i, f, g, o.
@@ -115,7 +116,8 @@ ffi::Error Fail(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInternal, "recurrent native LSTM: " + what);
 }
 
-Shape ShapeOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& U) {
+template <typename X>
+Shape ShapeOf(const X& x, const ffi::Buffer<ffi::F32>& U) {
   auto xd = x.dimensions();
   return {xd[1], xd[0], xd[2], U.dimensions()[0]};  // x is (T, B, F)
 }
@@ -377,6 +379,254 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
   return ffi::Error::Success();
 }
 
+
+// ---- The bfloat16 path ----------------------------------------------------------------------
+//
+// `recurrent.lstm(H, dtype=jnp.bfloat16)` with float32 parameters: every GEMM takes bfloat16
+// operands and accumulates in float32 (`dnnl_gemm_bf16bf16f32`, AVX512-BF16 where the CPU has it);
+// the input projection x W + b is rounded to bfloat16 (as the cell's `project`), the gate
+// pre-activations, the gates and c are float32, h and the outputs are bfloat16. x, h0, ys, hT, dx,
+// dh0 and dys, dhT are bfloat16; W, U, b, c and their gradients float32.
+//   forward   Zx = x W (all steps, one GEMM) into the workspace; per step Zh = h_{t-1} U (one GEMM)
+//             and one fused loop: z = bf16(Zx_t + b) + Zh, the gates, c_t, h_t = bf16(o tanh c_t).
+//   backward  as the float32 one, with the cell's roundings where the scan's derivative has them
+//             (dh = bf16(bf16(dy_t) + bf16(dh_t)), dz rounded to bfloat16 for every GEMM and for
+//             db, dx and dh0 rounded to bfloat16); dW and dU are single GEMMs over all steps,
+//             accumulated in float32 (the scan rounds each step's term to bfloat16 first).
+
+using bf16 = uint16_t;  // XLA's FFI maps BF16 buffers to uint16_t, oneDNN's bfloat16_t is one too
+
+}  // namespace
+
+// oneDNN exports its bfloat16 GEMM (row-major, as dnnl_sgemm) without declaring it in dnnl.h.
+extern "C" dnnl_status_t dnnl_gemm_bf16bf16f32(char transa, char transb, dnnl_dim_t M, dnnl_dim_t N, dnnl_dim_t K,
+                                               float alpha, const uint16_t* A, dnnl_dim_t lda, const uint16_t* B,
+                                               dnnl_dim_t ldb, float beta, float* C, dnnl_dim_t ldc);
+
+namespace {
+
+bool GemmBf16(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_,
+              int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return true;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.f ? 0.f : beta * C[m * ldc + n];
+    return true;
+  }
+  return dnnl_gemm_bf16bf16f32(ta, tb, M, N, K, 1.f, A, lda, B_, ldb, beta, C, ldc) == dnnl_success;
+}
+
+// float32 to bfloat16, rounding to nearest even (as XLA's convert); NaN stays a (quiet) NaN.
+inline bf16 ToBf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<bf16>((bits & 0x7FFFFFFFu) > 0x7F800000u ? (bits >> 16) | 0x40u : rounded);
+}
+
+inline float FromBf16(bf16 x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float RoundBf16(float x) { return FromBf16(ToBf16(x)); }
+
+RECURRENT_CLONES void ToBf16Rows(int64_t rows, int64_t cols, const float* __restrict src, int64_t src_stride,
+                                 bf16* __restrict dst, int64_t dst_stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < cols; ++k) dst[r * dst_stride + k] = ToBf16(src[r * src_stride + k]);
+}
+
+void CopyRowsBf16(int64_t rows, int64_t cols, const bf16* src, int64_t src_stride, bf16* dst, int64_t dst_stride) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, cols * sizeof(bf16));
+}
+
+// a (R, C) float32 row-major into bfloat16 out (C, R), whose rows are `ld` apart.
+void TransposeBf16(const float* a, int64_t R, int64_t C, bf16* out, int64_t ld) {
+  constexpr int64_t k = 32;
+  for (int64_t r0 = 0; r0 < R; r0 += k)
+    for (int64_t c0 = 0; c0 < C; c0 += k)
+      for (int64_t r = r0; r < std::min(R, r0 + k); ++r)
+        for (int64_t c = c0; c < std::min(C, c0 + k); ++c) out[c * ld + r] = ToBf16(a[r * C + c]);
+}
+
+// One step's gates: z (B, 4H) holds x_t W and becomes the activations (i, f, g, o); zh (B, 4H)
+// holds h_{t-1} U; writes c_t and h_t (bfloat16).
+RECURRENT_CLONES void ForwardStepBf16(int64_t B, int64_t H, float* __restrict z, const float* __restrict zh,
+                                      const float* __restrict bias, const float* __restrict c_prev,
+                                      float* __restrict c, bf16* __restrict h) {
+  for (int64_t n = 0; n < B; ++n) {
+    float* __restrict zi = z + n * 4 * H;
+    float* __restrict zf = zi + H;
+    float* __restrict zg = zf + H;
+    float* __restrict zo = zg + H;
+    const float* __restrict hi = zh + n * 4 * H;
+    const float* __restrict hf = hi + H;
+    const float* __restrict hg = hf + H;
+    const float* __restrict ho = hg + H;
+    const float* __restrict cp = c_prev + n * H;
+    float* __restrict cn = c + n * H;
+    bf16* __restrict hn = h + n * H;
+    for (int64_t j = 0; j < H; ++j) {
+      float i = Sigmoid(RoundBf16(zi[j] + bias[j]) + hi[j]);
+      float f = Sigmoid(RoundBf16(zf[j] + bias[H + j]) + hf[j]);
+      float g = Tanh(RoundBf16(zg[j] + bias[2 * H + j]) + hg[j]);
+      float o = Sigmoid(RoundBf16(zo[j] + bias[3 * H + j]) + ho[j]);
+      float cj = f * cp[j] + i * g;
+      zi[j] = i;
+      zf[j] = f;
+      zg[j] = g;
+      zo[j] = o;
+      cn[j] = cj;
+      hn[j] = ToBf16(o * Tanh(cj));
+    }
+  }
+}
+
+// One step backwards, as BackwardStep, with dh = bf16(bf16(dy_t) + bf16(dh_t)) and dz written
+// as bfloat16 (B, 4H), whose float32 values are summed into db.
+RECURRENT_CLONES void BackwardStepBf16(int64_t B, int64_t H, const float* __restrict a, const float* __restrict c,
+                                       const float* __restrict c_prev, const float* __restrict dh, int64_t dh_stride,
+                                       const bf16* __restrict dy, float* __restrict dc, bf16* __restrict dz,
+                                       float* __restrict db) {
+  for (int64_t n = 0; n < B; ++n) {
+    const float* __restrict ai = a + n * 4 * H;
+    const float* __restrict af = ai + H;
+    const float* __restrict ag = af + H;
+    const float* __restrict ao = ag + H;
+    const float* __restrict cn = c + n * H;
+    const float* __restrict cp = c_prev + n * H;
+    const float* __restrict dhn = dh + n * dh_stride;
+    const bf16* __restrict dyn = dy + n * H;
+    float* __restrict dcn = dc + n * H;
+    bf16* __restrict di = dz + n * 4 * H;
+    bf16* __restrict df = di + H;
+    bf16* __restrict dg = df + H;
+    bf16* __restrict dO = dg + H;
+    for (int64_t j = 0; j < H; ++j) {
+      float i = ai[j], f = af[j], g = ag[j], o = ao[j];
+      float tc = Tanh(cn[j]);
+      float dhj = RoundBf16(FromBf16(dyn[j]) + RoundBf16(dhn[j]));
+      float dcj = dcn[j] + dhj * o * (1.f - tc * tc);
+      di[j] = ToBf16(dcj * g * i * (1.f - i));
+      df[j] = ToBf16(dcj * cp[j] * f * (1.f - f));
+      dg[j] = ToBf16(dcj * i * (1.f - g * g));
+      dO[j] = ToBf16(dhj * tc * o * (1.f - o));
+      dcn[j] = dcj * f;
+    }
+    for (int64_t k = 0; k < 4 * H; ++k) db[k] += FromBf16(di[k]);
+  }
+}
+
+template <typename T>
+T* ScratchOf(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// The bfloat16 forward; `workspace` as the float32 path's (the activations, then c).
+ffi::Error FusedBf16(const Shape& s, const bf16* x, const float* W, const float* U, const float* b, const bf16* h0,
+                     const float* c0, bf16* ys, bf16* hT, float* cT, float* workspace) {
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H;
+  thread_local std::vector<bf16> weights;
+  thread_local std::vector<float> step;
+  bf16* Wb = ScratchOf(weights, (F + H) * G);
+  bf16* Ub = Wb + F * G;
+  ToBf16Rows(F, G, W, G, Wb, G);
+  ToBf16Rows(H, G, U, G, Ub, G);
+  float* zh = ScratchOf(step, B * G);
+  float* A = workspace;
+  float* C = A + T * B * G;
+  if (!GemmBf16('N', 'N', T * B, G, F, x, F, Wb, G, 0.f, A, G)) return Fail("x W (bfloat16) failed");
+  for (int64_t t = 0; t < T; ++t) {
+    const bf16* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
+    if (!GemmBf16('N', 'N', B, G, H, h_prev, H, Ub, G, 0.f, zh, G)) return Fail("h U (bfloat16) failed");
+    ForwardStepBf16(B, H, A + t * B * G, zh, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
+  }
+  std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(bf16));
+  std::memcpy(cT, C + (T - 1) * B * H, B * H * sizeof(float));
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::BF16> h0, ffi::Buffer<ffi::F32> c0,
+                           ffi::ResultBuffer<ffi::BF16> ys, ffi::ResultBuffer<ffi::BF16> hT,
+                           ffi::ResultBuffer<ffi::F32> cT, ffi::ResultBuffer<ffi::U8> workspace) {
+  Shape s = ShapeOf(x, U);
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace->size_bytes() != static_cast<size_t>(WorkspaceFloats(s)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  return FusedBf16(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), h0.typed_data(),
+                   c0.typed_data(), ys->typed_data(), hT->typed_data(), cT->typed_data(),
+                   reinterpret_cast<float*>(workspace->untyped_data()));
+}
+
+// The undifferentiated bfloat16 forward: the training forward with a workspace that stays with the
+// thread (oneDNN's bfloat16 LSTM primitive would not round x W + b to bfloat16 as the cell does).
+ffi::Error InferenceBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                             ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::BF16> h0, ffi::Buffer<ffi::F32> c0,
+                             ffi::ResultBuffer<ffi::BF16> ys, ffi::ResultBuffer<ffi::BF16> hT,
+                             ffi::ResultBuffer<ffi::F32> cT) {
+  Shape s = ShapeOf(x, U);
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  thread_local std::vector<float> workspace;
+  return FusedBf16(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), h0.typed_data(),
+                   c0.typed_data(), ys->typed_data(), hT->typed_data(), cT->typed_data(),
+                   ScratchOf(workspace, WorkspaceFloats(s)));
+}
+
+ffi::Error BackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                            ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::BF16> h0, ffi::Buffer<ffi::F32> c0,
+                            ffi::Buffer<ffi::BF16> ys, ffi::Buffer<ffi::BF16> hT, ffi::Buffer<ffi::F32> cT,
+                            ffi::Buffer<ffi::U8> workspace, ffi::Buffer<ffi::BF16> dys, ffi::Buffer<ffi::BF16> dhT,
+                            ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::BF16> dx,
+                            ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> dU,
+                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::BF16> dh0,
+                            ffi::ResultBuffer<ffi::F32> dc0) {
+  Shape s = ShapeOf(x, U);
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
+  if (T == 0 || B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace.size_bytes() != static_cast<size_t>(WorkspaceFloats(s)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  const float* A = reinterpret_cast<const float*>(workspace.untyped_data());
+  const float* C = A + T * B * G;
+  thread_local std::vector<bf16> operands;
+  thread_local std::vector<float> results;
+  // dZ (T, B, 4H), XH (T, B, F + H) = [x_t, h_{t-1}] and [W; U]^T (4H, F + H), in bfloat16.
+  bf16* dZ = ScratchOf(operands, T * B * (G + K) + G * K);
+  bf16* XH = dZ + T * B * G;
+  bf16* WUt = XH + T * B * K;
+  CopyRowsBf16(T * B, F, x.typed_data(), F, XH, K);
+  CopyRowsBf16(B, H, h0.typed_data(), H, XH + F, K);
+  CopyRowsBf16((T - 1) * B, H, ys.typed_data(), H, XH + B * K + F, K);
+  TransposeBf16(W.typed_data(), F, G, WUt, K);
+  TransposeBf16(U.typed_data(), H, G, WUt + F, K);
+  // dxh, one step's [dx_t, dh_{t-1}] (float32), and dWU, [dW; dU].
+  float* dxh = ScratchOf(results, B * K + K * G);
+  float* dWU = dxh + B * K;
+  float* dc = dc0->typed_data();
+  float* dbias = db->typed_data();
+  for (int64_t n = 0; n < B; ++n)
+    for (int64_t j = 0; j < H; ++j) dxh[n * K + F + j] = FromBf16(dhT.typed_data()[n * H + j]);
+  std::memcpy(dc, dcT.typed_data(), B * H * sizeof(float));
+  std::fill(dbias, dbias + G, 0.f);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float* c_prev = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+    bf16* dz = dZ + t * B * G;
+    BackwardStepBf16(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, dys.typed_data() + t * B * H, dc, dz,
+                     dbias);
+    if (!GemmBf16('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T (bfloat16) failed");
+    ToBf16Rows(B, F, dxh, K, dx->typed_data() + t * B * F, F);
+  }
+  ToBf16Rows(B, H, dxh + F, K, dh0->typed_data(), H);
+  if (!GemmBf16('T', 'N', K, G, T * B, XH, K, dZ, G, 0.f, dWU, G)) return Fail("[x, h]^T dz (bfloat16) failed");
+  std::memcpy(dW->typed_data(), dWU, F * G * sizeof(float));
+  std::memcpy(dU->typed_data(), dWU + F * G, H * G * sizeof(float));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The workspace's size in bytes for one shape (the Python wrapper sizes the forward's
@@ -430,4 +680,51 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dU
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc0
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmForwardBf16, ForwardBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // hT
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // cT
+                                  .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmInferenceBf16, InferenceBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // c0
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // ys
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // hT
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // cT
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmBackwardBf16, BackwardBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // c0
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // ys
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // hT
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // cT
+                                  .Arg<ffi::Buffer<ffi::U8>>()     // workspace
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // dys
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // dhT
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dcT
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dW
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dU
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // db
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dc0
