@@ -337,9 +337,13 @@ def population_init(group: Group, hypers: Hypers, key_data: jax.Array) -> dict[s
     """The members' states stacked along the population axis (of ``hypers`` and ``key_data``), placed with
     their sharding.
 
-    Each member is initialised by the one jitted ``init_member`` in turn rather than vmapped: on a
-    loaded 2-core CPU the batched QR of the orthogonal initialiser, vmapped, hung XLA's CPU runtime
-    (jax 0.10.2) several times, and the init runs once per search.
+    Each member is initialised by the one jitted ``init_member`` in turn rather than vmapped: on a CPU,
+    the vmapped init runs the QR of the orthogonal initialiser (one per gate) as batched LAPACK calls,
+    and jaxlib's batched QR kernel (0.10.2) splits its batch over XLA's CPU thread pool and blocks a
+    pool thread until the parts are done; with as many such calls at once as the pool has threads
+    (two on a 2-core machine), every pool thread waits for work that none is free to run, and the
+    program hangs (see benchmarks/README.md). One member at a time has no batch to split, and has not
+    hung; the init runs once per search, so it costs little.
     """
     hypers_np, keys_np = pipeline.to_host((hypers, key_data))
     states = [_init_member(group, jax.tree.map(lambda a: a[m], hypers_np), keys_np[m]) for m in range(len(keys_np))]
