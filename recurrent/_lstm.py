@@ -94,7 +94,28 @@ def fused_blocks(init: Initializer, key: jax.Array, shape: tuple[int, ...], bloc
     kernel on CPU."""
     keys = jax.random.split(key, blocks)
     draw_dtype = jnp.promote_types(dtype, jnp.float32)
-    return jnp.concatenate([init(k, shape, draw_dtype) for k in keys], axis=-1).astype(dtype)
+    drawn = []
+    for k in keys:
+        if drawn:
+            k = _after(k, drawn[-1])
+        drawn.append(init(k, shape, draw_dtype))
+    return jnp.concatenate(drawn, axis=-1).astype(dtype)
+
+
+def _after(key: jax.Array, previous: jax.Array) -> jax.Array:
+    """``key`` unchanged, but computed from ``previous``, so that XLA runs what ``key`` draws after it.
+
+    jaxlib's batched QR (an orthogonal initialiser under ``vmap``) holds an XLA CPU pool thread
+    until its parts, queued on the same pool, are done; as many such QRs at once as the pool has
+    threads (two on a 2-core machine) deadlocked a population's init. The CPU runtime runs
+    operations as soon as their inputs are ready (an optimisation barrier does not order them), so
+    the order is a data dependency: ``isnan`` of a finite value, zero, added to the key's bits.
+    """
+    nan = jnp.isnan(previous.ravel()[0])  # one key, one block: vmap batches both
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        data = jax.random.key_data(key)
+        return jax.random.wrap_key_data(data + nan.astype(data.dtype), impl=jax.random.key_impl(key))
+    return key + nan.astype(key.dtype)
 
 
 # The gate whose bias sets a unit's memory time (the forget gate; the GRU's update gate keeps

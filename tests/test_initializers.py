@@ -189,3 +189,29 @@ def test_time_constants(name):
 
 def cell_gates(name):
     return recurrent.CIFG_GATES if name == "cifg_lstm" else recurrent.LSTM_GATES
+
+
+def test_gate_blocks_are_drawn_one_after_another_with_the_values_of_separate_draws():
+    """jaxlib's batched QR (the orthogonal initialiser under ``vmap``) holds an XLA CPU pool thread
+    while its parts wait in the same pool; two at once deadlocked a 2-core machine's population init.
+    So each gate block's key is computed from the previous block (a zero added to its bits): the QRs
+    of one cell can never run at once. A race cannot be provoked reliably in a test, so this checks
+    the dependency itself, and that the values are those of the blocks drawn separately."""
+    from recurrent._lstm import fused_blocks
+
+    orthogonal = jax.nn.initializers.orthogonal()
+    for key in (jax.random.key(3), jax.random.PRNGKey(3)):  # typed and raw keys
+        for blocks in (3, 4):
+            separate = jnp.concatenate([orthogonal(k, (6, 6)) for k in jax.random.split(key, blocks)], axis=-1)
+            np.testing.assert_array_equal(fused_blocks(orthogonal, key, (6, 6), blocks, jnp.float32), separate)
+    # a real data dependency (the CPU runtime orders nothing else): a NaN in the first block, which
+    # no initialiser returns, would change the second block's key
+    calls = []
+
+    def nan_first(k, shape, dtype):
+        calls.append(k)
+        return jnp.full(shape, jnp.nan, dtype) if len(calls) == 1 else orthogonal(k, shape, dtype)
+
+    key = jax.random.key(3)
+    second = orthogonal(jax.random.split(key, 2)[1], (6, 6))
+    assert not np.array_equal(fused_blocks(nan_first, key, (6, 6), 2, jnp.float32)[:, 6:], second)
