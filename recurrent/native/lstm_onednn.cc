@@ -204,41 +204,95 @@ inline float Tanh(float x) {
 #define RECURRENT_CLONES
 #endif
 
-// One step's gates: z (B, 4H) holds [x_t, h_{t-1}] [W; U] and becomes the activations (i, f, g, o);
-// writes c_t and h_t. `__restrict`: the arrays never overlap, which lets the loop vectorise.
-RECURRENT_CLONES void ForwardStep(int64_t B, int64_t H, float* __restrict z, const float* __restrict bias,
-                                  const float* __restrict c_prev, float* __restrict c, float* __restrict h) {
+using bf16 = uint16_t;  // XLA's FFI maps BF16 buffers to uint16_t, oneDNN's bfloat16_t is one too
+
+// float32 to bfloat16, rounding to nearest even (as XLA's convert); NaN stays a (quiet) NaN.
+inline bf16 ToBf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<bf16>((bits & 0x7FFFFFFFu) > 0x7F800000u ? (bits >> 16) | 0x40u : rounded);
+}
+
+inline float FromBf16(bf16 x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float RoundBf16(float x) { return FromBf16(ToBf16(x)); }
+
+// The fused loops compute in float32 and are written once over these two policies: T, the type
+// h, dy and dz are stored in (Load and Store convert), Round, a float32 rounded through T (the
+// identity for float32), and whether h_{t-1} U reaches the forward step apart from x_t W.
+struct Fp32 {
+  using T = float;
+  static constexpr bool kSplitGemm = false;
+  static float Load(float x) { return x; }
+  static float Store(float x) { return x; }
+  static float Round(float x) { return x; }
+};
+
+struct Bf16 {
+  using T = bf16;
+  static constexpr bool kSplitGemm = true;
+  static float Load(bf16 x) { return FromBf16(x); }
+  static bf16 Store(float x) { return ToBf16(x); }
+  static float Round(float x) { return RoundBf16(x); }
+};
+
+// One step's gates: z (B, 4H) holds [x_t, h_{t-1}] [W; U] (float32), or x_t W with h_{t-1} U in
+// zh (bfloat16: the pre-activation is bf16(x_t W + b) + h_{t-1} U, as the cell's); z becomes the
+// activations (i, f, g, o); writes c_t and h_t. `__restrict`: the arrays never overlap, which lets
+// the loop vectorise.
+template <typename P>
+RECURRENT_CLONES void ForwardStep(int64_t B, int64_t H, float* __restrict z, const float* __restrict zh,
+                                  const float* __restrict bias, const float* __restrict c_prev, float* __restrict c,
+                                  typename P::T* __restrict h) {
   for (int64_t n = 0; n < B; ++n) {
     float* __restrict zi = z + n * 4 * H;
     float* __restrict zf = zi + H;
     float* __restrict zg = zf + H;
     float* __restrict zo = zg + H;
+    const float* __restrict zhn = P::kSplitGemm ? zh + n * 4 * H : nullptr;
     const float* __restrict cp = c_prev + n * H;
     float* __restrict cn = c + n * H;
-    float* __restrict hn = h + n * H;
+    typename P::T* __restrict hn = h + n * H;
     for (int64_t j = 0; j < H; ++j) {
-      float i = Sigmoid(zi[j] + bias[j]);
-      float f = Sigmoid(zf[j] + bias[H + j]);
-      float g = Tanh(zg[j] + bias[2 * H + j]);
-      float o = Sigmoid(zo[j] + bias[3 * H + j]);
+      float zij = zi[j] + bias[j], zfj = zf[j] + bias[H + j];
+      float zgj = zg[j] + bias[2 * H + j], zoj = zo[j] + bias[3 * H + j];
+      if constexpr (P::kSplitGemm) {
+        zij = P::Round(zij) + zhn[j];
+        zfj = P::Round(zfj) + zhn[H + j];
+        zgj = P::Round(zgj) + zhn[2 * H + j];
+        zoj = P::Round(zoj) + zhn[3 * H + j];
+      }
+      float i = Sigmoid(zij);
+      float f = Sigmoid(zfj);
+      float g = Tanh(zgj);
+      float o = Sigmoid(zoj);
       float cj = f * cp[j] + i * g;
       zi[j] = i;
       zf[j] = f;
       zg[j] = g;
       zo[j] = o;
       cn[j] = cj;
-      hn[j] = o * Tanh(cj);
+      hn[j] = P::Store(o * Tanh(cj));
     }
   }
 }
 
 // One step backwards: from the activations a (B, 4H), c_t, c_{t-1}, dh = dL/dh_t from step t + 1
 // (rows `dh_stride` apart) plus dy = dL/dy_t, and dc = dL/dc_t (updated in place to dL/dc_{t-1}),
-// the gate gradients dz (B, 4H), summed into db (4H).
+// the gate gradients dz (B, 4H), summed into db (4H). In bfloat16, dh = bf16(bf16(dh_t) + dy_t)
+// and dz is stored as bfloat16, whose float32 values are summed into db.
+template <typename P>
 RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, const float* __restrict a, const float* __restrict c,
                                    const float* __restrict c_prev, const float* __restrict dh, int64_t dh_stride,
-                                   const float* __restrict dy, float* __restrict dc, float* __restrict dz,
-                                   float* __restrict db) {
+                                   const typename P::T* __restrict dy, float* __restrict dc,
+                                   typename P::T* __restrict dz, float* __restrict db) {
+  using T = typename P::T;
   for (int64_t n = 0; n < B; ++n) {
     const float* __restrict ai = a + n * 4 * H;
     const float* __restrict af = ai + H;
@@ -247,45 +301,48 @@ RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, const float* __restrict
     const float* __restrict cn = c + n * H;
     const float* __restrict cp = c_prev + n * H;
     const float* __restrict dhn = dh + n * dh_stride;
-    const float* __restrict dyn = dy + n * H;
+    const T* __restrict dyn = dy + n * H;
     float* __restrict dcn = dc + n * H;
-    float* __restrict di = dz + n * 4 * H;
-    float* __restrict df = di + H;
-    float* __restrict dg = df + H;
-    float* __restrict dO = dg + H;
+    T* __restrict di = dz + n * 4 * H;
+    T* __restrict df = di + H;
+    T* __restrict dg = df + H;
+    T* __restrict dO = dg + H;
     for (int64_t j = 0; j < H; ++j) {
       float i = ai[j], f = af[j], g = ag[j], o = ao[j];
       float tc = Tanh(cn[j]);
-      float dhj = dhn[j] + dyn[j];
+      float dhj = P::Round(P::Round(dhn[j]) + P::Load(dyn[j]));
       float dcj = dcn[j] + dhj * o * (1.f - tc * tc);
-      di[j] = dcj * g * i * (1.f - i);
-      df[j] = dcj * cp[j] * f * (1.f - f);
-      dg[j] = dcj * i * (1.f - g * g);
-      dO[j] = dhj * tc * o * (1.f - o);
+      di[j] = P::Store(dcj * g * i * (1.f - i));
+      df[j] = P::Store(dcj * cp[j] * f * (1.f - f));
+      dg[j] = P::Store(dcj * i * (1.f - g * g));
+      dO[j] = P::Store(dhj * tc * o * (1.f - o));
       dcn[j] = dcj * f;
     }
-    for (int64_t k = 0; k < 4 * H; ++k) db[k] += di[k];
+    for (int64_t k = 0; k < 4 * H; ++k) db[k] += P::Load(di[k]);
   }
 }
 
 // Scratch memory that stays with the calling thread between calls (no page faults per call).
-float* Scratch(std::vector<float>& v, size_t n) {
+template <typename T>
+T* Scratch(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
 }
 
-// a (R, C) row-major into out (C, R), whose rows are `ld` apart.
-void Transpose(const float* a, int64_t R, int64_t C, float* out, int64_t ld) {
+// a (R, C) float32 row-major into out (C, R) (stored as P::T), whose rows are `ld` apart.
+template <typename P>
+void Transpose(const float* a, int64_t R, int64_t C, typename P::T* out, int64_t ld) {
   constexpr int64_t k = 32;
   for (int64_t r0 = 0; r0 < R; r0 += k)
     for (int64_t c0 = 0; c0 < C; c0 += k)
       for (int64_t r = r0; r < std::min(R, r0 + k); ++r)
-        for (int64_t c = c0; c < std::min(C, c0 + k); ++c) out[c * ld + r] = a[r * C + c];
+        for (int64_t c = c0; c < std::min(C, c0 + k); ++c) out[c * ld + r] = P::Store(a[r * C + c]);
 }
 
-// Rows of `cols` floats from `src` (rows `src_stride` apart) into `dst` (rows `dst_stride` apart).
-void CopyRows(int64_t rows, int64_t cols, const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, cols * sizeof(float));
+// Rows of `cols` elements from `src` (rows `src_stride` apart) into `dst` (rows `dst_stride` apart).
+template <typename T>
+void CopyRows(int64_t rows, int64_t cols, const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, cols * sizeof(T));
 }
 
 // The workspace (float32): the activations A (T, B, 4H), then c (T, B, H). Kept this small on purpose:
@@ -310,7 +367,7 @@ ffi::Error Fused(const Shape& s, const float* x, const float* W, const float* U,
     CopyRows(B, F, x + t * B * F, F, xh, K);
     CopyRows(B, H, t == 0 ? h0 : ys + (t - 1) * B * H, H, xh + F, K);
     if (!Gemm('N', 'N', B, G, K, xh, K, WU, G, 0.f, z, G)) return Fail("[x, h] [W; U] failed");
-    ForwardStep(B, H, z, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
+    ForwardStep<Fp32>(B, H, z, nullptr, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
   }
   std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(float));
   std::memcpy(cT, C + (T - 1) * B * H, B * H * sizeof(float));
@@ -357,8 +414,8 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
   float* WUt = Scratch(weights, G * K + B * K + K * G);
   float* dxh = WUt + G * K;
   float* dWU = dxh + B * K;
-  Transpose(W.typed_data(), F, G, WUt, K);
-  Transpose(U.typed_data(), H, G, WUt + F, K);
+  Transpose<Fp32>(W.typed_data(), F, G, WUt, K);
+  Transpose<Fp32>(U.typed_data(), H, G, WUt + F, K);
   float* dc = dc0->typed_data();
   float* dbias = db->typed_data();
   CopyRows(B, H, dhT.typed_data(), H, dxh + F, K);
@@ -367,7 +424,8 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_prev = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
     float* dz = dZ + t * B * G;
-    BackwardStep(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, dys.typed_data() + t * B * H, dc, dz, dbias);
+    BackwardStep<Fp32>(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, dys.typed_data() + t * B * H, dc, dz,
+                       dbias);
     if (!Gemm('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T failed");
     CopyRows(B, F, dxh, K, dx->typed_data() + t * B * F, F);
   }
@@ -394,8 +452,6 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
 //             db, dx and dh0 rounded to bfloat16); dW and dU are single GEMMs over all steps,
 //             accumulated in float32 (the scan rounds each step's term to bfloat16 first).
 
-using bf16 = uint16_t;  // XLA's FFI maps BF16 buffers to uint16_t, oneDNN's bfloat16_t is one too
-
 }  // namespace
 
 // oneDNN exports its bfloat16 GEMM (row-major, as dnnl_sgemm) without declaring it in dnnl.h.
@@ -416,114 +472,10 @@ bool GemmBf16(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf16* A, 
   return dnnl_gemm_bf16bf16f32(ta, tb, M, N, K, 1.f, A, lda, B_, ldb, beta, C, ldc) == dnnl_success;
 }
 
-// float32 to bfloat16, rounding to nearest even (as XLA's convert); NaN stays a (quiet) NaN.
-inline bf16 ToBf16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return static_cast<bf16>((bits & 0x7FFFFFFFu) > 0x7F800000u ? (bits >> 16) | 0x40u : rounded);
-}
-
-inline float FromBf16(bf16 x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline float RoundBf16(float x) { return FromBf16(ToBf16(x)); }
-
 RECURRENT_CLONES void ToBf16Rows(int64_t rows, int64_t cols, const float* __restrict src, int64_t src_stride,
                                  bf16* __restrict dst, int64_t dst_stride) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < cols; ++k) dst[r * dst_stride + k] = ToBf16(src[r * src_stride + k]);
-}
-
-void CopyRowsBf16(int64_t rows, int64_t cols, const bf16* src, int64_t src_stride, bf16* dst, int64_t dst_stride) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, cols * sizeof(bf16));
-}
-
-// a (R, C) float32 row-major into bfloat16 out (C, R), whose rows are `ld` apart.
-void TransposeBf16(const float* a, int64_t R, int64_t C, bf16* out, int64_t ld) {
-  constexpr int64_t k = 32;
-  for (int64_t r0 = 0; r0 < R; r0 += k)
-    for (int64_t c0 = 0; c0 < C; c0 += k)
-      for (int64_t r = r0; r < std::min(R, r0 + k); ++r)
-        for (int64_t c = c0; c < std::min(C, c0 + k); ++c) out[c * ld + r] = ToBf16(a[r * C + c]);
-}
-
-// One step's gates: z (B, 4H) holds x_t W and becomes the activations (i, f, g, o); zh (B, 4H)
-// holds h_{t-1} U; writes c_t and h_t (bfloat16).
-RECURRENT_CLONES void ForwardStepBf16(int64_t B, int64_t H, float* __restrict z, const float* __restrict zh,
-                                      const float* __restrict bias, const float* __restrict c_prev,
-                                      float* __restrict c, bf16* __restrict h) {
-  for (int64_t n = 0; n < B; ++n) {
-    float* __restrict zi = z + n * 4 * H;
-    float* __restrict zf = zi + H;
-    float* __restrict zg = zf + H;
-    float* __restrict zo = zg + H;
-    const float* __restrict hi = zh + n * 4 * H;
-    const float* __restrict hf = hi + H;
-    const float* __restrict hg = hf + H;
-    const float* __restrict ho = hg + H;
-    const float* __restrict cp = c_prev + n * H;
-    float* __restrict cn = c + n * H;
-    bf16* __restrict hn = h + n * H;
-    for (int64_t j = 0; j < H; ++j) {
-      float i = Sigmoid(RoundBf16(zi[j] + bias[j]) + hi[j]);
-      float f = Sigmoid(RoundBf16(zf[j] + bias[H + j]) + hf[j]);
-      float g = Tanh(RoundBf16(zg[j] + bias[2 * H + j]) + hg[j]);
-      float o = Sigmoid(RoundBf16(zo[j] + bias[3 * H + j]) + ho[j]);
-      float cj = f * cp[j] + i * g;
-      zi[j] = i;
-      zf[j] = f;
-      zg[j] = g;
-      zo[j] = o;
-      cn[j] = cj;
-      hn[j] = ToBf16(o * Tanh(cj));
-    }
-  }
-}
-
-// One step backwards, as BackwardStep, with dh = bf16(bf16(dy_t) + bf16(dh_t)) and dz written
-// as bfloat16 (B, 4H), whose float32 values are summed into db.
-RECURRENT_CLONES void BackwardStepBf16(int64_t B, int64_t H, const float* __restrict a, const float* __restrict c,
-                                       const float* __restrict c_prev, const float* __restrict dh, int64_t dh_stride,
-                                       const bf16* __restrict dy, float* __restrict dc, bf16* __restrict dz,
-                                       float* __restrict db) {
-  for (int64_t n = 0; n < B; ++n) {
-    const float* __restrict ai = a + n * 4 * H;
-    const float* __restrict af = ai + H;
-    const float* __restrict ag = af + H;
-    const float* __restrict ao = ag + H;
-    const float* __restrict cn = c + n * H;
-    const float* __restrict cp = c_prev + n * H;
-    const float* __restrict dhn = dh + n * dh_stride;
-    const bf16* __restrict dyn = dy + n * H;
-    float* __restrict dcn = dc + n * H;
-    bf16* __restrict di = dz + n * 4 * H;
-    bf16* __restrict df = di + H;
-    bf16* __restrict dg = df + H;
-    bf16* __restrict dO = dg + H;
-    for (int64_t j = 0; j < H; ++j) {
-      float i = ai[j], f = af[j], g = ag[j], o = ao[j];
-      float tc = Tanh(cn[j]);
-      float dhj = RoundBf16(FromBf16(dyn[j]) + RoundBf16(dhn[j]));
-      float dcj = dcn[j] + dhj * o * (1.f - tc * tc);
-      di[j] = ToBf16(dcj * g * i * (1.f - i));
-      df[j] = ToBf16(dcj * cp[j] * f * (1.f - f));
-      dg[j] = ToBf16(dcj * i * (1.f - g * g));
-      dO[j] = ToBf16(dhj * tc * o * (1.f - o));
-      dcn[j] = dcj * f;
-    }
-    for (int64_t k = 0; k < 4 * H; ++k) db[k] += FromBf16(di[k]);
-  }
-}
-
-template <typename T>
-T* ScratchOf(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
 }
 
 // The bfloat16 forward; `workspace` as the float32 path's (the activations, then c).
@@ -532,18 +484,18 @@ ffi::Error FusedBf16(const Shape& s, const bf16* x, const float* W, const float*
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H;
   thread_local std::vector<bf16> weights;
   thread_local std::vector<float> step;
-  bf16* Wb = ScratchOf(weights, (F + H) * G);
+  bf16* Wb = Scratch(weights, (F + H) * G);
   bf16* Ub = Wb + F * G;
   ToBf16Rows(F, G, W, G, Wb, G);
   ToBf16Rows(H, G, U, G, Ub, G);
-  float* zh = ScratchOf(step, B * G);
+  float* zh = Scratch(step, B * G);
   float* A = workspace;
   float* C = A + T * B * G;
   if (!GemmBf16('N', 'N', T * B, G, F, x, F, Wb, G, 0.f, A, G)) return Fail("x W (bfloat16) failed");
   for (int64_t t = 0; t < T; ++t) {
     const bf16* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
     if (!GemmBf16('N', 'N', B, G, H, h_prev, H, Ub, G, 0.f, zh, G)) return Fail("h U (bfloat16) failed");
-    ForwardStepBf16(B, H, A + t * B * G, zh, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
+    ForwardStep<Bf16>(B, H, A + t * B * G, zh, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
   }
   std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(bf16));
   std::memcpy(cT, C + (T - 1) * B * H, B * H * sizeof(float));
@@ -574,7 +526,7 @@ ffi::Error InferenceBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, 
   thread_local std::vector<float> workspace;
   return FusedBf16(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), h0.typed_data(),
                    c0.typed_data(), ys->typed_data(), hT->typed_data(), cT->typed_data(),
-                   ScratchOf(workspace, WorkspaceFloats(s)));
+                   Scratch(workspace, WorkspaceFloats(s)));
 }
 
 ffi::Error BackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
@@ -595,16 +547,16 @@ ffi::Error BackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, f
   thread_local std::vector<bf16> operands;
   thread_local std::vector<float> results;
   // dZ (T, B, 4H), XH (T, B, F + H) = [x_t, h_{t-1}] and [W; U]^T (4H, F + H), in bfloat16.
-  bf16* dZ = ScratchOf(operands, T * B * (G + K) + G * K);
+  bf16* dZ = Scratch(operands, T * B * (G + K) + G * K);
   bf16* XH = dZ + T * B * G;
   bf16* WUt = XH + T * B * K;
-  CopyRowsBf16(T * B, F, x.typed_data(), F, XH, K);
-  CopyRowsBf16(B, H, h0.typed_data(), H, XH + F, K);
-  CopyRowsBf16((T - 1) * B, H, ys.typed_data(), H, XH + B * K + F, K);
-  TransposeBf16(W.typed_data(), F, G, WUt, K);
-  TransposeBf16(U.typed_data(), H, G, WUt + F, K);
+  CopyRows(T * B, F, x.typed_data(), F, XH, K);
+  CopyRows(B, H, h0.typed_data(), H, XH + F, K);
+  CopyRows((T - 1) * B, H, ys.typed_data(), H, XH + B * K + F, K);
+  Transpose<Bf16>(W.typed_data(), F, G, WUt, K);
+  Transpose<Bf16>(U.typed_data(), H, G, WUt + F, K);
   // dxh, one step's [dx_t, dh_{t-1}] (float32), and dWU, [dW; dU].
-  float* dxh = ScratchOf(results, B * K + K * G);
+  float* dxh = Scratch(results, B * K + K * G);
   float* dWU = dxh + B * K;
   float* dc = dc0->typed_data();
   float* dbias = db->typed_data();
@@ -615,8 +567,8 @@ ffi::Error BackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, f
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_prev = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
     bf16* dz = dZ + t * B * G;
-    BackwardStepBf16(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, dys.typed_data() + t * B * H, dc, dz,
-                     dbias);
+    BackwardStep<Bf16>(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, dys.typed_data() + t * B * H, dc, dz,
+                       dbias);
     if (!GemmBf16('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T (bfloat16) failed");
     ToBf16Rows(B, F, dxh, K, dx->typed_data() + t * B * F, F);
   }
