@@ -101,8 +101,8 @@ def time_jax(sizes: dict[str, int], lrs: np.ndarray, keys: np.ndarray) -> dict[s
     pop_losses = jax.block_until_ready(population_c(lrs_j, keys_j))
     vmapped_s, vmapped_cpu_s = time.perf_counter() - t, time.process_time() - cpu
     t, cpu = time.perf_counter(), time.process_time()
-    # one execution in flight at a time (the members run one after another in any case)
-    seq_losses = [jax.block_until_ready(single_c(lrs_j[m], keys_j[m])) for m in range(len(lrs))]
+    seq_losses = [single_c(lrs_j[m], keys_j[m]) for m in range(len(lrs))]
+    seq_losses = jax.block_until_ready(seq_losses)
     sequential_s, sequential_cpu_s = time.perf_counter() - t, time.process_time() - cpu
     pop_final = np.asarray(pop_losses)[:, -1]
     seq_final = np.array([np.asarray(s)[-1] for s in seq_losses])
