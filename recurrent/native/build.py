@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "lstm_onednn.cc"
+SOURCES = sorted(HERE.glob("*.cc"))  # every kernel of the library (lstm_onednn.cc, ...); common.h beside them
 BUILD = HERE / "_build"
 LIBRARY = BUILD / "librecurrent_native.so"
 
@@ -30,8 +30,8 @@ def onednn_prefix() -> Path | None:
     return None
 
 
-def command(output: Path = LIBRARY) -> list[str]:
-    """The compiler command line that builds the kernel into ``output``."""
+def command(output: Path = LIBRARY, sources: list[Path] | None = None) -> list[str]:
+    """The compiler command line that builds the kernels (``sources``: every ``*.cc`` here) into ``output``."""
     import jax
 
     prefix = onednn_prefix()
@@ -48,9 +48,12 @@ def command(output: Path = LIBRARY) -> list[str]:
         # no result changes.
         "-fno-trapping-math",
         "-std=c++17",
+        # OpenMP runs independent layers of one call (a vmapped population, both directions) in parallel.
+        "-fopenmp",
         "-shared",
         "-fPIC",
-        str(SOURCE),
+        *map(str, SOURCES if sources is None else sources),
+        f"-I{HERE}",
         f"-I{prefix / 'include'}",
         f"-I{jax.ffi.include_dir()}",
         f"-L{lib}",
@@ -64,10 +67,10 @@ def command(output: Path = LIBRARY) -> list[str]:
     ]
 
 
-def build(output: Path = LIBRARY, verbose: bool = True) -> Path:
+def build(output: Path = LIBRARY, verbose: bool = True, sources: list[Path] | None = None) -> Path:
     """Compiles the kernel into ``output`` and returns its path."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    cmd = command(output)
+    cmd = command(output, sources)
     if verbose:
         print(" ".join(shlex.quote(c) for c in cmd))
     subprocess.run(cmd, check=True)

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -45,6 +46,8 @@ using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
 namespace {
+
+using namespace recurrent_native;
 
 struct Shape {
   int64_t B, T, F, H;
@@ -112,9 +115,6 @@ memory Into(const memory& user, const memory::desc& want) {
   return out;
 }
 
-ffi::Error Fail(const std::string& what) {
-  return ffi::Error(ffi::ErrorCode::kInternal, "recurrent native LSTM: " + what);
-}
 
 template <typename X>
 Shape ShapeOf(const X& x, const ffi::Buffer<ffi::F32>& U) {
@@ -152,95 +152,6 @@ ffi::Error InferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::
 
 // ---- The fused training path ----------------------------------------------------------------
 
-// Row-major C (M, N) = alpha op(A) op(B) + beta C through oneDNN's JIT GEMM; false on failure.
-bool Gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B_,
-          int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return true;
-  if (K == 0) {  // dnnl_sgemm may reject K = 0: C = beta C
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.f ? 0.f : beta * C[m * ldc + n];
-    return true;
-  }
-  return dnnl_sgemm(ta, tb, M, N, K, 1.f, A, lda, B_, ldb, beta, C, ldc) == dnnl_success;
-}
-
-// exp(x) for x in [-87.3, 88.3] (clamped outside), Cephes' single-precision polynomial (about
-// 1 ulp), written so that the compiler vectorises the loops that inline it.
-inline float Exp(float x) {
-  x = x > 88.3f ? 88.3f : x;
-  x = x < -87.3f ? -87.3f : x;
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (branch-free, unlike floor without SSE4.1).
-  float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-// Exactly 0 below -87 and exactly 1 above 17 (1 + e^-x rounds to 1): the hold input that freezes
-// padded steps saturates the input and forget gates with +-1e30, which must give exact 0 and 1.
-inline float Sigmoid(float x) {
-  float s = 1.f / (1.f + Exp(-x));
-  return x < -87.f ? 0.f : s;
-}
-
-inline float Tanh(float x) {
-  float e = Exp(x < 0.f ? 2.f * x : -2.f * x);
-  float t = (1.f - e) / (1.f + e);
-  return x < 0.f ? -t : t;
-}
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define RECURRENT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RECURRENT_CLONES
-#endif
-
-using bf16 = uint16_t;  // XLA's FFI maps BF16 buffers to uint16_t, oneDNN's bfloat16_t is one too
-
-// float32 to bfloat16, rounding to nearest even (as XLA's convert); NaN stays a (quiet) NaN.
-inline bf16 ToBf16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return static_cast<bf16>((bits & 0x7FFFFFFFu) > 0x7F800000u ? (bits >> 16) | 0x40u : rounded);
-}
-
-inline float FromBf16(bf16 x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline float RoundBf16(float x) { return FromBf16(ToBf16(x)); }
-
-// The fused loops compute in float32 and are written once over these two policies: T, the type
-// h, dy and dz are stored in (Load and Store convert), Round, a float32 rounded through T (the
-// identity for float32), and whether h_{t-1} U reaches the forward step apart from x_t W.
-struct Fp32 {
-  using T = float;
-  static constexpr bool kSplitGemm = false;
-  static float Load(float x) { return x; }
-  static float Store(float x) { return x; }
-  static float Round(float x) { return x; }
-};
-
-struct Bf16 {
-  using T = bf16;
-  static constexpr bool kSplitGemm = true;
-  static float Load(bf16 x) { return FromBf16(x); }
-  static bf16 Store(float x) { return ToBf16(x); }
-  static float Round(float x) { return RoundBf16(x); }
-};
 
 // One step's gates: z (B, 4H) holds [x_t, h_{t-1}] [W; U] (float32), or x_t W with h_{t-1} U in
 // zh (bfloat16: the pre-activation is bf16(x_t W + b) + h_{t-1} U, as the cell's); z becomes the
@@ -320,29 +231,6 @@ RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, const float* __restrict
     }
     for (int64_t k = 0; k < 4 * H; ++k) db[k] += P::Load(di[k]);
   }
-}
-
-// Scratch memory that stays with the calling thread between calls (no page faults per call).
-template <typename T>
-T* Scratch(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
-// a (R, C) float32 row-major into out (C, R) (stored as P::T), whose rows are `ld` apart.
-template <typename P>
-void Transpose(const float* a, int64_t R, int64_t C, typename P::T* out, int64_t ld) {
-  constexpr int64_t k = 32;
-  for (int64_t r0 = 0; r0 < R; r0 += k)
-    for (int64_t c0 = 0; c0 < C; c0 += k)
-      for (int64_t r = r0; r < std::min(R, r0 + k); ++r)
-        for (int64_t c = c0; c < std::min(C, c0 + k); ++c) out[c * ld + r] = P::Store(a[r * C + c]);
-}
-
-// Rows of `cols` elements from `src` (rows `src_stride` apart) into `dst` (rows `dst_stride` apart).
-template <typename T>
-void CopyRows(int64_t rows, int64_t cols, const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, cols * sizeof(T));
 }
 
 // The workspace (float32): the activations A (T, B, 4H), then c (T, B, H). Kept this small on purpose:
@@ -452,31 +340,6 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
 //             db, dx and dh0 rounded to bfloat16); dW and dU are single GEMMs over all steps,
 //             accumulated in float32 (the scan rounds each step's term to bfloat16 first).
 
-}  // namespace
-
-// oneDNN exports its bfloat16 GEMM (row-major, as dnnl_sgemm) without declaring it in dnnl.h.
-extern "C" dnnl_status_t dnnl_gemm_bf16bf16f32(char transa, char transb, dnnl_dim_t M, dnnl_dim_t N, dnnl_dim_t K,
-                                               float alpha, const uint16_t* A, dnnl_dim_t lda, const uint16_t* B,
-                                               dnnl_dim_t ldb, float beta, float* C, dnnl_dim_t ldc);
-
-namespace {
-
-bool GemmBf16(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_,
-              int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return true;
-  if (K == 0) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.f ? 0.f : beta * C[m * ldc + n];
-    return true;
-  }
-  return dnnl_gemm_bf16bf16f32(ta, tb, M, N, K, 1.f, A, lda, B_, ldb, beta, C, ldc) == dnnl_success;
-}
-
-RECURRENT_CLONES void ToBf16Rows(int64_t rows, int64_t cols, const float* __restrict src, int64_t src_stride,
-                                 bf16* __restrict dst, int64_t dst_stride) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < cols; ++k) dst[r * dst_stride + k] = ToBf16(src[r * src_stride + k]);
-}
 
 // The bfloat16 forward; `workspace` as the float32 path's (the activations, then c).
 ffi::Error FusedBf16(const Shape& s, const bf16* x, const float* W, const float* U, const float* b, const bf16* h0,
