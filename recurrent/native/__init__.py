@@ -8,15 +8,14 @@ float32 accumulation, AVX512-BF16 where the CPU has it), rounding where the cell
 and ``h`` to bfloat16, gates and ``c`` float32. Its derivative differs from the scan's in where it
 rounds (``lstm_onednn.cc`` says where): within bfloat16's precision, not bit for bit.
 
-Nothing imports this module by default, and importing it loads nothing: the compiled kernel is
-loaded on the first call. Build it as a wheel (CMake through scikit-build-core)::
+Nothing imports this module by default, and importing it loads nothing. Install oneDNN with the
+extra, ``pip install "recurrent[native]"`` (its CPU-only wheels, about 40 MB); the kernels then
+compile with the system's C++ compiler on their first use, once, into a cache keyed by the sources,
+compiler, jaxlib and oneDNN (:mod:`recurrent.native.build`; ``python -m recurrent.native.build``
+compiles them ahead of time). They can also be built as a wheel of their own (CMake through
+scikit-build-core)::
 
     pip install ./recurrent/native
-
-or in place, into ``recurrent/native/_build/`` (git-ignored)::
-
-    pip install onednn onednn-devel
-    python -m recurrent.native.build
 
 ``rnn(recurrent.lstm(H), implementation="native")`` then runs a plain LSTM through it (float32,
 or ``dtype=jnp.bfloat16`` compute over float32 parameters); anywhere it cannot run, the driver
@@ -45,6 +44,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from recurrent.native.build import LIBRARY, onednn_prefix
+from recurrent.native import build as _build
+from recurrent.native.build import INSTALL_HINT, onednn_prefix
 
 # The FFI targets by compute dtype: (training forward, backward, inference forward).
 _TARGETS = {
@@ -71,10 +72,7 @@ _SYMBOLS = {
     "recurrent_lstm_backward_bf16": "RecurrentLstmBackwardBf16",
     "recurrent_lstm_inference_bf16": "RecurrentLstmInferenceBf16",
 }
-BUILD_HINT = (
-    "pip install ./recurrent/native (from a clone of the repository), or in place: "
-    "pip install onednn onednn-devel && python -m recurrent.native.build"
-)
+BUILD_HINT = INSTALL_HINT
 # Pre-activation of the gates at padding steps: sigmoid rounds it to exactly 0 and 1 in float32.
 _SATURATE = 1e30
 
@@ -83,31 +81,58 @@ _library: ctypes.CDLL | None = None
 
 
 def library_path() -> Path:
-    """The compiled kernel to load: ``$RECURRENT_NATIVE_LIBRARY`` if set, else the one built in
-    place (``python -m recurrent.native.build``), else the one the ``recurrent-native`` wheel
-    installed (``pip install ./recurrent/native``); the in-place path where none exists."""
+    """The compiled kernels to load: ``$RECURRENT_NATIVE_LIBRARY`` if set, else the ones the
+    ``recurrent-native`` wheel installed (``pip install ./recurrent/native``), else the cache's build
+    of the sources as they are now (:func:`recurrent.native.build.cached_library`; it may not exist
+    yet: :func:`reason` builds it)."""
     if "RECURRENT_NATIVE_LIBRARY" in os.environ:
         return Path(os.environ["RECURRENT_NATIVE_LIBRARY"])
-    if LIBRARY.exists():
-        return LIBRARY
     spec = importlib.util.find_spec("recurrent_native")
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        installed = Path(folder) / LIBRARY.name
+        installed = Path(folder) / _build.NAME
         if installed.exists():
             return installed
-    return LIBRARY
+    if onednn_prefix() is None:
+        return _build.cache_dir() / _build.NAME
+    return _build.cached_library()
+
+
+@functools.cache
+def _built(path: Path) -> str | None:
+    """Builds the cache's kernels once per process; why not, if that failed."""
+    try:
+        _build.ensure()
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or e.stdout or "").strip().splitlines()
+        tail = "\n".join([line for line in lines if "error" in line][:8] or lines[-12:])
+        return f"the native kernel did not compile ({' '.join(e.cmd[:1])} exited with {e.returncode}):\n{tail}"
+    except OSError as e:
+        return f"the native kernel could not be built into {path.parent} ({e}); set $RECURRENT_NATIVE_CACHE"
+    return None
 
 
 def reason() -> str | None:
-    """Why the native kernel cannot run in this process (``None`` if it can)."""
+    """Why the native kernel cannot run in this process (``None`` if it can). Compiles it first
+    (once, into the cache) where oneDNN and a C++ compiler are installed and it is not built yet."""
     if jax.default_backend() != "cpu":
         return f"the native kernel runs on CPU, and JAX's default backend is {jax.default_backend()!r}"
-    if not library_path().exists():
-        return f"the native kernel is not built ({library_path()} is missing); build it with: {BUILD_HINT}"
+    path = library_path()
+    if not path.exists():
+        if "RECURRENT_NATIVE_LIBRARY" in os.environ:
+            return (
+                f"the native kernel is not built ({path} is missing); "
+                f"fix: unset RECURRENT_NATIVE_LIBRARY, or python -m recurrent.native.build {path}"
+            )
+        why = _build.missing()
+        if why is not None:
+            return f"the native kernel is not built and cannot be here: {why}"
+        why = _built(path)
+        if why is not None:
+            return why
     try:
         _load()
     except OSError as e:
-        return f"the native kernel did not load ({e}); rebuild it with: {BUILD_HINT}"
+        return f"the native kernel did not load ({e}); rebuild it with: python -m recurrent.native.build"
     return None
 
 
@@ -117,6 +142,11 @@ def _load() -> ctypes.CDLL:
     with _lock:
         if _library is None:
             _sycl_cpu_device()
+            path = library_path()
+            if not path.exists() and "RECURRENT_NATIVE_LIBRARY" not in os.environ and not _build.missing():
+                why = _built(path)
+                if why is not None:
+                    raise OSError(why)
             lib = ctypes.CDLL(str(library_path()))
             lib.recurrent_lstm_workspace_bytes.restype = ctypes.c_int64
             lib.recurrent_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4
