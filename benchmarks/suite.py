@@ -146,17 +146,40 @@ def ours(kind, B, T, F, H, layers, xs, **rnn_options):
     scan_layers = rnn_options.pop("scan_layers", False)
     cell_options = {"dtype": rnn_options.pop("dtype")} if "dtype" in rnn_options else {}
     if kind == "bidirectional":
-        layer = recurrent.bidirectional(recurrent.rnn(_our_cell(kind, H), **rnn_options), one_scan=one_scan)
+        layer = recurrent.bidirectional(
+            recurrent.rnn(_our_cell(kind, H, **cell_options), **rnn_options), one_scan=one_scan
+        )
     elif layers > 1 and layerwise:  # one scan per layer, each over the whole sequence
         layer = recurrent.stacked(
-            [recurrent.rnn(_our_cell(kind, H), **rnn_options) for _ in range(layers)], scan_layers=scan_layers
+            [recurrent.rnn(_our_cell(kind, H, **cell_options), **rnn_options) for _ in range(layers)],
+            scan_layers=scan_layers,
         )
     elif layers > 1:
-        layer = recurrent.rnn(recurrent.stacked([_our_cell(kind, H) for _ in range(layers)]), **rnn_options)
+        layer = recurrent.rnn(
+            recurrent.stacked([_our_cell(kind, H, **cell_options) for _ in range(layers)]), **rnn_options
+        )
     else:
         layer = recurrent.rnn(_our_cell(kind, H, **cell_options), **rnn_options)
     params = layer.init(jax.random.key(0), xs.shape[2:])
     return _jax_contender(lambda p, x: layer.apply(p, x)[1], params, xs)
+
+
+def ours_native(kind, B, T, F, H, layers, xs, **options):
+    """Ours with ``implementation="native"`` (the optional oneDNN kernels, :mod:`recurrent.native`):
+    skipped with the reason where they cannot run, and never timed as a silent fallback to the
+    scan (a :class:`~recurrent.FallbackWarning` skips the contender)."""
+    import warnings
+
+    from recurrent import native
+
+    why = native.reason()
+    if why is not None:
+        raise RuntimeError(why)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        if layers > 1:
+            options["layerwise"] = True
+        return ours(kind, B, T, F, H, layers, xs, implementation="native", **options)
 
 
 def flax_rnn(kind, B, T, F, H, layers, xs):
@@ -512,6 +535,10 @@ def contenders_for(kind, layers, quick):
             c["ours_cudnn"] = lambda *a: ours(*a, implementation="cudnn")
         else:
             c["ours_layerwise_cudnn"] = lambda *a: ours(*a, layerwise=True, implementation="cudnn")
+    if kind in ("lstm", "gru", "bidirectional") and not _on_gpu():  # the optional native kernels (CPU)
+        c["ours_native"] = ours_native
+        c["ours_native_bf16"] = lambda *a: ours_native(*a, dtype=jnp.bfloat16)
+        c.setdefault("torch_bf16", lambda *a: torch_rnn(*a, dtype="bfloat16"))
     if kind in ("lstm", "gru", "bidirectional", "convlstm"):
         c["flax"], c["keras"] = flax_rnn, keras_rnn
     if kind in ("lstm", "convlstm") and layers == 1:  # diagnostic: the projection before the loop
@@ -567,6 +594,7 @@ def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick)
     flops = _gate_flops(kind, B, T, F, H, layers)
     rows = []
     base = {w: statistics.median(samples["ours", w]) for w in (0, 1)} if "ours" in built else None
+    torch_ms = {w: statistics.median(samples["torch", w]) for w in (0, 1)} if "torch" in built else None
     for label in labels:
         fwd, fwdbwd = (statistics.median(samples[label, w]) for w in (0, 1))
         _, _, compile_s, peak = built[label]
@@ -578,6 +606,8 @@ def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick)
                 "fwdbwd_ms": fwdbwd,
                 "ours_over_it_fwd": base[0] / fwd if base else None,
                 "ours_over_it_fwdbwd": base[1] / fwdbwd if base else None,
+                "it_over_torch_fwd": fwd / torch_ms[0] if torch_ms else None,
+                "it_over_torch_fwdbwd": fwdbwd / torch_ms[1] if torch_ms else None,
                 "compile_s": compile_s,
                 "peak_mb": None if peak is None else peak / 2**20,
                 "mm_frac": 3 * flops / (fwdbwd / 1e3) / (peak_gflops * 1e9),
@@ -669,9 +699,9 @@ def format_tables(result) -> str:
         "",
     ]
     lines += [
-        "| case | contender | fwd ms | fwd+bwd ms | ours/it fwd | ours/it fwd+bwd | compile s | peak MB "
-        "| matmul frac |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| case | contender | fwd ms | fwd+bwd ms | ours/it fwd | ours/it fwd+bwd | it/torch fwd "
+        "| it/torch fwd+bwd | compile s | peak MB | matmul frac |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for case in result["cases"]:
@@ -679,12 +709,13 @@ def format_tables(result) -> str:
             lines.append(
                 f"| {r['case']} | {r['contender']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} "
                 f"| {fmt(r['ours_over_it_fwd'], '.2f')} | {fmt(r['ours_over_it_fwdbwd'], '.2f')} "
+                f"| {fmt(r.get('it_over_torch_fwd'), '.2f')} | {fmt(r.get('it_over_torch_fwdbwd'), '.2f')} "
                 f"| {fmt(r['compile_s'], '.2f')} | {fmt(r['peak_mb'], '.0f')} | {r['mm_frac']:.3f} |"
             )
         for label, why in case["skipped"].items():
-            lines.append(f"| {case['case']} | {label} | skipped: {why} | | | | | | |")
+            lines.append(f"| {case['case']} | {label} | skipped: {why} | | | | | | | | |")
         for label, why in case.get("absent", {}).items():
-            lines.append(f"| {case['case']} | {label} | none: {why} | | | | | | |")
+            lines.append(f"| {case['case']} | {label} | none: {why} | | | | | | | | |")
     pairs = [r for case in result["cases"] for r in case["rows"] if "pair" in r]
     if pairs:
         lines += [
