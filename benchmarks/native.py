@@ -1,10 +1,18 @@
-"""The optional native LSTM kernel (XLA FFI custom calls, oneDNN inside) against PyTorch's
-``nn.LSTM`` and our ``lax.scan`` and ``implementation="vjp"`` layers, interleaved in one process.
+"""The optional native LSTM and GRU kernels (XLA FFI custom calls, oneDNN inside) against PyTorch's
+``nn.LSTM`` / ``nn.GRU`` and our ``lax.scan`` and ``implementation="vjp"`` layers, interleaved in one
+process.
 
-Run ``python -m benchmarks.native [--quick] [--repeats=N] [--threads=N] [--dtype=float32|bfloat16]
-[--out=DIR]`` after building the kernel (``python -m recurrent.native.build``). With
+Run ``python -m benchmarks.native [--cell=lstm|gru] [--layout=single|bidirectional|population]
+[--members=M] [--quick] [--repeats=N] [--threads=N]
+[--dtype=float32|bfloat16] [--out=DIR]`` after building the kernel (``python -m
+recurrent.native.build``). ``--cell=gru`` times ``recurrent.gru(H)`` (``reset_after=True``, PyTorch's
+form) against ``nn.GRU``. ``--layout=bidirectional`` times ``bidirectional(rnn(lstm(H)))``, whose
+two directions the native kernel runs in one call (one thread each), against
+``nn.LSTM(bidirectional=True)``; ``--layout=population`` a ``jax.vmap``-ed population of
+``--members`` LSTMs (own parameters, the same input; one native call) against as many ``nn.LSTM``
+run one after another. ``--threads`` defaults to the cores. With
 ``--dtype=bfloat16`` our layers compute in bfloat16 with float32 parameters and state
-(``recurrent.lstm(H, dtype=jnp.bfloat16)``), PyTorch runs twice: in float32 (``torch``, the
+(``recurrent.lstm(H, dtype=jnp.bfloat16)``, or the GRU's), PyTorch runs twice: in float32 (``torch``, the
 reference of every ratio) and under ``torch.autocast("cpu", dtype=torch.bfloat16)``
 (``torch_bf16``, its bfloat16 counterpart, to which each row's ``*_over_torch_bf16`` ratios refer).
 Figures per contender: ``fwd_ms``
@@ -46,14 +54,14 @@ def _ours(layer_fn, H, params, xs):
     return fwd, bwd
 
 
-def torch_autocast(B, T, F, H, xs, threads):
-    """PyTorch's float32 ``nn.LSTM`` under ``torch.autocast("cpu", dtype=torch.bfloat16)``: what a
+def torch_autocast(B, T, F, H, xs, threads, cell="lstm"):
+    """PyTorch's float32 ``nn.LSTM`` (``nn.GRU``) under ``torch.autocast("cpu", dtype=torch.bfloat16)``: what a
     PyTorch user asking for bfloat16 compute runs. ``(forward, forward_backward)``."""
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
-    model = torch.nn.LSTM(F, H, batch_first=True)
+    model = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](F, H, batch_first=True)
     x = torch.from_numpy(np.array(xs)).requires_grad_(True)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
 
@@ -73,28 +81,93 @@ def torch_autocast(B, T, F, H, xs, threads):
     return forward, forward_backward
 
 
-def contenders(B, T, F, H, xs, threads, dtype="float32"):
+def contenders(B, T, F, H, xs, threads, dtype="float32", cell_name="lstm"):
     from recurrent import native
+    from recurrent.native import _gru as native_gru
 
     compute = None if dtype == "float32" else jnp.dtype(dtype)
-    cell = recurrent.lstm(H, dtype=compute)
+    cell = {"lstm": recurrent.lstm, "gru": recurrent.gru}[cell_name](H, dtype=compute)
     params = cell.init(jax.random.key(0), (F,))
     scan = recurrent.rnn(cell)
     vjp = recurrent.rnn(cell, implementation="vjp")
+    native_layer = {"lstm": native.apply, "gru": native_gru.apply}[cell_name]
 
     def native_apply(p, x):
         carry = cell.initial_carry(p, x[:, 0].shape)
-        return native.apply(p, x, None, carry, compute)
+        return native_layer(p, x, None, carry, compute)
 
-    out = {"torch": suite.torch_rnn("lstm", B, T, F, H, 1, xs, threads=threads)[:2]}
+    out = {"torch": suite.torch_rnn(cell_name, B, T, F, H, 1, xs, threads=threads)[:2]}
     if dtype == "bfloat16":
-        out["torch_bf16"] = torch_autocast(B, T, F, H, xs, threads)
+        out["torch_bf16"] = torch_autocast(B, T, F, H, xs, threads, cell_name)
     out.update(
         ours_scan=_ours(scan.apply, H, params, xs),
         ours_vjp=_ours(vjp.apply, H, params, xs),
         native=_ours(native_apply, H, params, xs),
     )
     return out, (scan, native_apply, params)
+
+
+def torch_layout(layout, B, T, F, H, xs, threads, members, autocast=False):
+    """PyTorch's peer of a ``--layout``: ``nn.LSTM(bidirectional=True)``, or ``members`` separate
+    ``nn.LSTM`` run one after another on the same input (a population); float32, or under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``. ``(forward, forward_backward)``."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    if layout == "bidirectional":
+        models = [torch.nn.LSTM(F, H, batch_first=True, bidirectional=True)]
+    else:
+        models = [torch.nn.LSTM(F, H, batch_first=True) for _ in range(members)]
+    x = torch.from_numpy(np.array(xs)).requires_grad_(True)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+
+    def forward():
+        torch.set_num_threads(threads)
+        with torch.no_grad(), context():
+            for m in models:
+                m(x)
+
+    def forward_backward():
+        torch.set_num_threads(threads)
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        x.grad = None
+        with context():
+            ys = [m(x)[0] for m in models]
+        (sum(y.float().mean() for y in ys) / len(ys)).backward()
+
+    return forward, forward_backward
+
+
+def layout_contenders(layout, B, T, F, H, xs, threads, dtype="float32", members=4):
+    """The contenders of ``--layout=bidirectional`` (``bidirectional(rnn(lstm(H)))``: the native
+    kernel runs both directions in one call) or ``--layout=population`` (``members`` LSTMs of their
+    own parameters over the same input, ``jax.vmap``-ed: the native kernel runs them all in one
+    call, one thread per layer), with our scan and PyTorch's peer (:func:`torch_layout`)."""
+    from types import SimpleNamespace
+
+    compute = None if dtype == "float32" else jnp.dtype(dtype)
+    cell = recurrent.lstm(H, dtype=compute)
+    if layout == "bidirectional":
+        scan = recurrent.bidirectional(recurrent.rnn(cell))
+        native_layer = recurrent.bidirectional(recurrent.rnn(cell, implementation="native"))
+        params = scan.init(jax.random.key(0), (F,))
+    else:
+        params = jax.vmap(lambda k: cell.init(k, (F,)))(jax.random.split(jax.random.key(0), members))
+
+        def population(layer):
+            return SimpleNamespace(apply=jax.vmap(layer.apply, (0, None)))
+
+        scan = population(recurrent.rnn(cell))
+        native_layer = population(recurrent.rnn(cell, implementation="native"))
+    out = {"torch": torch_layout(layout, B, T, F, H, xs, threads, members)}
+    if dtype == "bfloat16":
+        out["torch_bf16"] = torch_layout(layout, B, T, F, H, xs, threads, members, autocast=True)
+    out.update(ours_scan=_ours(scan.apply, H, params, xs), native=_ours(native_layer.apply, H, params, xs))
+    return out, (scan, native_layer.apply, params)
 
 
 def agreement(scan, native_apply, params, xs) -> dict[str, float]:
@@ -151,12 +224,30 @@ def single_thread(threads: int) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", choices=("lstm", "gru"), default="lstm", help="the layer to time")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch's threads; 1 makes XLA and oneDNN use one")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="PyTorch's threads (default: the cores); 1 makes XLA and oneDNN use one",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("single", "bidirectional", "population"),
+        default="single",
+        help="one layer; bidirectional (both directions in one native call) against nn.LSTM(bidirectional=True); "
+        "a vmapped population of --members layers (one native call) against PyTorch's LSTMs in a loop (LSTM only)",
+    )
+    parser.add_argument("--members", type=int, default=4, help="the population's size (--layout=population)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = suite.CORES
+    if args.layout != "single" and args.cell != "lstm":
+        parser.error("--layout=bidirectional and population run the LSTM only")
     single_thread(args.threads)
     from recurrent import native
 
@@ -166,7 +257,12 @@ def main(argv=None):
     s = QUICK if args.quick else SHAPE
     B, T, F, H = s["batch"], s["steps"], s["features"], s["hidden"]
     xs = jax.random.normal(jax.random.key(1), (B, T, F))
-    built, (scan, native_apply, params) = contenders(B, T, F, H, xs, args.threads, args.dtype)
+    if args.layout == "single":
+        built, (scan, native_apply, params) = contenders(B, T, F, H, xs, args.threads, args.dtype, args.cell)
+    else:
+        built, (scan, native_apply, params) = layout_contenders(
+            args.layout, B, T, F, H, xs, args.threads, args.dtype, args.members
+        )
     diff = agreement(scan, native_apply, params, xs)
     calls = {}
     for name, (fwd, bwd) in built.items():
@@ -191,7 +287,11 @@ def main(argv=None):
             if "torch_bf16" in built:
                 rows[name].update(_ratios(samples, name, w, peer="torch_bf16"))
                 rows[name].update(_ratios(cpu, name, w, "_cpu", peer="torch_bf16"))
-    print(f"shape B={B} T={T} F={F} H={H}, compute {args.dtype}, torch threads={args.threads}, cores={suite.CORES}")
+    layout = {"single": "", "bidirectional": ", bidirectional", "population": f", population of {args.members}"}
+    print(
+        f"{args.cell}{layout[args.layout]}: shape B={B} T={T} F={F} H={H}, compute {args.dtype}, "
+        f"torch threads={args.threads}, cores={suite.CORES}"
+    )
     print(f"native vs scan: max |dys| = {diff['ys']:.2e}, max |dgrad| = {diff['grad']:.2e}")
     print("ratios: of the medians, and (paired) the median over repeats of each repeat's ratio")
     peers = ("torch", "torch_bf16") if "torch_bf16" in built else ("torch",)
@@ -207,6 +307,9 @@ def main(argv=None):
                     line += f"{r[f'{w}_over_{p}']:>12.2f}{r[f'{w}_over_{p}_paired']:>8.2f}"
             print(line)
     result = {
+        "cell": args.cell,
+        "layout": args.layout,
+        "members": args.members if args.layout == "population" else None,
         "shape": dict(batch=B, steps=T, features=F, hidden=H),
         "dtype": args.dtype,
         "threads": args.threads,
@@ -218,7 +321,9 @@ def main(argv=None):
         "cpu_samples_ms": {f"{c}/{w}": v for (c, w), v in cpu.items()},
     }
     if args.out:
-        write_json(os.path.join(args.out, "native.json"), result)
+        name = "native" if args.cell == "lstm" else f"native_{args.cell}"
+        name += "" if args.layout == "single" else f"_{args.layout}"
+        write_json(os.path.join(args.out, f"{name}.json"), result)
     return result
 
 

@@ -26,7 +26,8 @@ IMPLEMENTATIONS = ("scan", "cudnn", "vjp", "parallel", "native")
 COVERED = {
     "vjp": "the LSTM (plain, peephole, CIFG) and the GRU only",
     "cudnn": "the plain LSTM only",
-    "native": "the plain LSTM (float32 parameters, float32 or bfloat16 compute) on CPU only (recurrent.native)",
+    "native": "the plain LSTM and the GRU (float32 parameters, float32 or bfloat16 compute) on CPU only "
+    "(recurrent.native)",
 }
 
 
@@ -128,11 +129,28 @@ def lstm_kernels(options: Mapping[str, Any], params_type: type) -> dict[str, Seq
 
 def gru_kernels(options: Mapping[str, Any], params_type: type) -> dict[str, SequenceKernel | str]:
     """The kernels of a GRU built with ``options``: ``"vjp"`` with ``reset_after=True`` and no
-    layer norm; no cuDNN kernel."""
+    layer norm; ``"native"`` for those with float32 parameters and float32 or bfloat16 compute; no
+    cuDNN kernel."""
     odd = _odd(options, {"reset_after": True, "layer_norm": False})
-    if odd:
-        return {"vjp": f"{what('vjp')} the GRU with reset_after=True and no layer norm only; this cell has {odd}"}
     dtype = options["dtype"]
+    native_odd = dict(odd)
+    compute = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    if compute not in (jnp.float32, jnp.bfloat16) or jnp.dtype(options["param_dtype"]) != jnp.float32:
+        native_odd["dtype"] = f"{dtype}/{options['param_dtype']}"
+    if native_odd:
+        native_kernel: SequenceKernel | str = (
+            f"{what('native')} the GRU with reset_after=True, no layer norm and float32 parameters "
+            f"(float32 or bfloat16 compute) only; this cell has {native_odd}"
+        )
+    else:
+        from recurrent.native import _gru as native_gru  # Python only: the library loads at the first call
+
+        native_kernel = native_gru.kernel(jnp.bfloat16 if compute == jnp.bfloat16 else None)
+    if odd:
+        return {
+            "vjp": f"{what('vjp')} the GRU with reset_after=True and no layer norm only; this cell has {odd}",
+            "native": native_kernel,
+        }
 
     def vjp(params, xs_BTF, lengths_B, carry_B, *, hoist, unroll):
         from recurrent import _fastgru
@@ -140,7 +158,7 @@ def gru_kernels(options: Mapping[str, Any], params_type: type) -> dict[str, Sequ
         cdt = _core.compute_dtype(dtype, params.input_kernel)
         return _fastgru.apply(params, xs_BTF, lengths_B, carry_B, hoist, cdt, unroll)
 
-    return {"vjp": SequenceKernel(vjp, _vjp_reason(params_type), remat=False)}
+    return {"vjp": SequenceKernel(vjp, _vjp_reason(params_type), remat=False), "native": native_kernel}
 
 
 def _vjp_reason(params_type: type):

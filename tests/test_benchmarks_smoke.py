@@ -69,7 +69,16 @@ def test_suite_quick_run_writes_json_and_plot(tmp_path):
     (case,) = saved["cases"]
     contenders = {row["contender"] for row in case["rows"]}
     assert {"ours", "ours_hoisted"} <= contenders
-    assert contenders | set(case["skipped"]) >= {"ours", "torch", "flax", "keras"}
+    assert contenders | set(case["skipped"]) >= {"ours", "torch", "flax", "keras", "ours_native", "ours_native_bf16"}
+    from recurrent import native
+
+    if native.reason() is None:  # built here: timed, never a fallback to the scan
+        assert {"ours_native", "ours_native_bf16"} <= contenders
+    else:  # skipped, saying why
+        assert case["skipped"]["ours_native"] == f"RuntimeError: {native.reason()}"[:200]
+    if "torch" in contenders:
+        torch_row = next(row for row in case["rows"] if row["contender"] == "torch")
+        assert torch_row["it_over_torch_fwd"] == torch_row["it_over_torch_fwdbwd"] == 1.0
     for row in case["rows"]:
         assert math.isfinite(row["fwd_ms"]) and row["fwd_ms"] > 0
         assert math.isfinite(row["fwdbwd_ms"]) and row["fwdbwd_ms"] > 0

@@ -36,6 +36,11 @@ over all steps. With
 input feature whose weights saturate the input gate shut and the forget gate open (so
 ``c`` is carried exactly and no gradient flows through the padding); ``h`` is read from the
 outputs at the last valid step.
+
+Under ``jax.vmap`` (nested too) the kernel runs every layer of the batch in one call: each with
+its own parameters, inputs, carry and workspace, in parallel threads (OpenMP, one layer per
+thread). ``bidirectional(rnn(lstm(H), implementation="native"))`` vmaps its layer over the two
+directions, so both run in one call per pass; so does a ``jax.vmap``-ed population of layers.
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ _SYMBOLS = {
     "recurrent_lstm_forward_bf16": "RecurrentLstmForwardBf16",
     "recurrent_lstm_backward_bf16": "RecurrentLstmBackwardBf16",
     "recurrent_lstm_inference_bf16": "RecurrentLstmInferenceBf16",
+    # the GRU's (gru_onednn.cc; Python side in recurrent/native/_gru.py)
+    "recurrent_gru_forward": "RecurrentGruForward",
+    "recurrent_gru_backward": "RecurrentGruBackward",
+    "recurrent_gru_inference": "RecurrentGruInference",
+    "recurrent_gru_forward_bf16": "RecurrentGruForwardBf16",
+    "recurrent_gru_backward_bf16": "RecurrentGruBackwardBf16",
+    "recurrent_gru_inference_bf16": "RecurrentGruInferenceBf16",
 }
 BUILD_HINT = INSTALL_HINT
 # Pre-activation of the gates at padding steps: sigmoid rounds it to exactly 0 and 1 in float32.
@@ -150,6 +162,9 @@ def _load() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(library_path()))
             lib.recurrent_lstm_workspace_bytes.restype = ctypes.c_int64
             lib.recurrent_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4
+            absent = [symbol for symbol in _SYMBOLS.values() if not hasattr(lib, symbol)]
+            if absent:  # a library built from older sources (an old wheel, or $RECURRENT_NATIVE_LIBRARY)
+                raise OSError(f"{library_path()} lacks {', '.join(absent)}: it was built from older sources")
             for target, symbol in _SYMBOLS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
             _library = lib
@@ -172,6 +187,13 @@ def _workspace_bytes(B: int, T: int, F: int, H: int) -> int:
     return _load().recurrent_lstm_workspace_bytes(B, T, F, H)
 
 
+# Under ``jax.vmap`` every operand and result gets the vmapped axes in front (unbatched operands
+# broadcast): the kernel folds all leading axes into independent layers, each with its own
+# parameters, inputs, carry and workspace, and runs them in parallel threads in one call (a
+# population of layers, both directions of ``bidirectional``; nested vmaps too).
+_VMAP = "broadcast_all"
+
+
 def _outputs(U, xs_TBF, h0, c0):
     """``ys``, ``h`` in the compute dtype (``xs``'s), ``c`` in float32."""
     T, B, _ = xs_TBF.shape
@@ -187,7 +209,7 @@ def _forward_call(W, U, b, xs_TBF, h0, c0):
     workspace = jax.ShapeDtypeStruct((_workspace_bytes(B, T, F, U.shape[0]),), jnp.uint8)
     out = (*_outputs(U, xs_TBF, h0, c0), workspace)
     target = _TARGETS[xs_TBF.dtype][0]
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(xs_TBF, W, U, b, h0, c0)
+    return jax.ffi.ffi_call(target, out, vmap_method=_VMAP)(xs_TBF, W, U, b, h0, c0)
 
 
 @jax.custom_vjp
@@ -197,7 +219,7 @@ def _layer(W, U, b, xs_TBF, h0, c0):
     forward and backward."""
     _load()
     target = _TARGETS[xs_TBF.dtype][2]
-    return jax.ffi.ffi_call(target, _outputs(U, xs_TBF, h0, c0), vmap_method="sequential")(xs_TBF, W, U, b, h0, c0)
+    return jax.ffi.ffi_call(target, _outputs(U, xs_TBF, h0, c0), vmap_method=_VMAP)(xs_TBF, W, U, b, h0, c0)
 
 
 def _fwd(W, U, b, xs_TBF, h0, c0):
@@ -209,7 +231,7 @@ def _bwd(res, cotangents):
     W, U, b, xs_TBF, h0, c0, ys, h, c, workspace = res
     dys, dh, dc = cotangents
     out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (xs_TBF, W, U, b, h0, c0))
-    dxs, dW, dU, db, dh0, dc0 = jax.ffi.ffi_call(_TARGETS[xs_TBF.dtype][1], out, vmap_method="sequential")(
+    dxs, dW, dU, db, dh0, dc0 = jax.ffi.ffi_call(_TARGETS[xs_TBF.dtype][1], out, vmap_method=_VMAP)(
         xs_TBF, W, U, b, h0, c0, ys, h, c, workspace, dys, dh, dc
     )
     return dW, dU, db, dxs, dh0, dc0
@@ -352,5 +374,5 @@ def attach(cell: Any) -> Any:
 
     if "native" in cell.spec.kernels:
         return cell
-    entry = f"the native kernel runs the plain LSTM only, and {cell.name!r} is not one"
+    entry = f"the native kernel runs the plain LSTM and the GRU only, and {cell.name!r} is not one"
     return cell._replace(spec=cell.spec._replace(kernels=Options({**cell.spec.kernels, "native": entry})))

@@ -1,0 +1,448 @@
+// One GRU layer as XLA FFI custom calls: the library's default GRU (``reset_after=True``, the
+// cuDNN/PyTorch form, no layer norm), a hand-fused training forward and backward and an inference
+// forward around oneDNN's JIT GEMM (`dnnl_sgemm`); in bfloat16 compute, the same fused loops
+// around its bfloat16 GEMM (the bfloat16 path, further down).
+//
+// Layouts (one layer, one direction, time-major):
+//   x (T, B, F), W (F, 3H), U (H, 3H), b (3H,), b_hn (H,), h0 (B, H); gates r, z, n (GRU_GATES).
+//   r = sigmoid(x W_r + b_r + h U_r),  z = sigmoid(x W_z + b_z + h U_z),
+//   n = tanh(x W_n + b_n + r (h U_n + b_hn)),  h' = (1 - z) n + z h.
+//
+//   forward   Z = x W (all steps, one GEMM) into the workspace; per step Zh = h_{t-1} U (one GEMM)
+//             and one fused pointwise loop that adds the biases, applies the gates, writes h_t
+//             and overwrites Z_t with what the backward reads: (r, z, n, h U_n + b_hn).
+//   backward  per step, backwards: one fused pointwise loop gives the gradients of the recurrent
+//             pre-activations dR_t = (da_r, da_z, da_n r) and of the input ones dX_t = (da_r, da_z,
+//             da_n), and z dh_t; then dh_{t-1} = z dh_t + dR_t U^T (one GEMM, added in the next
+//             step's loop); after the loop the weight gradients as single GEMMs over all steps:
+//             dU = H_prev^T dR, dW = x^T dX, dx = dX W^T, db = column sums of dX, db_hn = column
+//             sums of dR's n block.
+//   inference the forward without a workspace: x W into per-thread scratch, the loop keeps nothing.
+// Workspace (float32): the activations A (T, B, 4H) (float32: h_t are the outputs); in bfloat16,
+// then the float32 states h (T, B, H) (the outputs are bfloat16).
+
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+#include "common.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace recurrent_native;
+
+struct GruShape {
+  int64_t B, T, F, H;
+};
+
+template <typename X>
+GruShape GruShapeOf(const X& x, const ffi::Buffer<ffi::F32>& U) {
+  auto xd = x.dimensions();
+  return {xd[1], xd[0], xd[2], U.dimensions()[0]};  // x is (T, B, F)
+}
+
+template <typename P>
+constexpr bool kFloatOutputs = std::is_same_v<typename P::T, float>;
+
+// One step's gates. zx (B rows `ldz` apart) holds x_t W (float32), zh (B, 3H) holds h_{t-1} U.
+// The input part is x_t W + b (rounded through P: bfloat16(x W + b), as the cell's projection);
+// r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + r (h_n + b_hn)),
+// h_t = (1 - z) n + z h_{t-1} (float32, the cell's state) and, in bfloat16, y_t = bf16(h_t).
+// kKeep: zx's rows (4H wide) become (r, z, n, h_n + b_hn) for the backward.
+template <typename P, bool kKeep>
+RECURRENT_CLONES void GruForwardStep(int64_t B, int64_t H, float* __restrict zx, int64_t ldz,
+                                     const float* __restrict zh, const float* __restrict bias,
+                                     const float* __restrict bhn, const float* __restrict h_prev, float* __restrict h,
+                                     typename P::T* __restrict y) {
+  for (int64_t n = 0; n < B; ++n) {
+    float* __restrict xr = zx + n * ldz;
+    float* __restrict xz = xr + H;
+    float* __restrict xn = xz + H;
+    float* __restrict keep = xn + H;
+    const float* __restrict hr = zh + n * 3 * H;
+    const float* __restrict hz = hr + H;
+    const float* __restrict hn = hz + H;
+    const float* __restrict hp = h_prev + n * H;
+    float* __restrict hh = h + n * H;
+    for (int64_t j = 0; j < H; ++j) {
+      float ar = P::Round(xr[j] + bias[j]) + hr[j];
+      float az = P::Round(xz[j] + bias[H + j]) + hz[j];
+      float an = P::Round(xn[j] + bias[2 * H + j]);
+      float rec = hn[j] + bhn[j];
+      float r = Sigmoid(ar);
+      float z = Sigmoid(az);
+      float c = Tanh(an + r * rec);
+      float hj = (1.f - z) * c + z * hp[j];
+      if constexpr (kKeep) {
+        xr[j] = r;
+        xz[j] = z;
+        xn[j] = c;
+        keep[j] = rec;
+      }
+      hh[j] = hj;
+      if constexpr (!kFloatOutputs<P>) y[n * H + j] = P::Store(hj);
+    }
+  }
+}
+
+// One step backwards: from the activations a (B, 4H) = (r, z, n, h U_n + b_hn), h_{t-1}, dL/dh_t
+// as zdh + g (g: the GEMM's dR_{t+1} U^T, rounded through P as the scan's derivative rounds the
+// cotangent of its bfloat16 matmul operand) plus dy_t: the pre-activation gradients dR (recurrent,
+// B x 3H) and dX (input, B x 3H), stored as P::T (bfloat16 for the bfloat16 GEMMs); zdh becomes
+// z dh_t (dh_{t-1} without its GEMM part); db += dX (as stored), dbhn += da_n r (float32).
+template <typename P>
+RECURRENT_CLONES void GruBackwardStep(int64_t B, int64_t H, const float* __restrict a,
+                                      const float* __restrict h_prev, float* __restrict zdh,
+                                      const float* __restrict g, const typename P::T* __restrict dy,
+                                      typename P::T* __restrict dR, typename P::T* __restrict dX,
+                                      float* __restrict db, float* __restrict dbhn) {
+  using T = typename P::T;
+  for (int64_t n = 0; n < B; ++n) {
+    const float* __restrict ar = a + n * 4 * H;
+    const float* __restrict az = ar + H;
+    const float* __restrict an = az + H;
+    const float* __restrict arec = an + H;
+    const float* __restrict hp = h_prev + n * H;
+    float* __restrict zdhn = zdh + n * H;
+    const float* __restrict gn = g + n * H;
+    const T* __restrict dyn = dy + n * H;
+    T* __restrict dRr = dR + n * 3 * H;
+    T* __restrict dRz = dRr + H;
+    T* __restrict dRn = dRz + H;
+    T* __restrict dXr = dX + n * 3 * H;
+    T* __restrict dXz = dXr + H;
+    T* __restrict dXn = dXz + H;
+    for (int64_t j = 0; j < H; ++j) {
+      float r = ar[j], z = az[j], c = an[j], rec = arec[j];
+      float dh = (zdhn[j] + P::Round(gn[j])) + P::Load(dyn[j]);
+      float da_n = dh * (1.f - z) * (1.f - c * c);
+      float da_z = dh * (hp[j] - c) * z * (1.f - z);
+      float da_r = da_n * rec * r * (1.f - r);
+      float dn_rec = da_n * r;
+      T sr = P::Store(da_r), sz = P::Store(da_z);
+      dRr[j] = sr;
+      dRz[j] = sz;
+      dRn[j] = P::Store(dn_rec);
+      dXr[j] = sr;
+      dXz[j] = sz;
+      dXn[j] = P::Store(da_n);
+      zdhn[j] = dh * z;
+      dbhn[j] += dn_rec;
+    }
+    for (int64_t k = 0; k < 3 * H; ++k) db[k] += P::Load(dX[n * 3 * H + k]);
+  }
+}
+
+// dh0 = zdh + g (g rounded through P).
+template <typename P>
+void GruLastDh(int64_t B, int64_t H, const float* zdh, const float* g, float* dh0) {
+  for (int64_t k = 0; k < B * H; ++k) dh0[k] = zdh[k] + P::Round(g[k]);
+}
+
+int64_t GruWorkspaceFloats(const GruShape& s, bool bf16) { return s.T * s.B * (bf16 ? 5 : 4) * s.H; }
+
+// ---- float32 -----------------------------------------------------------------------------------
+
+// The float32 forward: with `workspace` (T, B, 4H) the training one, with nullptr the inference one.
+template <bool kKeep>
+ffi::Error GruFused(const GruShape& s, const float* x, const float* W, const float* U, const float* b,
+                    const float* bhn, const float* h0, float* ys, float* hT, float* workspace) {
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
+  thread_local std::vector<float> scratch, inference;
+  float* zh = Scratch(scratch, B * G);
+  const int64_t ldz = kKeep ? 4 * H : G;
+  float* Z = kKeep ? workspace : Scratch(inference, T * B * G);
+  if (!Gemm('N', 'N', T * B, G, F, x, F, W, G, 0.f, Z, ldz)) return Fail("x W failed");
+  for (int64_t t = 0; t < T; ++t) {
+    const float* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
+    if (!Gemm('N', 'N', B, G, H, h_prev, H, U, G, 0.f, zh, G)) return Fail("h U failed");
+    GruForwardStep<Fp32, kKeep>(B, H, Z + t * B * ldz, ldz, zh, b, bhn, h_prev, ys + t * B * H, nullptr);
+  }
+  std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(float));
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                          ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
+                          ffi::ResultBuffer<ffi::U8> workspace) {
+  GruShape s = GruShapeOf(x, U);
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace->size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, false)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  return GruFused<true>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
+                        h0.typed_data(), ys->typed_data(), hT->typed_data(),
+                        reinterpret_cast<float*>(workspace->untyped_data()));
+}
+
+ffi::Error GruInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                            ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT) {
+  GruShape s = GruShapeOf(x, U);
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  return GruFused<false>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
+                         h0.typed_data(), ys->typed_data(), hT->typed_data(), nullptr);
+}
+
+ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::U8> workspace, ffi::Buffer<ffi::F32> dys,
+                           ffi::Buffer<ffi::F32> dhT, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dW,
+                           ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
+                           ffi::ResultBuffer<ffi::F32> dbhn, ffi::ResultBuffer<ffi::F32> dh0) {
+  GruShape s = GruShapeOf(x, U);
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
+  if (T == 0 || B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace.size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, false)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  const float* A = reinterpret_cast<const float*>(workspace.untyped_data());
+  thread_local std::vector<float> grads, weights;
+  // dR, dX (T, B, 3H) each; then zdh and g, one step's (B, H) each.
+  float* dR = Scratch(grads, 2 * T * B * G + 2 * B * H);
+  float* dX = dR + T * B * G;
+  float* zdh = dX + T * B * G;
+  float* g = zdh + B * H;
+  // U^T (3H, H) once: a transposed operand would cost dnnl_sgemm a repacking on every step.
+  float* Ut = Scratch(weights, G * H);
+  Transpose<Fp32>(U.typed_data(), H, G, Ut, H);
+  float* dbias = db->typed_data();
+  float* dbias_hn = dbhn->typed_data();
+  std::memcpy(zdh, dhT.typed_data(), B * H * sizeof(float));
+  std::fill(g, g + B * H, 0.f);
+  std::fill(dbias, dbias + G, 0.f);
+  std::fill(dbias_hn, dbias_hn + H, 0.f);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float* h_prev = t == 0 ? h0.typed_data() : ys.typed_data() + (t - 1) * B * H;
+    GruBackwardStep<Fp32>(B, H, A + t * B * 4 * H, h_prev, zdh, g, dys.typed_data() + t * B * H, dR + t * B * G,
+                          dX + t * B * G, dbias, dbias_hn);
+    if (!Gemm('N', 'N', B, H, G, dR + t * B * G, G, Ut, H, 0.f, g, H)) return Fail("dR U^T failed");
+  }
+  GruLastDh<Fp32>(B, H, zdh, g, dh0->typed_data());
+  // dU = [h0; h_1 .. h_{T-1}]^T dR, dW = x^T dX, dx = dX W^T: single GEMMs over all steps.
+  if (!Gemm('T', 'N', H, G, B, h0.typed_data(), H, dR, G, 0.f, dU->typed_data(), G)) return Fail("h0^T dR failed");
+  if (!Gemm('T', 'N', H, G, (T - 1) * B, ys.typed_data(), H, dR + B * G, G, 1.f, dU->typed_data(), G))
+    return Fail("h^T dR failed");
+  if (!Gemm('T', 'N', F, G, T * B, x.typed_data(), F, dX, G, 0.f, dW->typed_data(), G)) return Fail("x^T dX failed");
+  if (!Gemm('N', 'T', T * B, F, G, dX, G, W.typed_data(), G, 0.f, dx->typed_data(), F)) return Fail("dX W^T failed");
+  return ffi::Error::Success();
+}
+
+// ---- The bfloat16 path ----------------------------------------------------------------------
+//
+// `recurrent.gru(H, dtype=jnp.bfloat16)` with float32 parameters: every GEMM takes bfloat16
+// operands and accumulates in float32 (`dnnl_gemm_bf16bf16f32`); as the cell: x W + b rounded to
+// bfloat16 (the projection), h_{t-1} rounded to bfloat16 for h U (whose bfloat16 rounding of h_t is
+// the output y_t, so the GEMM reads y_{t-1}), the state h and the gates float32. x, ys, dx and dys
+// are bfloat16; W, U, b, b_hn, h0, hT and their gradients float32.
+//   backward  as the float32 one, with the scan's roundings: dX rounded to bfloat16 (the
+//             cotangent of the bfloat16 projection: db sums the rounded values), dR U^T rounded to
+//             bfloat16 (the cotangent of the bfloat16 h operand); dR is rounded to bfloat16 for
+//             the GEMMs too (the scan's keeps it float32), dU and dW are single GEMMs over all
+//             steps accumulated in float32 (the scan rounds each step's term to bfloat16 first).
+
+// The bfloat16 forward; `workspace` (training): the activations (T, B, 4H), then h (T, B, H).
+template <bool kKeep>
+ffi::Error GruFusedBf16(const GruShape& s, const bf16* x, const float* W, const float* U, const float* b,
+                        const float* bhn, const float* h0, bf16* ys, float* hT, float* workspace) {
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
+  thread_local std::vector<bf16> weights;
+  thread_local std::vector<float> step, inference;
+  bf16* Wb = Scratch(weights, (F + H) * G + B * H);
+  bf16* Ub = Wb + F * G;
+  bf16* h0b = Ub + H * G;
+  ToBf16Rows(F, G, W, G, Wb, G);
+  ToBf16Rows(H, G, U, G, Ub, G);
+  ToBf16Rows(B, H, h0, H, h0b, H);
+  const int64_t ldz = kKeep ? 4 * H : G;
+  // zh (B, 3H); in inference, the states ping-pong between two (B, H) rows after it.
+  float* zh = Scratch(step, B * G + 2 * B * H);
+  float* Z = kKeep ? workspace : Scratch(inference, T * B * G);
+  float* Hs = kKeep ? workspace + T * B * 4 * H : nullptr;
+  if (!GemmBf16('N', 'N', T * B, G, F, x, F, Wb, G, 0.f, Z, ldz)) return Fail("x W (bfloat16) failed");
+  const float* h_prev = h0;
+  for (int64_t t = 0; t < T; ++t) {
+    const bf16* hb_prev = t == 0 ? h0b : ys + (t - 1) * B * H;
+    if (!GemmBf16('N', 'N', B, G, H, hb_prev, H, Ub, G, 0.f, zh, G)) return Fail("h U (bfloat16) failed");
+    float* h = kKeep ? Hs + t * B * H : zh + B * G + (t % 2) * B * H;
+    GruForwardStep<Bf16, kKeep>(B, H, Z + t * B * ldz, ldz, zh, b, bhn, h_prev, h, ys + t * B * H);
+    h_prev = h;
+  }
+  std::memcpy(hT, h_prev, B * H * sizeof(float));
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                              ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                              ffi::ResultBuffer<ffi::BF16> ys, ffi::ResultBuffer<ffi::F32> hT,
+                              ffi::ResultBuffer<ffi::U8> workspace) {
+  GruShape s = GruShapeOf(x, U);
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace->size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, true)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  return GruFusedBf16<true>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
+                            h0.typed_data(), ys->typed_data(), hT->typed_data(),
+                            reinterpret_cast<float*>(workspace->untyped_data()));
+}
+
+ffi::Error GruInferenceBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                                ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                                ffi::ResultBuffer<ffi::BF16> ys, ffi::ResultBuffer<ffi::F32> hT) {
+  GruShape s = GruShapeOf(x, U);
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  return GruFusedBf16<false>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
+                             h0.typed_data(), ys->typed_data(), hT->typed_data(), nullptr);
+}
+
+ffi::Error GruBackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                               ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                               ffi::Buffer<ffi::BF16> ys, ffi::Buffer<ffi::U8> workspace,
+                               ffi::Buffer<ffi::BF16> dys, ffi::Buffer<ffi::F32> dhT,
+                               ffi::ResultBuffer<ffi::BF16> dx, ffi::ResultBuffer<ffi::F32> dW,
+                               ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
+                               ffi::ResultBuffer<ffi::F32> dbhn, ffi::ResultBuffer<ffi::F32> dh0) {
+  GruShape s = GruShapeOf(x, U);
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
+  if (T == 0 || B == 0) return Fail("empty sequences reach no kernel");
+  if (workspace.size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, true)) * sizeof(float))
+    return Fail("workspace size mismatch");
+  const float* A = reinterpret_cast<const float*>(workspace.untyped_data());
+  const float* Hs = A + T * B * 4 * H;
+  thread_local std::vector<bf16> operands;
+  thread_local std::vector<float> results;
+  // dR, dX (T, B, 3H), U^T (3H, H), W (F, 3H) and h0 in bfloat16.
+  bf16* dR = Scratch(operands, 2 * T * B * G + G * H + F * G + B * H);
+  bf16* dX = dR + T * B * G;
+  bf16* Ut = dX + T * B * G;
+  bf16* Wb = Ut + G * H;
+  bf16* h0b = Wb + F * G;
+  Transpose<Bf16>(U.typed_data(), H, G, Ut, H);
+  ToBf16Rows(F, G, W.typed_data(), G, Wb, G);
+  ToBf16Rows(B, H, h0.typed_data(), H, h0b, H);
+  // zdh and g, one step's (B, H) each; then dx in float32 (T, B, F).
+  float* zdh = Scratch(results, 2 * B * H + T * B * F);
+  float* g = zdh + B * H;
+  float* dxf = g + B * H;
+  float* dbias = db->typed_data();
+  float* dbias_hn = dbhn->typed_data();
+  std::memcpy(zdh, dhT.typed_data(), B * H * sizeof(float));
+  std::fill(g, g + B * H, 0.f);
+  std::fill(dbias, dbias + G, 0.f);
+  std::fill(dbias_hn, dbias_hn + H, 0.f);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float* h_prev = t == 0 ? h0.typed_data() : Hs + (t - 1) * B * H;
+    GruBackwardStep<Bf16>(B, H, A + t * B * 4 * H, h_prev, zdh, g, dys.typed_data() + t * B * H, dR + t * B * G,
+                          dX + t * B * G, dbias, dbias_hn);
+    if (!GemmBf16('N', 'N', B, H, G, dR + t * B * G, G, Ut, H, 0.f, g, H)) return Fail("dR U^T (bfloat16) failed");
+  }
+  GruLastDh<Bf16>(B, H, zdh, g, dh0->typed_data());
+  // dU = [bf16(h0); y_1 .. y_{T-1}]^T dR (the outputs are the rounded states the forward's GEMMs
+  // read), dW = x^T dX, dx = dX W^T.
+  if (!GemmBf16('T', 'N', H, G, B, h0b, H, dR, G, 0.f, dU->typed_data(), G)) return Fail("h0^T dR (bfloat16) failed");
+  if (!GemmBf16('T', 'N', H, G, (T - 1) * B, ys.typed_data(), H, dR + B * G, G, 1.f, dU->typed_data(), G))
+    return Fail("h^T dR (bfloat16) failed");
+  if (!GemmBf16('T', 'N', F, G, T * B, x.typed_data(), F, dX, G, 0.f, dW->typed_data(), G))
+    return Fail("x^T dX (bfloat16) failed");
+  if (!GemmBf16('N', 'T', T * B, F, G, dX, G, Wb, G, 0.f, dxf, F)) return Fail("dX W^T (bfloat16) failed");
+  ToBf16Rows(T * B, F, dxf, F, dx->typed_data(), F);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The training forward's workspace in bytes for one shape (bf16: bfloat16 compute), which the
+// Python wrapper sizes the workspace output with at trace time.
+extern "C" int64_t recurrent_gru_workspace_bytes(int64_t B, int64_t T, int64_t F, int64_t H, int64_t bf16) {
+  return GruWorkspaceFloats({B, T, F, H}, bf16 != 0) * static_cast<int64_t>(sizeof(float));
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // hT
+                                  .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInference, GruInferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // h0
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // hT
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackward, GruBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // ys
+                                  .Arg<ffi::Buffer<ffi::U8>>()     // workspace
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dhT
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dW
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dU
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // db
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // db_hn
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh0
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForwardBf16, GruForwardBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // hT
+                                  .Ret<ffi::Buffer<ffi::U8>>());  // workspace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInferenceBf16, GruInferenceBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // h0
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // hT
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackwardBf16, GruBackwardBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // W
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // U
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // h0
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // ys
+                                  .Arg<ffi::Buffer<ffi::U8>>()     // workspace
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dhT
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dW
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dU
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // db
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // db_hn
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh0

@@ -1,0 +1,346 @@
+"""The optional native GRU kernel (:mod:`recurrent.native._gru`: XLA FFI custom calls, oneDNN inside).
+
+Skipped, with the reason, as ``tests/test_native.py`` is: only where the kernel cannot be built (or
+JAX does not run on CPU). The reasons other GRUs declare, and the fallback, are tested everywhere.
+
+Checked: values against the NumPy reference written from the equations (with an initial carry,
+with lengths including 0 and T), values and gradients against the ``lax.scan`` layer to 1e-5
+(forward and reverse, with and without lengths; directly and through ``rnn(...,
+implementation="native")`` with ``carry=``), the fused loops at sizes that leave vector-loop
+remainders (B = 1, H = 13, H = 21), empty inputs, lengths against per-sequence runs, the inference
+forward against the training forward, ``jax.vmap`` against a loop, and the errors on inputs the
+kernel does not take. Biases are random (not the initialiser's zeros), so that a kernel that dropped
+or misplaced ``b`` or ``b_hn`` fails.
+
+bfloat16 compute (``recurrent.gru(H, dtype=jnp.bfloat16)``, float32 parameters and state): values
+and gradients against the scan's in the same dtype to ``BF16_TOL`` of each array's largest
+magnitude (as ``test_native.py`` argues for the LSTM: the forward rounds where the cell does, the
+backward rounds ``dR`` to bfloat16 for its GEMMs and sums ``dU``, ``dW`` over all steps in float32),
+and at most 5 % of the bfloat16 outputs differing from the scan's at all.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recurrent
+from recurrent import native
+from recurrent._sequence import reverse_sequences
+from recurrent.native import _gru as native_gru
+from tests import reference
+
+_NOT_CPU = jax.default_backend() != "cpu"
+_CANNOT_BUILD = None if native.library_path().exists() else native.build.missing()
+needs_kernel = pytest.mark.skipif(
+    _NOT_CPU or _CANNOT_BUILD is not None,
+    reason=f"the native kernel runs on CPU; JAX's default backend is {jax.default_backend()}"
+    if _NOT_CPU
+    else f"the native kernel is not built and cannot be here: {_CANNOT_BUILD} (python -m recurrent.native.build)",
+)
+
+B, T, F, H = 4, 6, 3, 5
+TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+def _params(cell, key, f):
+    """The cell's parameters with random biases (the initialiser's are zero)."""
+    k0, k1, k2 = jax.random.split(key, 3)
+    params = cell.init(k0, (f,))
+    return params._replace(
+        bias=jax.random.normal(k1, params.bias.shape), recurrent_bias=jax.random.normal(k2, params.recurrent_bias.shape)
+    )
+
+
+def _setup(seed=0, shape=(B, T, F, H)):
+    b, t, f, h = shape
+    cell = recurrent.gru(h)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    params = _params(cell, keys[0], f)
+    xs = jax.random.normal(keys[1], (b, t, f))
+    carry = jax.random.normal(keys[2], (b, h))
+    return cell, params, xs, carry
+
+
+def _loss(apply, lengths):
+    def loss(params, xs, carry):
+        carry, ys = apply(params, xs, lengths, carry)
+        w = jnp.arange(ys.size, dtype=jnp.float32).reshape(ys.shape) / ys.size
+        return jnp.sum(ys.astype(jnp.float32) * w) + jnp.sum(carry.astype(jnp.float32) * 1.3), (carry, ys)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _scan(cell, reverse=False):
+    layer = recurrent.rnn(cell, reverse=reverse)
+    return lambda params, xs, lengths, carry: layer.apply(params, xs, lengths=lengths, carry=carry)
+
+
+def _native(reverse=False, dtype=None):
+    """The native layer as the driver would run it (reverse: flip each valid prefix around it)."""
+
+    def apply(params, xs, lengths, carry):
+        if reverse:
+            xs = reverse_sequences(xs, lengths, 1)
+        carry, ys = native_gru.apply(params, xs, lengths, carry, dtype)
+        return carry, reverse_sequences(ys, lengths, 1) if reverse else ys
+
+    return apply
+
+
+def _close(a, b, tol=TOL):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+@needs_kernel
+def test_loads_and_is_declared():
+    assert native.reason() is None
+    cell = recurrent.gru(H)
+    kernel = cell.spec.kernels["native"]
+    assert isinstance(kernel, recurrent.SequenceKernel)
+    assert native.attach(cell) is cell  # declared by the cell itself
+    _, params, xs, _ = _setup()
+    assert kernel.reason(params, xs) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("lengths", [None, [0, 3, T, 1]], ids=["full", "lengths"])
+def test_matches_numpy_reference(lengths):
+    _, params, xs, carry = _setup()
+    got_h, got_ys = jax.jit(native_gru.apply)(params, xs, None if lengths is None else jnp.array(lengths), carry)
+    want_ys = np.zeros((B, T, H))
+    want_h = np.asarray(carry, np.float64).copy()
+    for b in range(B):
+        n = T if lengths is None else lengths[b]
+        if n == 0:
+            continue
+        ys, h = reference.gru(xs[b : b + 1, :n], *params[:4], h0=np.asarray(carry[b : b + 1]))
+        want_ys[b, :n], want_h[b] = ys[0], h[0]
+    _close((got_ys, got_h), (want_ys, want_h))
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", [None, [0, 3, T, 1]], ids=["full", "lengths"])
+def test_values_and_gradients_match_scan(lengths, reverse):
+    cell, params, xs, carry = _setup(1)
+    lengths = None if lengths is None else jnp.array(lengths)
+    want = _loss(_scan(cell, reverse), lengths)(params, xs, carry)
+    got = _loss(_native(reverse), lengths)(params, xs, carry)
+    _close(got, want)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
+    # the gradients are not all zero (a test of nothing)
+    assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 7, 3, 13), (3, 9, 5, 21)], ids=["B1_H13", "B3_H21"])
+def test_training_path_matches_scan_at_odd_sizes(shape):
+    """The fused training forward and backward where the vector loops have remainders: H not a
+    multiple of 8 (nor of 16), and a batch of one."""
+    b, t = shape[:2]
+    cell, params, xs, carry = _setup(6, shape)
+    for lengths in (None, jnp.array([t - 2] + [t] * (b - 1))):
+        _close(_loss(_native(), lengths)(params, xs, carry), _loss(_scan(cell), lengths)(params, xs, carry))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(B, 0, F), (0, T, F)], ids=["no_steps", "no_batch"])
+def test_empty_inputs(shape):
+    cell, params, _, _ = _setup()
+    xs = jnp.ones(shape)
+    layer = recurrent.rnn(cell, implementation="native")
+    grads = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x)[1]) + jnp.sum(layer.apply(p, x)[0]), argnums=(0, 1))
+    _close(jax.jit(layer.apply)(params, xs), recurrent.rnn(cell).apply(params, xs), tol=0)
+    _close(grads(params, xs), jax.tree.map(jnp.zeros_like, (params, xs)), tol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_inference_forward_matches_training_forward(dtype):
+    _, params, xs, carry = _setup(2)
+    args = (*params[:4], xs.astype(dtype), carry)
+    inference = jax.jit(native_gru.gru_layer)(*args)
+    training, _ = jax.jit(lambda *a: jax.vjp(native_gru.gru_layer, *a))(*args)
+    _close(inference, training, tol=0)  # the same loop, once keeping the gates for the backward
+    assert [a.dtype for a in inference] == [jnp.dtype(dtype), jnp.float32]
+
+
+@needs_kernel
+def test_vmap_matches_loop():
+    _, params, xs, carry = _setup(3)
+    xs2 = jnp.stack([xs, 2 * xs])
+
+    def run(p, x):
+        return native_gru.apply(p, x, jnp.array([1, T, 0, 2]), carry)
+
+    def loss(p, x):
+        h, ys = run(p, x)
+        return jnp.sum(ys**2) + jnp.sum(h)
+
+    got = jax.jit(jax.vmap(run, (None, 0)))(params, xs2)
+    want = [jax.jit(run)(params, x) for x in xs2]
+    _close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), tol=0)
+    got_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, (None, 0))(p, x)), argnums=(0, 1)))(params, xs2)
+    each = [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x) for x in xs2]
+    _close(got_grads[0], jax.tree.map(lambda a, b: a + b, each[0][0], each[1][0]))
+    _close(got_grads[1], jnp.stack([each[0][1], each[1][1]]))
+
+
+def test_rejects_other_dtypes_ranks_and_options():
+    _, params, xs, carry = _setup()
+    with pytest.raises(ValueError, match="float32 only(.|\n)*xs bfloat16(.|\n)*fix"):
+        native_gru.apply(params, xs.astype(jnp.bfloat16), None, carry)
+    with pytest.raises(ValueError, match="float32 only, or bfloat16 compute(.|\n)*got:      compute dtype float16"):
+        native_gru.apply(params, xs, None, carry, jnp.float16)
+    bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    with pytest.raises(ValueError, match="input_kernel bfloat16, recurrent_kernel bfloat16, bias bfloat16"):
+        native_gru.apply(bf16_params, xs, None, carry, jnp.bfloat16)
+    with pytest.raises(ValueError, match="carry bfloat16"):
+        native_gru.apply(params, xs, None, carry.astype(jnp.bfloat16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="one batch axis(.|\n)*got:      xs \\(2, 4, 6, 3\\)"):
+        native_gru.apply(params, jnp.stack([xs, xs]), None, carry)
+    with pytest.raises(ValueError, match="reset_after=True and no layer norm"):
+        native_gru.apply(params._replace(recurrent_bias=None), xs, None, carry)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_rnn_runs_native_with_lengths_and_carry(reverse):
+    """Through the driver: lengths (0 and T among them), an initial carry, reverse, no fallback."""
+    cell, params, xs, carry = _setup(4)
+    lengths = jnp.array([2, 0, T, 5])
+    native_layer = recurrent.rnn(cell, reverse=reverse, implementation="native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = _loss(lambda p, x, n, c: native_layer.apply(p, x, lengths=n, carry=c), lengths)(params, xs, carry)
+    _close(got, _loss(_scan(cell, reverse), lengths)(params, xs, carry))
+
+
+@needs_kernel
+def test_rnn_native_lengths_equal_per_sequence_runs():
+    """The battery's lengths check: each sequence alone, cut at its length, gives the same."""
+    cell, params, xs, _ = _setup(5)
+    lengths = [3, 0, T, 1]
+    layer = recurrent.rnn(cell, implementation="native")
+    carry, ys = jax.jit(layer.apply)(params, xs, lengths=jnp.array(lengths))
+    zero = cell.initial_carry(params, (1, F))
+    for b, n in enumerate(lengths):
+        one_carry, one_ys = jax.jit(layer.apply)(params, xs[b : b + 1, :n]) if n else (zero, None)
+        _close(carry[b], one_carry[0])
+        if n:
+            _close(ys[b, :n], one_ys[0])
+        np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0)
+
+
+def test_falls_back_with_a_clear_warning_when_not_built(monkeypatch, tmp_path):
+    cell, params, xs, _ = _setup()
+    monkeypatch.setenv("RECURRENT_NATIVE_LIBRARY", str(tmp_path / "missing.so"))
+    layer = recurrent.rnn(cell, implementation="native")
+    with pytest.warns(recurrent.FallbackWarning, match="not built"):
+        _, ys = layer.apply(params, xs)
+    _close(ys, recurrent.rnn(cell).apply(params, xs)[1], tol=0)
+
+
+@pytest.mark.parametrize(
+    "options, why",
+    [
+        (dict(reset_after=False), "'reset_after': False"),
+        (dict(layer_norm=True), "'layer_norm': True"),
+        (dict(dtype=jnp.float16), "'dtype'"),
+        (dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), "'dtype'"),
+    ],
+    ids=["reset_before", "layer_norm", "float16", "bfloat16_params"],
+)
+def test_other_options_declare_why_not(options, why):
+    cell = native.attach(recurrent.gru(H, **options))
+    entry = cell.spec.kernels["native"]
+    assert isinstance(entry, str) and why in entry and "only; this cell has" in entry
+    params = cell.init(jax.random.key(0), (F,))
+    with pytest.warns(recurrent.FallbackWarning, match="only; this cell has"):
+        recurrent.rnn(cell, implementation="native").apply(params, jnp.ones((B, T, F)))
+
+
+def test_bfloat16_compute_declares_the_kernel():
+    assert isinstance(recurrent.gru(H, dtype=jnp.bfloat16).spec.kernels["native"], recurrent.SequenceKernel)
+    assert isinstance(recurrent.gru(H, dtype=jnp.float32).spec.kernels["native"], recurrent.SequenceKernel)
+    conv = recurrent.conv_gru(H, (3, 3))
+    assert "native" not in conv.spec.kernels  # the driver's message names the cells that declare it
+
+
+def _bf16_setup(shape, seed):
+    b, t, f, h = shape
+    cell = recurrent.gru(h, dtype=jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    params = _params(cell, keys[0], f)
+    xs = jax.random.normal(keys[1], (b, t, f))
+    carry = jax.random.normal(keys[2], (b, h))
+    return cell, params, xs, carry
+
+
+def _close_to_largest(got, want, tol=BF16_TOL):
+    """Each array within ``tol`` of the largest magnitude of the wanted one, in the same dtype."""
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert x.dtype == y.dtype
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(np.max(np.abs(y))) + 1e-30)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", [(B, T, F, H), (1, 7, 3, 13), (3, 9, 5, 21)], ids=["B4_H5", "B1_H13", "B3_H21"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_bfloat16_values_and_gradients_match_scan(shape, with_lengths, reverse):
+    b, t = shape[:2]
+    cell, params, xs, carry = _bf16_setup(shape, 7)
+    lengths = jnp.array([t - 2, 0, t, 1][:b] if b > 1 else [t - 2]) if with_lengths else None
+    layer = recurrent.rnn(cell, reverse=reverse, implementation="native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = _loss(lambda p, x, n, c: layer.apply(p, x, lengths=n, carry=c), lengths)(params, xs, carry)
+    want = _loss(_scan(cell, reverse), lengths)(params, xs, carry)
+    ((_, (h_got, ys_got)), _), ((_, (_, ys_want)), _) = got, want
+    assert ys_got.dtype == jnp.bfloat16 and h_got.dtype == jnp.float32
+    _close_to_largest(got, want)
+    assert float(np.mean(np.asarray(ys_got, np.float32) != np.asarray(ys_want, np.float32))) <= 0.05
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
+    if with_lengths:
+        for i, n in enumerate(np.asarray(lengths)):
+            np.testing.assert_array_equal(np.asarray(ys_got[i, n:], np.float32), 0)
+
+
+@needs_kernel
+def test_bfloat16_rounds_where_the_cell_does():
+    """A float32 forward (no rounding) differs from the bfloat16 scan in many outputs; the kernel's
+    bfloat16 forward in (almost) none."""
+    cell, params, xs, carry = _bf16_setup((3, 9, 5, 21), 9)
+    want = np.asarray(recurrent.rnn(cell).apply(params, xs, carry=carry)[1], np.float32)
+    got = np.asarray(native_gru.apply(params, xs, None, carry, jnp.bfloat16)[1], np.float32)
+    unrounded = np.asarray(native_gru.apply(params, xs, None, carry)[1].astype(jnp.bfloat16), np.float32)
+    assert float(np.mean(got != want)) <= 0.05 < float(np.mean(unrounded != want))
+
+
+@needs_kernel
+def test_benchmark_smoke(tmp_path):
+    from benchmarks import native as bench
+
+    result = bench.main(["--quick", "--cell=gru", "--out", str(tmp_path)])
+    assert result["cell"] == "gru"
+    assert result["agreement"]["ys"] < TOL and result["agreement"]["grad"] < TOL
+    assert set(result["rows"]) == {"torch", "ours_scan", "ours_vjp", "native"}
+    assert (tmp_path / "native_gru.json").exists()
+
+
+@needs_kernel
+def test_benchmark_smoke_bfloat16(tmp_path):
+    from benchmarks import native as bench
+
+    result = bench.main(["--quick", "--cell=gru", "--dtype=bfloat16", "--out", str(tmp_path)])
+    assert result["agreement"]["ys"] < BF16_TOL and result["agreement"]["grad"] < BF16_TOL
+    assert set(result["rows"]) == {"torch", "torch_bf16", "ours_scan", "ours_vjp", "native"}
