@@ -174,10 +174,13 @@ def rnn(
         hand-written backward pass whose weight gradients are computed outside the loop, as
         large matmuls over all steps (any backend and compute dtype; not differentiable in
         forward mode, ``jax.jvp``); same fallbacks but the GPU one. ``"native"``: the plain
-        float32 LSTM on a CPU as one call of oneDNN's LSTM primitive (forward and backward),
-        through an XLA FFI custom call (:mod:`recurrent.native`); optional: it runs once built
-        with ``python -m recurrent.native.build`` and falls back to the scan, saying so, where
-        it is not built.
+        LSTM and the default GRU with float32 parameters (float32 or bfloat16 compute) on a
+        CPU, as C++ kernels around oneDNN's GEMMs through XLA FFI custom calls
+        (:mod:`recurrent.native`), with lengths, ``reverse``, ``carry=``, ``jit``, ``grad`` and
+        ``vmap`` (a vmapped population, or both directions of :func:`bidirectional`, in one
+        call); not ``jax.jvp``. Optional: ``pip install "recurrent[native]"`` brings oneDNN,
+        and the kernels compile on first use; without them the scan runs, with a warning that
+        says why.
       method: the solver of ``implementation="parallel"`` for a cell without its own parallel
         form: ``"deer"`` (Newton's method with full Jacobians, Lim et al. 2024: few iterations,
         ``O(T D^3)`` work for a carry of ``D`` entries), ``"quasi"`` (the default: quasi-DEER,
@@ -230,7 +233,7 @@ def rnn(
             expected=" or ".join(repr(p) for p in known) + " (a name the cell declares a kernel under)",
             got=repr(implementation),
             fix='pass implementation="scan" (portable, the default), "parallel" (parallel over time), "cudnn" '
-            '(plain LSTM on an NVIDIA GPU), "native" (plain LSTM on a CPU, oneDNN, when built), "vjp"'
+            '(plain LSTM on an NVIDIA GPU), "native" (plain LSTM and GRU on a CPU, oneDNN, when installed), "vjp"'
             + "".join(f' or "{k}"' for k in known[len(_kernels.IMPLEMENTATIONS) :])
             + " (a kernel of this cell); a stack of cells declares none: stack rnn layers instead.",
         )
