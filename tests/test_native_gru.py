@@ -40,7 +40,7 @@ needs_kernel = pytest.mark.skipif(
     _NOT_CPU or _CANNOT_BUILD is not None,
     reason=f"the native kernel runs on CPU; JAX's default backend is {jax.default_backend()}"
     if _NOT_CPU
-    else f"the native kernel is not built and cannot be here: {_CANNOT_BUILD} (python -m recurrent.native.build)",
+    else f"the native kernel is not built and cannot be here: {_CANNOT_BUILD}",
 )
 
 B, T, F, H = 4, 6, 3, 5
