@@ -26,6 +26,11 @@
 // h0, c0 and workspace, and run them in parallel OpenMP threads when G > 1 and there are at least half
 // as many layers as threads (oneDNN's GEMMs then run single-threaded inside each thread: they do not
 // nest parallel regions); else one after another, the GEMMs using every thread. Scratch memory is thread_local, so each thread has its own.
+//
+// One layer on several threads (G == 1, or layers one after another): the time loop runs inside one
+// OpenMP region with the hidden units partitioned among the threads, each with its own slice of the
+// weights and its own per-step GEMM, one barrier per step (see "One layer across threads" below);
+// the undifferentiated float32 forward then is that loop too, not the primitive.
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -42,6 +47,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -209,11 +215,27 @@ void Primitive(const Shape& s, const float* x, const float* W, const float* U, c
   Stream().wait();
 }
 
+// How one layer's H units are split: `threads` chunks of `chunk` units (the last may be shorter),
+// multiples of 16 (whole AVX-512 vectors) when there are enough units; threads == 1: not partitioned.
+struct Parts {
+  int threads;
+  int64_t chunk;
+};
+
+Parts PartsOf(int64_t H) {
+  const int64_t P = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (P < 2 || H < 2) return {1, H};
+  int64_t chunk = (H + P - 1) / P;
+  if (H >= 16 * P) chunk = (chunk + 15) / 16 * 16;
+  return {static_cast<int>((H + chunk - 1) / chunk), chunk};
+}
+
 ffi::Error Fused(const Shape& s, const float* x, const float* W, const float* U, const float* b, const float* h0,
                  const float* c0, float* ys, float* hT, float* cT, float* workspace);
 int64_t WorkspaceFloats(const Shape& s);
 
-// The undifferentiated forward: oneDNN's inference primitive for one layer; for G > 1 layers the
+// The undifferentiated forward: oneDNN's inference primitive for one layer on one thread, the fused
+// forward partitioned across threads (below) for one layer on several; for G > 1 layers the
 // fused forward per layer in parallel threads, with a workspace that stays with the thread (the
 // primitive one layer after another, under its lock, took 2.2x as long for both directions of a
 // bidirectional layer at B = 32, T = 128, F = 128, H = 256 on 2 cores, 86 against 39 ms).
@@ -238,6 +260,13 @@ ffi::Error InferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::
       return Fused(s, xg, Wg, Ug, bg, h0g, c0g, ysg, hTg, cTg, Scratch(workspace, WorkspaceFloats(s)));
     });
   }
+  // One layer on several threads: the fused forward partitioned by hidden units beats the primitive
+  // (B = 32, T = 128, F = 128, H = 256, 2 cores: medians 21.5-22.7 against 30.8-32.8 ms).
+  if (PartsOf(s.H).threads > 1) {
+    thread_local std::vector<float> workspace;
+    auto [xg, Wg, Ug, bg, h0g, c0g, ysg, hTg, cTg] = at(0);
+    return Fused(s, xg, Wg, Ug, bg, h0g, c0g, ysg, hTg, cTg, Scratch(workspace, WorkspaceFloats(s)));
+  }
   try {
     std::lock_guard<std::mutex> guard(Lock());
     std::apply([&](auto... a) { Primitive(s, a...); }, at(0));
@@ -250,31 +279,36 @@ ffi::Error InferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::
 // ---- The fused training path ----------------------------------------------------------------
 
 
-// One step's gates: z (B, 4H) holds [x_t, h_{t-1}] [W; U] (float32), or x_t W with h_{t-1} U in
-// zh (bfloat16: the pre-activation is bf16(x_t W + b) + h_{t-1} U, as the cell's); z becomes the
-// activations (i, f, g, o); writes c_t and h_t. `__restrict`: the arrays never overlap, which lets
-// the loop vectorise.
-template <typename P>
-RECURRENT_CLONES void ForwardStep(int64_t B, int64_t H, float* __restrict z, const float* __restrict zh,
+// One step's gates for the hidden units [u0, u1): z (B, 4H) holds [x_t, h_{t-1}] [W; U] (float32,
+// unsplit), or x_t W with h_{t-1} U in zh (split: the pre-activation is P::Round(x_t W + b) + h_{t-1} U,
+// as the bfloat16 cell's); zh's rows are `zh_row` apart, its gates `zh_gate`, and its first column is
+// unit u0's (the partitioned loops keep only their own units' columns). z's columns of these units
+// become the activations (i, f, g, o); writes c_t and h_t of these units. `__restrict`: the arrays
+// never overlap, which lets the loop vectorise.
+template <typename P, bool kSplit = P::kSplitGemm>
+RECURRENT_CLONES void ForwardStep(int64_t B, int64_t H, int64_t u0, int64_t u1, float* __restrict z,
+                                  const float* __restrict zh, int64_t zh_row, int64_t zh_gate,
                                   const float* __restrict bias, const float* __restrict c_prev, float* __restrict c,
                                   typename P::T* __restrict h) {
+  const int64_t units = u1 - u0;
   for (int64_t n = 0; n < B; ++n) {
-    float* __restrict zi = z + n * 4 * H;
+    float* __restrict zi = z + n * 4 * H + u0;
     float* __restrict zf = zi + H;
     float* __restrict zg = zf + H;
     float* __restrict zo = zg + H;
-    const float* __restrict zhn = P::kSplitGemm ? zh + n * 4 * H : nullptr;
-    const float* __restrict cp = c_prev + n * H;
-    float* __restrict cn = c + n * H;
-    typename P::T* __restrict hn = h + n * H;
-    for (int64_t j = 0; j < H; ++j) {
-      float zij = zi[j] + bias[j], zfj = zf[j] + bias[H + j];
-      float zgj = zg[j] + bias[2 * H + j], zoj = zo[j] + bias[3 * H + j];
-      if constexpr (P::kSplitGemm) {
+    const float* __restrict zhn = kSplit ? zh + n * zh_row : nullptr;
+    const float* __restrict cp = c_prev + n * H + u0;
+    float* __restrict cn = c + n * H + u0;
+    typename P::T* __restrict hn = h + n * H + u0;
+    const float* __restrict bi = bias + u0;
+    for (int64_t j = 0; j < units; ++j) {
+      float zij = zi[j] + bi[j], zfj = zf[j] + bi[H + j];
+      float zgj = zg[j] + bi[2 * H + j], zoj = zo[j] + bi[3 * H + j];
+      if constexpr (kSplit) {
         zij = P::Round(zij) + zhn[j];
-        zfj = P::Round(zfj) + zhn[H + j];
-        zgj = P::Round(zgj) + zhn[2 * H + j];
-        zoj = P::Round(zoj) + zhn[3 * H + j];
+        zfj = P::Round(zfj) + zhn[zh_gate + j];
+        zgj = P::Round(zgj) + zhn[2 * zh_gate + j];
+        zoj = P::Round(zoj) + zhn[3 * zh_gate + j];
       }
       float i = Sigmoid(zij);
       float f = Sigmoid(zfj);
@@ -291,31 +325,34 @@ RECURRENT_CLONES void ForwardStep(int64_t B, int64_t H, float* __restrict z, con
   }
 }
 
-// One step backwards: from the activations a (B, 4H), c_t, c_{t-1}, dh = dL/dh_t from step t + 1
-// (rows `dh_stride` apart) plus dy = dL/dy_t, and dc = dL/dc_t (updated in place to dL/dc_{t-1}),
-// the gate gradients dz (B, 4H), summed into db (4H). In bfloat16, dh = bf16(bf16(dh_t) + dy_t)
-// and dz is stored as bfloat16, whose float32 values are summed into db.
+// One step backwards for the hidden units [u0, u1): from the activations a (B, 4H), c_t, c_{t-1},
+// dh = dL/dh_t from step t + 1 (rows `dh_stride` apart) plus dy = dL/dy_t, and dc = dL/dc_t (updated in
+// place to dL/dc_{t-1}), these units' gate gradients dz (B, 4H), summed into db (4H). In bfloat16,
+// dh = bf16(bf16(dh_t) + dy_t) and dz is stored as bfloat16, whose float32 values are summed into db.
 template <typename P>
-RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, const float* __restrict a, const float* __restrict c,
-                                   const float* __restrict c_prev, const float* __restrict dh, int64_t dh_stride,
+RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, int64_t u0, int64_t u1, const float* __restrict a,
+                                   const float* __restrict c, const float* __restrict c_prev,
+                                   const float* __restrict dh, int64_t dh_stride,
                                    const typename P::T* __restrict dy, float* __restrict dc,
                                    typename P::T* __restrict dz, float* __restrict db) {
   using T = typename P::T;
+  const int64_t units = u1 - u0;
+  float* __restrict dbi = db + u0;
   for (int64_t n = 0; n < B; ++n) {
-    const float* __restrict ai = a + n * 4 * H;
+    const float* __restrict ai = a + n * 4 * H + u0;
     const float* __restrict af = ai + H;
     const float* __restrict ag = af + H;
     const float* __restrict ao = ag + H;
-    const float* __restrict cn = c + n * H;
-    const float* __restrict cp = c_prev + n * H;
-    const float* __restrict dhn = dh + n * dh_stride;
-    const T* __restrict dyn = dy + n * H;
-    float* __restrict dcn = dc + n * H;
-    T* __restrict di = dz + n * 4 * H;
+    const float* __restrict cn = c + n * H + u0;
+    const float* __restrict cp = c_prev + n * H + u0;
+    const float* __restrict dhn = dh + n * dh_stride + u0;
+    const T* __restrict dyn = dy + n * H + u0;
+    float* __restrict dcn = dc + n * H + u0;
+    T* __restrict di = dz + n * 4 * H + u0;
     T* __restrict df = di + H;
     T* __restrict dg = df + H;
     T* __restrict dO = dg + H;
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < units; ++j) {
       float i = ai[j], f = af[j], g = ag[j], o = ao[j];
       float tc = Tanh(cn[j]);
       float dhj = P::Round(P::Round(dhn[j]) + P::Load(dyn[j]));
@@ -326,7 +363,8 @@ RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, const float* __restrict
       dO[j] = P::Store(dhj * tc * o * (1.f - o));
       dcn[j] = dcj * f;
     }
-    for (int64_t k = 0; k < 4 * H; ++k) db[k] += P::Load(di[k]);
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = 0; j < units; ++j) dbi[q * H + j] += P::Load(di[q * H + j]);
   }
 }
 
@@ -334,9 +372,85 @@ RECURRENT_CLONES void BackwardStep(int64_t B, int64_t H, const float* __restrict
 // XLA allocates it on every call, and the pages of a fresh (mmap-ed) allocation fault when first written.
 int64_t WorkspaceFloats(const Shape& s) { return s.T * s.B * 5 * s.H; }
 
-// The fused training forward (the undifferentiated one is oneDNN's primitive: faster here).
+// ---- One layer across threads: the hidden units partitioned ----------------------------------
+//
+// One layer's per-step GEMMs (B rows) are too small for oneDNN to split across threads with any gain
+// (measured: 2 threads trained no faster than 1 at B = 32, H = 256). So one layer (when not already
+// inside a parallel region, e.g. ForGroups') runs its time loop inside one OpenMP region instead: each
+// thread owns a contiguous chunk [u0, u1) of the hidden units, packs its own slice of the weights once
+// per call, and per step runs its own single-threaded GEMM (oneDNN's GEMM does not nest parallel
+// regions) and the pointwise loops for its units, in the unpartitioned layouts (the workspace and the
+// gradients are the same whether partitioned or not); one barrier per step makes h_t (forward) or
+// dz_t (backward) whole before the next step's GEMM reads it. The big GEMMs over all steps (x W,
+// dx, dW, dU) stay outside the region, where oneDNN uses every thread.
+
+inline bool GemmOf(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B_,
+                   int64_t ldb, float beta, float* C, int64_t ldc) {
+  return Gemm(ta, tb, M, N, K, A, lda, B_, ldb, beta, C, ldc);
+}
+
+inline bool GemmOf(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_,
+                   int64_t ldb, float beta, float* C, int64_t ldc) {
+  return GemmBf16(ta, tb, M, N, K, A, lda, B_, ldb, beta, C, ldc);
+}
+
+// The forward partitioned (float32 or bfloat16): Zx = x W (all steps, one GEMM, every thread) into
+// the workspace; per step each thread's Zh = h_{t-1} U[:, its gate columns] and its units' gates.
+// float32 thus sums x_t W + b + h_{t-1} U in another order than the unpartitioned single GEMM.
+template <typename P>
+ffi::Error FusedParts(const Shape& s, const Parts& parts, const typename P::T* x, const float* W, const float* U,
+                      const float* b, const typename P::T* h0, const float* c0, typename P::T* ys,
+                      typename P::T* hT, float* cT, float* workspace) {
+  using V = typename P::T;
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H;
+  float* A = workspace;
+  float* C = A + T * B * G;
+  bool ok;
+  if constexpr (std::is_same_v<V, float>) {
+    ok = Gemm('N', 'N', T * B, G, F, x, F, W, G, 0.f, A, G);
+  } else {
+    thread_local std::vector<bf16> weights;
+    bf16* Wb = Scratch(weights, F * G);
+    ToBf16Rows(F, G, W, G, Wb, G);
+    ok = GemmBf16('N', 'N', T * B, G, F, x, F, Wb, G, 0.f, A, G);
+  }
+  if (!ok) return Fail("x W failed");
+  bool failed = false;
+#pragma omp parallel num_threads(parts.threads)
+  {
+    const int64_t u0 = std::min<int64_t>(H, omp_get_thread_num() * parts.chunk);
+    const int64_t u1 = std::min(H, u0 + parts.chunk), n = u1 - u0;
+    // Up (H, 4n): this thread's columns {g H + u : g = i, f, g, o; u in [u0, u1)} of U; zh (B, 4n).
+    thread_local std::vector<V> packed;
+    thread_local std::vector<float> step;
+    V* Up = Scratch(packed, H * 4 * n);
+    float* zh = Scratch(step, B * 4 * n);
+    for (int64_t k = 0; k < H; ++k)
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t j = 0; j < n; ++j) Up[k * 4 * n + q * n + j] = P::Store(U[k * G + q * H + u0 + j]);
+    for (int64_t t = 0; t < T; ++t) {
+      const V* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
+      if (!GemmOf('N', 'N', B, 4 * n, H, h_prev, H, Up, 4 * n, 0.f, zh, 4 * n)) {
+#pragma omp atomic write
+        failed = true;
+      }
+      ForwardStep<P, true>(B, H, u0, u1, A + t * B * G, zh, 4 * n, n, b, t == 0 ? c0 : C + (t - 1) * B * H,
+                           C + t * B * H, ys + t * B * H);
+#pragma omp barrier
+    }
+  }
+  if (failed) return Fail("h U (partitioned) failed");
+  std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(V));
+  std::memcpy(cT, C + (T - 1) * B * H, B * H * sizeof(float));
+  return ffi::Error::Success();
+}
+
+// The fused training forward (also the undifferentiated one, with a workspace of the thread's own,
+// where it runs partitioned; on one thread that one is oneDNN's primitive: faster there).
 ffi::Error Fused(const Shape& s, const float* x, const float* W, const float* U, const float* b, const float* h0,
                  const float* c0, float* ys, float* hT, float* cT, float* workspace) {
+  if (const Parts parts = PartsOf(s.H); parts.threads > 1)
+    return FusedParts<Fp32>(s, parts, x, W, U, b, h0, c0, ys, hT, cT, workspace);
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
   thread_local std::vector<float> scratch;
   // [W; U] (F + H, 4H), so that one GEMM per step, [x_t, h_{t-1}] [W; U], gives the whole
@@ -352,7 +466,7 @@ ffi::Error Fused(const Shape& s, const float* x, const float* W, const float* U,
     CopyRows(B, F, x + t * B * F, F, xh, K);
     CopyRows(B, H, t == 0 ? h0 : ys + (t - 1) * B * H, H, xh + F, K);
     if (!Gemm('N', 'N', B, G, K, xh, K, WU, G, 0.f, z, G)) return Fail("[x, h] [W; U] failed");
-    ForwardStep<Fp32>(B, H, z, nullptr, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
+    ForwardStep<Fp32>(B, H, 0, H, z, nullptr, 0, 0, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
   }
   std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(float));
   std::memcpy(cT, C + (T - 1) * B * H, B * H * sizeof(float));
@@ -415,7 +529,72 @@ BackwardArgs<T> BackwardAt(const Shape& s, int64_t g, ffi::Buffer<D>& x, ffi::Bu
           dh0->typed_data() + g * N, dc0->typed_data() + g * N};
 }
 
+// The backward partitioned (float32 or bfloat16): per step each thread's units' dz_t, a barrier,
+// then dh_{t-1}[:, its units] = dz_t U[its units, :]^T (the GEMM partitioned by output columns; the
+// next step's pointwise loop reads only these columns, and dz_{t-1} is other memory than dz_t, so one
+// barrier per step suffices); after the loop dx = dZ W^T and [dW; dU] = XH^T dZ over all steps.
+template <typename P>
+ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<typename P::T>& a) {
+  using V = typename P::T;
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
+  const float* A = a.workspace;
+  const float* C = A + T * B * G;
+  thread_local std::vector<V> operands;
+  thread_local std::vector<float> results;
+  // dZ (T, B, 4H), XH (T, B, F + H) = [x_t, h_{t-1}] and W^T (4H, F).
+  V* dZ = Scratch(operands, T * B * (G + K) + G * F);
+  V* XH = dZ + T * B * G;
+  V* Wt = XH + T * B * K;
+  CopyRows(T * B, F, a.x, F, XH, K);
+  CopyRows(B, H, a.h0, H, XH + F, K);
+  CopyRows((T - 1) * B, H, a.ys, H, XH + B * K + F, K);
+  Transpose<P>(a.W, F, G, Wt, F);
+  // dh (B, H), one step's dL/dh (float32), dWU, [dW; dU], and (bfloat16) dx in float32.
+  constexpr bool kF32 = std::is_same_v<V, float>;
+  float* dh = Scratch(results, B * H + K * G + (kF32 ? 0 : T * B * F));
+  float* dWU = dh + B * H;
+  for (int64_t i = 0; i < B * H; ++i) dh[i] = P::Load(a.dhT[i]);
+  float* dc = a.dc0;
+  float* dbias = a.db;
+  std::memcpy(dc, a.dcT, B * H * sizeof(float));
+  std::fill(dbias, dbias + G, 0.f);
+  bool failed = false;
+#pragma omp parallel num_threads(parts.threads)
+  {
+    const int64_t u0 = std::min<int64_t>(H, omp_get_thread_num() * parts.chunk);
+    const int64_t u1 = std::min(H, u0 + parts.chunk), n = u1 - u0;
+    // Ut (4H, n) = U[u0:u1, :]^T, this thread's output columns of dh = dz U^T.
+    thread_local std::vector<V> packed;
+    V* Ut = Scratch(packed, G * n);
+    Transpose<P>(a.U + u0 * G, n, G, Ut, n);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const float* c_prev = t == 0 ? a.c0 : C + (t - 1) * B * H;
+      V* dz = dZ + t * B * G;
+      BackwardStep<P>(B, H, u0, u1, A + t * B * G, C + t * B * H, c_prev, dh, H, a.dys + t * B * H, dc, dz, dbias);
+#pragma omp barrier
+      if (!GemmOf('N', 'N', B, n, G, dz, G, Ut, n, 0.f, dh + u0, H)) {
+#pragma omp atomic write
+        failed = true;
+      }
+    }
+  }
+  if (failed) return Fail("dz U^T (partitioned) failed");
+  for (int64_t i = 0; i < B * H; ++i) a.dh0[i] = P::Store(dh[i]);
+  if constexpr (kF32) {
+    if (!Gemm('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, a.dx, F)) return Fail("dz W^T failed");
+  } else {
+    float* dX = dWU + K * G;
+    if (!GemmBf16('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, dX, F)) return Fail("dz W^T (bfloat16) failed");
+    ToBf16Rows(T * B, F, dX, F, a.dx, F);
+  }
+  if (!GemmOf('T', 'N', K, G, T * B, XH, K, dZ, G, 0.f, dWU, G)) return Fail("[x, h]^T dz failed");
+  std::memcpy(a.dW, dWU, F * G * sizeof(float));
+  std::memcpy(a.dU, dWU + F * G, H * G * sizeof(float));
+  return ffi::Error::Success();
+}
+
 ffi::Error Backward(const Shape& s, const BackwardArgs<float>& a) {
+  if (const Parts parts = PartsOf(s.H); parts.threads > 1) return BackwardParts<Fp32>(s, parts, a);
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
   const float* A = a.workspace;
   const float* C = A + T * B * G;
@@ -442,7 +621,7 @@ ffi::Error Backward(const Shape& s, const BackwardArgs<float>& a) {
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_prev = t == 0 ? a.c0 : C + (t - 1) * B * H;
     float* dz = dZ + t * B * G;
-    BackwardStep<Fp32>(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
+    BackwardStep<Fp32>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
                        dbias);
     if (!Gemm('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T failed");
     CopyRows(B, F, dxh, K, a.dx + t * B * F, F);
@@ -492,6 +671,8 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
 // The bfloat16 forward; `workspace` as the float32 path's (the activations, then c).
 ffi::Error FusedBf16(const Shape& s, const bf16* x, const float* W, const float* U, const float* b, const bf16* h0,
                      const float* c0, bf16* ys, bf16* hT, float* cT, float* workspace) {
+  if (const Parts parts = PartsOf(s.H); parts.threads > 1)
+    return FusedParts<Bf16>(s, parts, x, W, U, b, h0, c0, ys, hT, cT, workspace);
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H;
   thread_local std::vector<bf16> weights;
   thread_local std::vector<float> step;
@@ -506,7 +687,7 @@ ffi::Error FusedBf16(const Shape& s, const bf16* x, const float* W, const float*
   for (int64_t t = 0; t < T; ++t) {
     const bf16* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
     if (!GemmBf16('N', 'N', B, G, H, h_prev, H, Ub, G, 0.f, zh, G)) return Fail("h U (bfloat16) failed");
-    ForwardStep<Bf16>(B, H, A + t * B * G, zh, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
+    ForwardStep<Bf16>(B, H, 0, H, A + t * B * G, zh, G, H, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
   }
   std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(bf16));
   std::memcpy(cT, C + (T - 1) * B * H, B * H * sizeof(float));
@@ -576,6 +757,7 @@ ffi::Error BackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, f
 }
 
 ffi::Error BackwardBf16(const Shape& s, const BackwardArgs<bf16>& a) {
+  if (const Parts parts = PartsOf(s.H); parts.threads > 1) return BackwardParts<Bf16>(s, parts, a);
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
   const float* A = a.workspace;
   const float* C = A + T * B * G;
@@ -602,7 +784,7 @@ ffi::Error BackwardBf16(const Shape& s, const BackwardArgs<bf16>& a) {
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_prev = t == 0 ? a.c0 : C + (t - 1) * B * H;
     bf16* dz = dZ + t * B * G;
-    BackwardStep<Bf16>(B, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
+    BackwardStep<Bf16>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
                        dbias);
     if (!GemmBf16('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T (bfloat16) failed");
     ToBf16Rows(B, F, dxh, K, a.dx + t * B * F, F);
