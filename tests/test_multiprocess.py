@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from experiments import music, pipeline
-from tests.subprocess_env import FAST_ENV, REPO
+from tests.subprocess_env import FAST_ENV, FAST_FLAGS, REPO
 from tests.test_pipeline import write_mat
 
 TIMEOUT = 300  # seconds for one run of the processes; a hung collective fails instead of hanging
@@ -42,7 +42,7 @@ def launch(logs, name: str, module: str, args: list[str], processes: int) -> lis
     for i in range(processes):
         env = {k: v for k, v in FAST_ENV.items() if k not in pipeline.DISTRIBUTED_VARIABLES}
         env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 // processes} --xla_backend_optimization_level=0"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 // processes} {FAST_FLAGS}"
         extra = []
         if processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
