@@ -578,7 +578,10 @@ def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick)
     built, skipped = {}, {}
     for label, build in contenders_for(kind, layers, quick).items():
         try:
-            built[label] = build(kind, B, T, F, H, layers, xs)
+            contender = build(kind, B, T, F, H, layers, xs)
+            for fn in contender[:2]:  # warm up: a peer may fail only when it runs (PyTorch's
+                fn()  # bfloat16 LSTM on a CPU without AVX-512, say)
+            built[label] = contender
         except Exception as e:  # a missing or failing peer is reported, not fatal
             skipped[label] = f"{type(e).__name__}: {e}"[:200]
     labels = list(built)
@@ -587,8 +590,6 @@ def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick)
         reference = outputs_BTH(built["ours"][0]())
         agreement = {label: float(abs(outputs_BTH(built[label][0]()) - reference).max()) for label in labels}
     calls = {(label, w): built[label][w] for label in labels for w in (0, 1)}
-    for fn in calls.values():  # warm up
-        fn()
     # calls per sample so that each takes >= ~50 ms
     samples = interleaved(calls, repeats, {key: calls_per_sample(fn) for key, fn in calls.items()})
     flops = _gate_flops(kind, B, T, F, H, layers)

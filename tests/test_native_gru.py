@@ -8,9 +8,12 @@ with lengths including 0 and T), values and gradients against the ``lax.scan`` l
 (forward and reverse, with and without lengths; directly and through ``rnn(...,
 implementation="native")`` with ``carry=``), the fused loops at sizes that leave vector-loop
 remainders (B = 1, H = 13, H = 21), empty inputs, lengths against per-sequence runs, the inference
-forward against the training forward, ``jax.vmap`` against a loop, and the errors on inputs the
-kernel does not take. Biases are random (not the initialiser's zeros), so that a kernel that dropped
-or misplaced ``b`` or ``b_hn`` fails.
+forward against the training forward, ``jax.vmap`` against a loop, a ``jax.vmap``-ed population
+(nested too; inputs or parameters shared) and ``bidirectional`` as one custom call per pass with
+every layer in it (counted in the compiled HLO, no loop around it), values and gradients as each
+member alone, and the errors on inputs the kernel does not take (operands of different groups
+among them). Biases are random (not the initialiser's zeros), so that a kernel that dropped or
+misplaced ``b`` or ``b_hn`` fails.
 
 bfloat16 compute (``recurrent.gru(H, dtype=jnp.bfloat16)``, float32 parameters and state): values
 and gradients against the scan's in the same dtype to ``BF16_TOL`` of each array's largest
@@ -21,6 +24,7 @@ and at most 5 % of the bfloat16 outputs differing from the scan's at all.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax
@@ -324,6 +328,141 @@ def test_bfloat16_rounds_where_the_cell_does():
     got = np.asarray(native_gru.apply(params, xs, None, carry, jnp.bfloat16)[1], np.float32)
     unrounded = np.asarray(native_gru.apply(params, xs, None, carry)[1].astype(jnp.bfloat16), np.float32)
     assert float(np.mean(got != want)) <= 0.05 < float(np.mean(unrounded != want))
+
+
+# ---- Many layers in one call: jax.vmap (a population, both directions of bidirectional) ----------
+
+
+def _custom_calls(fn, *args, groups):
+    """The kernel's custom calls in ``fn(*args)``, in order, each asserted to run ``groups`` layers at
+    once (the leading axes of its first result, ``ys`` or ``dx``, in the compiled HLO) outside any
+    loop: ``vmap_method="sequential"`` lowers to a while loop around a call per layer."""
+    lowered = jax.jit(fn).lower(*args)
+    assert "while" not in lowered.as_text()
+    hlo = lowered.compile().as_text()
+    calls = re.findall(r'= \(\w+\[([\d,]*)\][^\n]*custom_call_target="(recurrent_gru\w*)"', hlo)
+    assert [tuple(int(d) for d in dims.split(","))[:-3] for dims, _ in calls] == [groups] * len(calls), calls
+    return [target for _, target in calls]
+
+
+def _population(shape, seed, dtype=None):
+    """``(cell, params, xs, carry)`` for ``shape`` leading axes of independent layers (random biases)."""
+    n = int(np.prod(shape))
+    cell = recurrent.gru(H, dtype=dtype)
+    keys = jax.random.split(jax.random.key(seed), n + 2)
+    params = jax.vmap(lambda k: _params(cell, k, F))(keys[:n])
+    params = jax.tree.map(lambda a: a.reshape(*shape, *a.shape[1:]), params)
+    xs = jax.random.normal(keys[n], (*shape, B, T, F))
+    return cell, params, xs, jax.random.normal(keys[n + 1], (*shape, B, H))
+
+
+def _loop(fn, args, in_axes, shape):
+    """``fn`` per member of the population (its leading ``shape`` axes), the results stacked back."""
+    flat = [
+        a if ax is None else jax.tree.map(lambda v: v.reshape(-1, *v.shape[len(shape) :]), a)
+        for a, ax in zip(args, in_axes)
+    ]
+    each = [
+        fn(*(a if ax is None else jax.tree.map(lambda v: v[i], a) for a, ax in zip(flat, in_axes)))
+        for i in range(int(np.prod(shape)))
+    ]
+    return jax.tree.map(lambda *v: jnp.stack(v).reshape(*shape, *v[0].shape), *each)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3,), (2, 2)], ids=["M3", "nested_2x2"])
+@pytest.mark.parametrize("shared", ["none", "inputs", "params"])
+def test_vmap_population_is_one_call_per_pass_and_matches_members(shape, shared):
+    """A population of GRU layers (own parameters, inputs and carry; or inputs, or parameters, shared
+    by all) as one custom call per pass: values and gradients as each member alone to 1e-5, nested
+    vmaps folded into the same call."""
+    _, params, xs, carry = _population(shape, 10)
+    if shared == "inputs":
+        xs = xs[(0,) * len(shape)]
+    if shared == "params":
+        params = jax.tree.map(lambda a: a[(0,) * len(shape)], params)
+    in_axes = (None if shared == "params" else 0, None if shared == "inputs" else 0, 0)
+    lengths = jnp.array([0, 3, T, 1])
+
+    def vmapped(fn):
+        for _ in shape:
+            fn = jax.vmap(fn, in_axes)
+        return fn
+
+    native_loss = _loss(_native(), lengths)
+    got = jax.jit(vmapped(native_loss))(params, xs, carry)
+    _close(got, _loop(native_loss, (params, xs, carry), in_axes, shape))
+    assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
+    assert _custom_calls(vmapped(native_loss), params, xs, carry, groups=shape) == [
+        "recurrent_gru_forward",
+        "recurrent_gru_backward",
+    ]
+    forward = vmapped(lambda p, x, c: native_gru.apply(p, x, lengths, c))
+    assert _custom_calls(forward, params, xs, carry, groups=shape) == ["recurrent_gru_inference"]
+    _close(jax.jit(forward)(params, xs, carry), got[0][1])
+
+
+@needs_kernel
+def test_bfloat16_vmap_population_is_one_call_per_pass_and_matches_members():
+    """bfloat16 compute under vmap: each layer of the population as it alone (the same fused loops;
+    the GEMMs single-threaded inside a group, so within bfloat16's precision) and as the scan in
+    bfloat16, one call per pass."""
+    cell, params, xs, carry = _population((3,), 11, jnp.bfloat16)
+    lengths = jnp.array([T - 2, 0, T, 1])
+    native_loss = _loss(_native(dtype=jnp.bfloat16), lengths)
+    got = jax.jit(jax.vmap(native_loss))(params, xs, carry)
+    for m in range(3):
+        args = jax.tree.map(lambda a: a[m], (params, xs, carry))
+        member = jax.tree.map(lambda a: a[m], got)
+        _close_to_largest(member, native_loss(*args))
+        _close_to_largest(member, _loss(_scan(cell), lengths)(*args))
+    assert _custom_calls(jax.vmap(native_loss), params, xs, carry, groups=(3,)) == [
+        "recurrent_gru_forward_bf16",
+        "recurrent_gru_backward_bf16",
+    ]
+    forward = jax.vmap(lambda p, x, c: native_gru.apply(p, x, lengths, c, jnp.bfloat16))
+    assert _custom_calls(forward, params, xs, carry, groups=(3,)) == ["recurrent_gru_inference_bf16"]
+
+
+@needs_kernel
+def test_bidirectional_runs_both_directions_in_one_call():
+    """``bidirectional(rnn(gru(H), implementation="native"))``: both directions as one custom call
+    per pass, values and gradients as the scan's to 1e-5, with lengths (0 and T among them)."""
+    cell = recurrent.gru(H)
+    native_bi = recurrent.bidirectional(recurrent.rnn(cell, implementation="native"))
+    scan_bi = recurrent.bidirectional(recurrent.rnn(cell))
+    keys = jax.random.split(jax.random.key(12), 3)
+    params = native_bi.init(keys[0], (F,))
+    xs = jax.random.normal(keys[1], (B, T, F))
+    lengths = jnp.array([3, 0, T, 1])
+
+    def loss(layer):
+        def f(params, xs):
+            _, ys = layer.apply(params, xs, lengths=lengths)
+            w = jnp.arange(ys.size, dtype=jnp.float32).reshape(ys.shape) / ys.size
+            return jnp.sum(ys * w), ys
+
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = jax.jit(loss(native_bi))(params, xs)
+        calls = _custom_calls(loss(native_bi), params, xs, groups=(2,))
+    assert calls == ["recurrent_gru_forward", "recurrent_gru_backward"]
+    _close(got, jax.jit(loss(scan_bi))(params, xs))
+
+
+@needs_kernel
+def test_operands_of_different_groups_are_refused():
+    """A caller that passes operands with different leading (group) dims (the wrapper batches them
+    all alike) gets the kernel's error, not a read past a buffer's end."""
+    _, params, xs, carry = _setup()
+    W, U, b, b_hn = params[:4]
+    xs_TBF = jnp.moveaxis(xs, 1, 0)
+    native._load()
+    call = jax.ffi.ffi_call("recurrent_gru_inference", native_gru._outputs(U, xs_TBF, carry))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="different leading \\(group\\) dims"):
+        jax.block_until_ready(call(xs_TBF, jnp.stack([W, W]), U, b, b_hn, carry))
 
 
 @needs_kernel

@@ -23,6 +23,12 @@ With ``lengths`` (:func:`apply`), each sequence is frozen after its last valid s
 input feature whose weights saturate the update gate (``z = 1`` exactly: ``h`` is carried
 unchanged and no gradient flows through the padding); the final ``h`` is then the kernel's own.
 The compiled library and its loading are :mod:`recurrent.native`'s.
+
+Under ``jax.vmap`` (nested too) the kernel runs every layer of the batch in one call, as the LSTM
+kernel does: each with its own parameters, inputs, carry and workspace, in parallel threads
+(OpenMP, one layer per thread). ``bidirectional(rnn(gru(H), implementation="native"))`` vmaps its
+layer over the two directions, so both run in one call per pass; so does a ``jax.vmap``-ed
+population of layers.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ def _layer(W, U, b, b_hn, xs_TBF, h0):
     (with a workspace) and the backward."""
     native._load()
     target = _TARGETS[xs_TBF.dtype][2]
-    return jax.ffi.ffi_call(target, _outputs(U, xs_TBF, h0), vmap_method="sequential")(xs_TBF, W, U, b, b_hn, h0)
+    return jax.ffi.ffi_call(target, _outputs(U, xs_TBF, h0), vmap_method=native._VMAP)(xs_TBF, W, U, b, b_hn, h0)
 
 
 def _fwd(W, U, b, b_hn, xs_TBF, h0):
@@ -84,7 +90,7 @@ def _fwd(W, U, b, b_hn, xs_TBF, h0):
     bf16 = xs_TBF.dtype == jnp.bfloat16
     workspace = jax.ShapeDtypeStruct((_workspace_bytes(B, T, F, U.shape[0], bf16),), jnp.uint8)
     target = _TARGETS[xs_TBF.dtype][0]
-    ys, h, ws = jax.ffi.ffi_call(target, (*_outputs(U, xs_TBF, h0), workspace), vmap_method="sequential")(
+    ys, h, ws = jax.ffi.ffi_call(target, (*_outputs(U, xs_TBF, h0), workspace), vmap_method=native._VMAP)(
         xs_TBF, W, U, b, b_hn, h0
     )
     return (ys, h), (W, U, b, b_hn, xs_TBF, h0, ys, ws)
@@ -94,7 +100,7 @@ def _bwd(res, cotangents):
     W, U, b, b_hn, xs_TBF, h0, ys, workspace = res
     dys, dh = cotangents
     out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (xs_TBF, W, U, b, b_hn, h0))
-    dxs, dW, dU, db, db_hn, dh0 = jax.ffi.ffi_call(_TARGETS[xs_TBF.dtype][1], out, vmap_method="sequential")(
+    dxs, dW, dU, db, db_hn, dh0 = jax.ffi.ffi_call(_TARGETS[xs_TBF.dtype][1], out, vmap_method=native._VMAP)(
         xs_TBF, W, U, b, b_hn, h0, ys, workspace, dys.astype(ys.dtype), dh.astype(jnp.float32)
     )
     return dW, dU, db, db_hn, dxs, dh0

@@ -1,15 +1,21 @@
-// What the native kernels share: oneDNN's float32 and bfloat16 GEMMs, the vectorisable
-// pointwise functions (exp, sigmoid, tanh), bfloat16 rounding, the storage-and-rounding policies
-// (Fp32, Bf16) the fused loops are written over, per-thread scratch and row copies.
+// What the native kernels share: one layer's shape and the folding of a call's leading (group)
+// dims into independent layers run by ForGroups, oneDNN's float32 and bfloat16 GEMMs, the
+// vectorisable pointwise functions (exp, sigmoid, tanh), bfloat16 rounding, the
+// storage-and-rounding policies (Fp32, Bf16) the fused loops are written over, per-thread scratch
+// and row copies.
 #pragma once
 
 #include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -27,6 +33,70 @@ namespace ffi = xla::ffi;
 
 inline ffi::Error Fail(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInternal, "recurrent native kernel: " + what);
+}
+
+// One layer: batch, steps, input features, hidden units (a std::map key for the LSTM's primitives).
+struct Shape {
+  int64_t B, T, F, H;
+  bool operator<(const Shape& o) const { return std::tie(B, T, F, H) < std::tie(o.B, o.T, o.F, o.H); }
+};
+
+// Groups: every operand and result of a call may carry the same leading dims (`jax.vmap` with
+// vmap_method="broadcast_all": a population of layers, both directions of a bidirectional layer,
+// nested vmaps). A call's layers are the shape of each and how many (the product of x's leading
+// dims); every buffer holds the G layers' parts one after another.
+struct Groups {
+  Shape s;
+  int64_t G;
+
+  // Whether `buffer` holds G layers of `per` elements each.
+  template <typename Buffer>
+  bool Holds(const Buffer& buffer, int64_t per) const {
+    return buffer.element_count() == static_cast<size_t>(G * per);
+  }
+};
+
+// The layers of a call with x (..., T, B, F) and U (..., H, kH).
+template <typename X, typename U>
+Groups GroupsOf(const X& x, const U& u) {
+  auto xd = x.dimensions();
+  auto ud = u.dimensions();
+  const size_t r = xd.size();
+  int64_t G = 1;
+  for (size_t i = 0; i + 3 < r; ++i) G *= xd[i];
+  return {{xd[r - 2], xd[r - 3], xd[r - 1], ud[ud.size() - 2]}, G};
+}
+
+// run(g) for each of G layers: one after another, oneDNN's GEMMs using every thread, when there are
+// fewer than half as many layers as threads (each layer in a thread of its own would leave its GEMMs
+// one thread; measured on 2 cores only, where G >= 1 layer per core always runs in parallel); else in
+// parallel OpenMP threads (dynamic: one layer at a time per thread; oneDNN's GEMMs then run
+// single-threaded inside each: they do not nest parallel regions). Scratch memory is thread_local,
+// so each thread has its own. The first failure is returned.
+template <typename Run>
+ffi::Error ForGroups(int64_t G, const Run& run) {
+  if (G == 1) return run(0);
+  if (2 * G < omp_get_max_threads()) {
+    for (int64_t g = 0; g < G; ++g) {
+      ffi::Error e = run(g);
+      if (e.failure()) return e;
+    }
+    return ffi::Error::Success();
+  }
+  std::vector<ffi::Error> errors(G);
+  // No more threads than layers: the others would only wait (and spin).
+  const int threads = static_cast<int>(std::min<int64_t>(G, omp_get_max_threads()));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t g = 0; g < G; ++g) {
+    try {
+      errors[g] = run(g);
+    } catch (const std::exception& e) {
+      errors[g] = Fail(e.what());
+    }
+  }
+  for (auto& e : errors)
+    if (e.failure()) return e;
+  return ffi::Error::Success();
 }
 
 // Row-major C (M, N) = alpha op(A) op(B) + beta C through oneDNN's JIT GEMM; false on failure.
@@ -142,6 +212,33 @@ void CopyRows(int64_t rows, int64_t cols, const T* src, int64_t src_stride, T* d
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, cols * sizeof(T));
 }
 
+// Whether oneDNN has a bfloat16 GEMM on this CPU: oneDNN 3.2 implements dnnl_gemm_bf16bf16f32 only
+// with AVX-512 (AVX512-BF16 or AMX natively, emulated on AVX512-F/BW); on an AVX2-only CPU it
+// returns dnnl_unimplemented. Asked once, with a 1 x 1 x 1 product. RECURRENT_NATIVE_WIDEN_BF16=1
+// takes the widening path below on any CPU (the tests check it where oneDNN has the GEMM too).
+inline bool HasBf16Gemm() {
+  static const bool has = [] {
+    const char* widen = std::getenv("RECURRENT_NATIVE_WIDEN_BF16");
+    if (widen != nullptr && std::string(widen) == "1") return false;
+    const bf16 one = 0x3F80;  // 1.0
+    float c = 0.f;
+    return dnnl_gemm_bf16bf16f32('N', 'N', 1, 1, 1, 1.f, &one, 1, &one, 1, 0.f, &c, 1) == dnnl_success && c == 1.f;
+  }();
+  return has;
+}
+
+// `rows` x `cols` bfloat16 (rows `ld` apart) into float32 `out` (dense): exact.
+inline void Bf16ToFloat(const bf16* a, int64_t rows, int64_t cols, int64_t ld, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = FromBf16(a[r * ld + c]);
+}
+
+// Row-major C (M, N) = op(A) op(B) + beta C for bfloat16 A and B, float32 C: oneDNN's bfloat16 GEMM
+// (float32 accumulation) where the CPU has one; elsewhere the same bfloat16 operands widened to
+// float32 (exact) through dnnl_sgemm. The products of bfloat16 values are exact in float32, so both
+// compute the same products and accumulate them in float32, in possibly different orders: the
+// results agree to float32's rounding, and the bfloat16 path keeps its rounding points on every
+// CPU (the widening costs time: a float32 copy of both operands per call).
 inline bool GemmBf16(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_,
                      int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return true;
@@ -150,7 +247,16 @@ inline bool GemmBf16(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf
       for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.f ? 0.f : beta * C[m * ldc + n];
     return true;
   }
-  return dnnl_gemm_bf16bf16f32(ta, tb, M, N, K, 1.f, A, lda, B_, ldb, beta, C, ldc) == dnnl_success;
+  if (HasBf16Gemm())
+    return dnnl_gemm_bf16bf16f32(ta, tb, M, N, K, 1.f, A, lda, B_, ldb, beta, C, ldc) == dnnl_success;
+  const int64_t a_rows = ta == 'N' ? M : K, a_cols = ta == 'N' ? K : M;
+  const int64_t b_rows = tb == 'N' ? K : N, b_cols = tb == 'N' ? N : K;
+  thread_local std::vector<float> wide;
+  float* a = Scratch(wide, a_rows * a_cols + b_rows * b_cols);
+  float* b = a + a_rows * a_cols;
+  Bf16ToFloat(A, a_rows, a_cols, lda, a);
+  Bf16ToFloat(B_, b_rows, b_cols, ldb, b);
+  return Gemm(ta, tb, M, N, K, a, a_cols, b, b_cols, beta, C, ldc);
 }
 
 RECURRENT_CLONES void ToBf16Rows(int64_t rows, int64_t cols, const float* __restrict src, int64_t src_stride,

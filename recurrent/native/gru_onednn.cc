@@ -20,6 +20,13 @@
 //   inference the forward without a workspace: x W into per-thread scratch, the loop keeps nothing.
 // Workspace (float32): the activations A (T, B, 4H) (float32: h_t are the outputs); in bfloat16,
 // then the float32 states h (T, B, H) (the outputs are bfloat16).
+//
+// Groups: every operand and result may carry the same leading dims (`jax.vmap` with
+// vmap_method="broadcast_all": a population of layers, both directions of a bidirectional layer,
+// nested vmaps). The handlers fold them into G independent layers, each with its own x, W, U, b,
+// b_hn, h0 and workspace, and run them through ForGroups (common.h): in parallel OpenMP threads when
+// there are at least half as many layers as threads, else one after another with the GEMMs on every
+// thread. Scratch memory is thread_local, so each thread has its own.
 
 #include <oneapi/dnnl/dnnl.h>
 
@@ -39,18 +46,12 @@ namespace {
 
 using namespace recurrent_native;
 
-struct GruShape {
-  int64_t B, T, F, H;
-};
-
-template <typename X>
-GruShape GruShapeOf(const X& x, const ffi::Buffer<ffi::F32>& U) {
-  auto xd = x.dimensions();
-  return {xd[1], xd[0], xd[2], U.dimensions()[0]};  // x is (T, B, F)
-}
-
 template <typename P>
 constexpr bool kFloatOutputs = std::is_same_v<typename P::T, float>;
+
+// The FFI dtype of x, ys and their gradients (P::T); W, U, the biases, h and their gradients are F32.
+template <typename P>
+constexpr ffi::DataType kCompute = kFloatOutputs<P> ? ffi::F32 : ffi::BF16;
 
 // One step's gates. zx (B rows `ldz` apart) holds x_t W (float32), zh (B, 3H) holds h_{t-1} U.
 // The input part is x_t W + b (rounded through P: bfloat16(x W + b), as the cell's projection);
@@ -147,63 +148,69 @@ void GruLastDh(int64_t B, int64_t H, const float* zdh, const float* g, float* dh
   for (int64_t k = 0; k < B * H; ++k) dh0[k] = zdh[k] + P::Round(g[k]);
 }
 
-int64_t GruWorkspaceFloats(const GruShape& s, bool bf16) { return s.T * s.B * (bf16 ? 5 : 4) * s.H; }
+int64_t GruWorkspaceFloats(const Shape& s, bool bf16) { return s.T * s.B * (bf16 ? 5 : 4) * s.H; }
+
+// One layer's element counts, which are also the strides between the layers of a call's buffers:
+// x (T, B, F), W (F, 3H), U (H, 3H), b (3H,), b_hn (H,), h0 and hT (B, H), ys (T, B, H) and their
+// gradients, and the workspace's floats.
+struct GruSizes {
+  int64_t x, W, U, b, bhn, h, ys, workspace;
+};
+
+GruSizes GruSizesOf(const Shape& s, bool bf16) {
+  const int64_t G = 3 * s.H;
+  return {s.T * s.B * s.F, s.F * G, s.H * G, G, s.H, s.B * s.H, s.T * s.B * s.H, GruWorkspaceFloats(s, bf16)};
+}
+
+// Pointers to one layer's operands and results of a forward call (T: how x and ys are stored);
+// workspace: nullptr in inference.
+template <typename T>
+struct GruForwardArgs {
+  const T* x;
+  const float *W, *U, *b, *bhn, *h0;
+  T* ys;
+  float* hT;
+  float* workspace;
+};
+
+// Pointers to one layer's operands and results of a backward call (b and b_hn are not read: the
+// workspace holds h U_n + b_hn).
+template <typename T>
+struct GruBackwardArgs {
+  const T* x;
+  const float *W, *U, *h0;
+  const T* ys;
+  const float* workspace;
+  const T* dys;
+  const float* dhT;
+  T* dx;
+  float *dW, *dU, *db, *dbhn, *dh0;
+};
 
 // ---- float32 -----------------------------------------------------------------------------------
 
-// The float32 forward: with `workspace` (T, B, 4H) the training one, with nullptr the inference one.
+// The float32 forward: with a workspace (T, B, 4H) the training one, without (kKeep false) the
+// inference one.
 template <bool kKeep>
-ffi::Error GruFused(const GruShape& s, const float* x, const float* W, const float* U, const float* b,
-                    const float* bhn, const float* h0, float* ys, float* hT, float* workspace) {
+ffi::Error GruFused(const Shape& s, const GruForwardArgs<float>& a) {
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
   thread_local std::vector<float> scratch, inference;
   float* zh = Scratch(scratch, B * G);
   const int64_t ldz = kKeep ? 4 * H : G;
-  float* Z = kKeep ? workspace : Scratch(inference, T * B * G);
-  if (!Gemm('N', 'N', T * B, G, F, x, F, W, G, 0.f, Z, ldz)) return Fail("x W failed");
+  float* Z = kKeep ? a.workspace : Scratch(inference, T * B * G);
+  if (!Gemm('N', 'N', T * B, G, F, a.x, F, a.W, G, 0.f, Z, ldz)) return Fail("x W failed");
   for (int64_t t = 0; t < T; ++t) {
-    const float* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
-    if (!Gemm('N', 'N', B, G, H, h_prev, H, U, G, 0.f, zh, G)) return Fail("h U failed");
-    GruForwardStep<Fp32, kKeep>(B, H, Z + t * B * ldz, ldz, zh, b, bhn, h_prev, ys + t * B * H, nullptr);
+    const float* h_prev = t == 0 ? a.h0 : a.ys + (t - 1) * B * H;
+    if (!Gemm('N', 'N', B, G, H, h_prev, H, a.U, G, 0.f, zh, G)) return Fail("h U failed");
+    GruForwardStep<Fp32, kKeep>(B, H, Z + t * B * ldz, ldz, zh, a.b, a.bhn, h_prev, a.ys + t * B * H, nullptr);
   }
-  std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(float));
+  std::memcpy(a.hT, a.ys + (T - 1) * B * H, B * H * sizeof(float));
   return ffi::Error::Success();
 }
 
-ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
-                          ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
-                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
-                          ffi::ResultBuffer<ffi::U8> workspace) {
-  GruShape s = GruShapeOf(x, U);
-  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
-  if (workspace->size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, false)) * sizeof(float))
-    return Fail("workspace size mismatch");
-  return GruFused<true>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
-                        h0.typed_data(), ys->typed_data(), hT->typed_data(),
-                        reinterpret_cast<float*>(workspace->untyped_data()));
-}
-
-ffi::Error GruInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
-                            ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
-                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT) {
-  GruShape s = GruShapeOf(x, U);
-  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
-  return GruFused<false>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
-                         h0.typed_data(), ys->typed_data(), hT->typed_data(), nullptr);
-}
-
-ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
-                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
-                           ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::U8> workspace, ffi::Buffer<ffi::F32> dys,
-                           ffi::Buffer<ffi::F32> dhT, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dW,
-                           ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
-                           ffi::ResultBuffer<ffi::F32> dbhn, ffi::ResultBuffer<ffi::F32> dh0) {
-  GruShape s = GruShapeOf(x, U);
+ffi::Error GruBackward(const Shape& s, const GruBackwardArgs<float>& a) {
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
-  if (T == 0 || B == 0) return Fail("empty sequences reach no kernel");
-  if (workspace.size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, false)) * sizeof(float))
-    return Fail("workspace size mismatch");
-  const float* A = reinterpret_cast<const float*>(workspace.untyped_data());
+  const float* A = a.workspace;
   thread_local std::vector<float> grads, weights;
   // dR, dX (T, B, 3H) each; then zdh and g, one step's (B, H) each.
   float* dR = Scratch(grads, 2 * T * B * G + 2 * B * H);
@@ -212,26 +219,23 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi
   float* g = zdh + B * H;
   // U^T (3H, H) once: a transposed operand would cost dnnl_sgemm a repacking on every step.
   float* Ut = Scratch(weights, G * H);
-  Transpose<Fp32>(U.typed_data(), H, G, Ut, H);
-  float* dbias = db->typed_data();
-  float* dbias_hn = dbhn->typed_data();
-  std::memcpy(zdh, dhT.typed_data(), B * H * sizeof(float));
+  Transpose<Fp32>(a.U, H, G, Ut, H);
+  std::memcpy(zdh, a.dhT, B * H * sizeof(float));
   std::fill(g, g + B * H, 0.f);
-  std::fill(dbias, dbias + G, 0.f);
-  std::fill(dbias_hn, dbias_hn + H, 0.f);
+  std::fill(a.db, a.db + G, 0.f);
+  std::fill(a.dbhn, a.dbhn + H, 0.f);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* h_prev = t == 0 ? h0.typed_data() : ys.typed_data() + (t - 1) * B * H;
-    GruBackwardStep<Fp32>(B, H, A + t * B * 4 * H, h_prev, zdh, g, dys.typed_data() + t * B * H, dR + t * B * G,
-                          dX + t * B * G, dbias, dbias_hn);
+    const float* h_prev = t == 0 ? a.h0 : a.ys + (t - 1) * B * H;
+    GruBackwardStep<Fp32>(B, H, A + t * B * 4 * H, h_prev, zdh, g, a.dys + t * B * H, dR + t * B * G, dX + t * B * G,
+                          a.db, a.dbhn);
     if (!Gemm('N', 'N', B, H, G, dR + t * B * G, G, Ut, H, 0.f, g, H)) return Fail("dR U^T failed");
   }
-  GruLastDh<Fp32>(B, H, zdh, g, dh0->typed_data());
+  GruLastDh<Fp32>(B, H, zdh, g, a.dh0);
   // dU = [h0; h_1 .. h_{T-1}]^T dR, dW = x^T dX, dx = dX W^T: single GEMMs over all steps.
-  if (!Gemm('T', 'N', H, G, B, h0.typed_data(), H, dR, G, 0.f, dU->typed_data(), G)) return Fail("h0^T dR failed");
-  if (!Gemm('T', 'N', H, G, (T - 1) * B, ys.typed_data(), H, dR + B * G, G, 1.f, dU->typed_data(), G))
-    return Fail("h^T dR failed");
-  if (!Gemm('T', 'N', F, G, T * B, x.typed_data(), F, dX, G, 0.f, dW->typed_data(), G)) return Fail("x^T dX failed");
-  if (!Gemm('N', 'T', T * B, F, G, dX, G, W.typed_data(), G, 0.f, dx->typed_data(), F)) return Fail("dX W^T failed");
+  if (!Gemm('T', 'N', H, G, B, a.h0, H, dR, G, 0.f, a.dU, G)) return Fail("h0^T dR failed");
+  if (!Gemm('T', 'N', H, G, (T - 1) * B, a.ys, H, dR + B * G, G, 1.f, a.dU, G)) return Fail("h^T dR failed");
+  if (!Gemm('T', 'N', F, G, T * B, a.x, F, dX, G, 0.f, a.dW, G)) return Fail("x^T dX failed");
+  if (!Gemm('N', 'T', T * B, F, G, dX, G, a.W, G, 0.f, a.dx, F)) return Fail("dX W^T failed");
   return ffi::Error::Success();
 }
 
@@ -248,72 +252,39 @@ ffi::Error GruBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi
 //             the GEMMs too (the scan's keeps it float32), dU and dW are single GEMMs over all
 //             steps accumulated in float32 (the scan rounds each step's term to bfloat16 first).
 
-// The bfloat16 forward; `workspace` (training): the activations (T, B, 4H), then h (T, B, H).
+// The bfloat16 forward; the workspace (training): the activations (T, B, 4H), then h (T, B, H).
 template <bool kKeep>
-ffi::Error GruFusedBf16(const GruShape& s, const bf16* x, const float* W, const float* U, const float* b,
-                        const float* bhn, const float* h0, bf16* ys, float* hT, float* workspace) {
+ffi::Error GruFused(const Shape& s, const GruForwardArgs<bf16>& a) {
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
   thread_local std::vector<bf16> weights;
   thread_local std::vector<float> step, inference;
   bf16* Wb = Scratch(weights, (F + H) * G + B * H);
   bf16* Ub = Wb + F * G;
   bf16* h0b = Ub + H * G;
-  ToBf16Rows(F, G, W, G, Wb, G);
-  ToBf16Rows(H, G, U, G, Ub, G);
-  ToBf16Rows(B, H, h0, H, h0b, H);
+  ToBf16Rows(F, G, a.W, G, Wb, G);
+  ToBf16Rows(H, G, a.U, G, Ub, G);
+  ToBf16Rows(B, H, a.h0, H, h0b, H);
   const int64_t ldz = kKeep ? 4 * H : G;
   // zh (B, 3H); in inference, the states ping-pong between two (B, H) rows after it.
   float* zh = Scratch(step, B * G + 2 * B * H);
-  float* Z = kKeep ? workspace : Scratch(inference, T * B * G);
-  float* Hs = kKeep ? workspace + T * B * 4 * H : nullptr;
-  if (!GemmBf16('N', 'N', T * B, G, F, x, F, Wb, G, 0.f, Z, ldz)) return Fail("x W (bfloat16) failed");
-  const float* h_prev = h0;
+  float* Z = kKeep ? a.workspace : Scratch(inference, T * B * G);
+  float* Hs = kKeep ? a.workspace + T * B * 4 * H : nullptr;
+  if (!GemmBf16('N', 'N', T * B, G, F, a.x, F, Wb, G, 0.f, Z, ldz)) return Fail("x W (bfloat16) failed");
+  const float* h_prev = a.h0;
   for (int64_t t = 0; t < T; ++t) {
-    const bf16* hb_prev = t == 0 ? h0b : ys + (t - 1) * B * H;
+    const bf16* hb_prev = t == 0 ? h0b : a.ys + (t - 1) * B * H;
     if (!GemmBf16('N', 'N', B, G, H, hb_prev, H, Ub, G, 0.f, zh, G)) return Fail("h U (bfloat16) failed");
     float* h = kKeep ? Hs + t * B * H : zh + B * G + (t % 2) * B * H;
-    GruForwardStep<Bf16, kKeep>(B, H, Z + t * B * ldz, ldz, zh, b, bhn, h_prev, h, ys + t * B * H);
+    GruForwardStep<Bf16, kKeep>(B, H, Z + t * B * ldz, ldz, zh, a.b, a.bhn, h_prev, h, a.ys + t * B * H);
     h_prev = h;
   }
-  std::memcpy(hT, h_prev, B * H * sizeof(float));
+  std::memcpy(a.hT, h_prev, B * H * sizeof(float));
   return ffi::Error::Success();
 }
 
-ffi::Error GruForwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
-                              ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
-                              ffi::ResultBuffer<ffi::BF16> ys, ffi::ResultBuffer<ffi::F32> hT,
-                              ffi::ResultBuffer<ffi::U8> workspace) {
-  GruShape s = GruShapeOf(x, U);
-  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
-  if (workspace->size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, true)) * sizeof(float))
-    return Fail("workspace size mismatch");
-  return GruFusedBf16<true>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
-                            h0.typed_data(), ys->typed_data(), hT->typed_data(),
-                            reinterpret_cast<float*>(workspace->untyped_data()));
-}
-
-ffi::Error GruInferenceBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
-                                ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
-                                ffi::ResultBuffer<ffi::BF16> ys, ffi::ResultBuffer<ffi::F32> hT) {
-  GruShape s = GruShapeOf(x, U);
-  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
-  return GruFusedBf16<false>(s, x.typed_data(), W.typed_data(), U.typed_data(), b.typed_data(), bhn.typed_data(),
-                             h0.typed_data(), ys->typed_data(), hT->typed_data(), nullptr);
-}
-
-ffi::Error GruBackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
-                               ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
-                               ffi::Buffer<ffi::BF16> ys, ffi::Buffer<ffi::U8> workspace,
-                               ffi::Buffer<ffi::BF16> dys, ffi::Buffer<ffi::F32> dhT,
-                               ffi::ResultBuffer<ffi::BF16> dx, ffi::ResultBuffer<ffi::F32> dW,
-                               ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
-                               ffi::ResultBuffer<ffi::F32> dbhn, ffi::ResultBuffer<ffi::F32> dh0) {
-  GruShape s = GruShapeOf(x, U);
+ffi::Error GruBackward(const Shape& s, const GruBackwardArgs<bf16>& a) {
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 3 * H;
-  if (T == 0 || B == 0) return Fail("empty sequences reach no kernel");
-  if (workspace.size_bytes() != static_cast<size_t>(GruWorkspaceFloats(s, true)) * sizeof(float))
-    return Fail("workspace size mismatch");
-  const float* A = reinterpret_cast<const float*>(workspace.untyped_data());
+  const float* A = a.workspace;
   const float* Hs = A + T * B * 4 * H;
   thread_local std::vector<bf16> operands;
   thread_local std::vector<float> results;
@@ -323,36 +294,108 @@ ffi::Error GruBackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W
   bf16* Ut = dX + T * B * G;
   bf16* Wb = Ut + G * H;
   bf16* h0b = Wb + F * G;
-  Transpose<Bf16>(U.typed_data(), H, G, Ut, H);
-  ToBf16Rows(F, G, W.typed_data(), G, Wb, G);
-  ToBf16Rows(B, H, h0.typed_data(), H, h0b, H);
+  Transpose<Bf16>(a.U, H, G, Ut, H);
+  ToBf16Rows(F, G, a.W, G, Wb, G);
+  ToBf16Rows(B, H, a.h0, H, h0b, H);
   // zdh and g, one step's (B, H) each; then dx in float32 (T, B, F).
   float* zdh = Scratch(results, 2 * B * H + T * B * F);
   float* g = zdh + B * H;
   float* dxf = g + B * H;
-  float* dbias = db->typed_data();
-  float* dbias_hn = dbhn->typed_data();
-  std::memcpy(zdh, dhT.typed_data(), B * H * sizeof(float));
+  std::memcpy(zdh, a.dhT, B * H * sizeof(float));
   std::fill(g, g + B * H, 0.f);
-  std::fill(dbias, dbias + G, 0.f);
-  std::fill(dbias_hn, dbias_hn + H, 0.f);
+  std::fill(a.db, a.db + G, 0.f);
+  std::fill(a.dbhn, a.dbhn + H, 0.f);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* h_prev = t == 0 ? h0.typed_data() : Hs + (t - 1) * B * H;
-    GruBackwardStep<Bf16>(B, H, A + t * B * 4 * H, h_prev, zdh, g, dys.typed_data() + t * B * H, dR + t * B * G,
-                          dX + t * B * G, dbias, dbias_hn);
+    const float* h_prev = t == 0 ? a.h0 : Hs + (t - 1) * B * H;
+    GruBackwardStep<Bf16>(B, H, A + t * B * 4 * H, h_prev, zdh, g, a.dys + t * B * H, dR + t * B * G, dX + t * B * G,
+                          a.db, a.dbhn);
     if (!GemmBf16('N', 'N', B, H, G, dR + t * B * G, G, Ut, H, 0.f, g, H)) return Fail("dR U^T (bfloat16) failed");
   }
-  GruLastDh<Bf16>(B, H, zdh, g, dh0->typed_data());
+  GruLastDh<Bf16>(B, H, zdh, g, a.dh0);
   // dU = [bf16(h0); y_1 .. y_{T-1}]^T dR (the outputs are the rounded states the forward's GEMMs
   // read), dW = x^T dX, dx = dX W^T.
-  if (!GemmBf16('T', 'N', H, G, B, h0b, H, dR, G, 0.f, dU->typed_data(), G)) return Fail("h0^T dR (bfloat16) failed");
-  if (!GemmBf16('T', 'N', H, G, (T - 1) * B, ys.typed_data(), H, dR + B * G, G, 1.f, dU->typed_data(), G))
+  if (!GemmBf16('T', 'N', H, G, B, h0b, H, dR, G, 0.f, a.dU, G)) return Fail("h0^T dR (bfloat16) failed");
+  if (!GemmBf16('T', 'N', H, G, (T - 1) * B, a.ys, H, dR + B * G, G, 1.f, a.dU, G))
     return Fail("h^T dR (bfloat16) failed");
-  if (!GemmBf16('T', 'N', F, G, T * B, x.typed_data(), F, dX, G, 0.f, dW->typed_data(), G))
-    return Fail("x^T dX (bfloat16) failed");
+  if (!GemmBf16('T', 'N', F, G, T * B, a.x, F, dX, G, 0.f, a.dW, G)) return Fail("x^T dX (bfloat16) failed");
   if (!GemmBf16('N', 'T', T * B, F, G, dX, G, Wb, G, 0.f, dxf, F)) return Fail("dX W^T (bfloat16) failed");
-  ToBf16Rows(T * B, F, dxf, F, dx->typed_data(), F);
+  ToBf16Rows(T * B, F, dxf, F, a.dx, F);
   return ffi::Error::Success();
+}
+
+// ---- The handlers: one template over the compute dtype (P), each running a call's G layers -------
+
+// The forward of every layer of a call: the training one (kKeep, with `workspace`) or the inference one.
+template <typename P, bool kKeep>
+ffi::Error GruForwardGroups(ffi::Buffer<kCompute<P>>& x, ffi::Buffer<ffi::F32>& W, ffi::Buffer<ffi::F32>& U,
+                            ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& bhn, ffi::Buffer<ffi::F32>& h0,
+                            ffi::ResultBuffer<kCompute<P>>& ys, ffi::ResultBuffer<ffi::F32>& hT,
+                            ffi::ResultBuffer<ffi::U8>* workspace) {
+  const Groups gr = GroupsOf(x, U);
+  const Shape& s = gr.s;
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  const GruSizes n = GruSizesOf(s, !kFloatOutputs<P>);
+  if (!(gr.Holds(x, n.x) && gr.Holds(W, n.W) && gr.Holds(U, n.U) && gr.Holds(b, n.b) && gr.Holds(bhn, n.bhn) &&
+        gr.Holds(h0, n.h) && gr.Holds(*ys, n.ys) && gr.Holds(*hT, n.h)))
+    return Fail("operands with different leading (group) dims");
+  float* ws = nullptr;
+  if constexpr (kKeep) {
+    if ((*workspace)->size_bytes() != static_cast<size_t>(gr.G * n.workspace) * sizeof(float))
+      return Fail("workspace size mismatch");
+    ws = reinterpret_cast<float*>((*workspace)->untyped_data());
+  }
+  return ForGroups(gr.G, [&](int64_t g) {
+    return GruFused<kKeep>(s, GruForwardArgs<typename P::T>{
+                                  x.typed_data() + g * n.x, W.typed_data() + g * n.W, U.typed_data() + g * n.U,
+                                  b.typed_data() + g * n.b, bhn.typed_data() + g * n.bhn, h0.typed_data() + g * n.h,
+                                  ys->typed_data() + g * n.ys, hT->typed_data() + g * n.h,
+                                  kKeep ? ws + g * n.workspace : nullptr});
+  });
+}
+
+template <typename P>
+ffi::Error GruForwardImpl(ffi::Buffer<kCompute<P>> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                          ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                          ffi::ResultBuffer<kCompute<P>> ys, ffi::ResultBuffer<ffi::F32> hT,
+                          ffi::ResultBuffer<ffi::U8> workspace) {
+  return GruForwardGroups<P, true>(x, W, U, b, bhn, h0, ys, hT, &workspace);
+}
+
+template <typename P>
+ffi::Error GruInferenceImpl(ffi::Buffer<kCompute<P>> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                            ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                            ffi::ResultBuffer<kCompute<P>> ys, ffi::ResultBuffer<ffi::F32> hT) {
+  return GruForwardGroups<P, false>(x, W, U, b, bhn, h0, ys, hT, nullptr);
+}
+
+template <typename P>
+ffi::Error GruBackwardImpl(ffi::Buffer<kCompute<P>> x, ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> U,
+                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> bhn, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<kCompute<P>> ys, ffi::Buffer<ffi::U8> workspace,
+                           ffi::Buffer<kCompute<P>> dys, ffi::Buffer<ffi::F32> dhT,
+                           ffi::ResultBuffer<kCompute<P>> dx, ffi::ResultBuffer<ffi::F32> dW,
+                           ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
+                           ffi::ResultBuffer<ffi::F32> dbhn, ffi::ResultBuffer<ffi::F32> dh0) {
+  const Groups gr = GroupsOf(x, U);
+  const Shape& s = gr.s;
+  if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
+  const GruSizes n = GruSizesOf(s, !kFloatOutputs<P>);
+  if (!(gr.Holds(x, n.x) && gr.Holds(W, n.W) && gr.Holds(U, n.U) && gr.Holds(b, n.b) && gr.Holds(bhn, n.bhn) &&
+        gr.Holds(h0, n.h) && gr.Holds(ys, n.ys) && gr.Holds(dys, n.ys) && gr.Holds(dhT, n.h) &&
+        gr.Holds(*dx, n.x) && gr.Holds(*dW, n.W) && gr.Holds(*dU, n.U) && gr.Holds(*db, n.b) &&
+        gr.Holds(*dbhn, n.bhn) && gr.Holds(*dh0, n.h)))
+    return Fail("operands with different leading (group) dims");
+  if (workspace.size_bytes() != static_cast<size_t>(gr.G * n.workspace) * sizeof(float))
+    return Fail("workspace size mismatch");
+  const float* ws = reinterpret_cast<const float*>(workspace.untyped_data());
+  return ForGroups(gr.G, [&](int64_t g) {
+    return GruBackward(s, GruBackwardArgs<typename P::T>{
+                              x.typed_data() + g * n.x, W.typed_data() + g * n.W, U.typed_data() + g * n.U,
+                              h0.typed_data() + g * n.h, ys.typed_data() + g * n.ys, ws + g * n.workspace,
+                              dys.typed_data() + g * n.ys, dhT.typed_data() + g * n.h, dx->typed_data() + g * n.x,
+                              dW->typed_data() + g * n.W, dU->typed_data() + g * n.U, db->typed_data() + g * n.b,
+                              dbhn->typed_data() + g * n.bhn, dh0->typed_data() + g * n.h});
+  });
 }
 
 }  // namespace
@@ -363,7 +406,7 @@ extern "C" int64_t recurrent_gru_workspace_bytes(int64_t B, int64_t T, int64_t F
   return GruWorkspaceFloats({B, T, F, H}, bf16 != 0) * static_cast<int64_t>(sizeof(float));
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForward, GruForwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForward, GruForwardImpl<Fp32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // W
@@ -375,7 +418,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForward, GruForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // hT
                                   .Ret<ffi::Buffer<ffi::U8>>());  // workspace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInference, GruInferenceImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInference, GruInferenceImpl<Fp32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x
                                   .Arg<ffi::Buffer<ffi::F32>>()    // W
@@ -386,7 +429,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInference, GruInferenceImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // ys
                                   .Ret<ffi::Buffer<ffi::F32>>());  // hT
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackward, GruBackwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackward, GruBackwardImpl<Fp32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x
                                   .Arg<ffi::Buffer<ffi::F32>>()    // W
@@ -405,7 +448,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackward, GruBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // db_hn
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dh0
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForwardBf16, GruForwardBf16Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForwardBf16, GruForwardImpl<Bf16>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // W
@@ -417,7 +460,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForwardBf16, GruForwardBf16Impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // hT
                                   .Ret<ffi::Buffer<ffi::U8>>());  // workspace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInferenceBf16, GruInferenceBf16Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInferenceBf16, GruInferenceImpl<Bf16>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()    // W
@@ -428,7 +471,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruInferenceBf16, GruInferenceBf16Impl,
                                   .Ret<ffi::Buffer<ffi::BF16>>()   // ys
                                   .Ret<ffi::Buffer<ffi::F32>>());  // hT
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackwardBf16, GruBackwardBf16Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackwardBf16, GruBackwardImpl<Bf16>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()    // W

@@ -64,11 +64,6 @@ namespace {
 
 using namespace recurrent_native;
 
-struct Shape {
-  int64_t B, T, F, H;
-  bool operator<(const Shape& o) const { return std::tie(B, T, F, H) < std::tie(o.B, o.T, o.F, o.H); }
-};
-
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
@@ -137,62 +132,14 @@ memory Into(const memory& user, const memory::desc& want) {
 }
 
 
-// One call's layers: the shape of each and how many (the product of x's leading dims).
-struct Groups {
-  Shape s;
-  int64_t G;
-};
-
-template <typename X>
-Groups GroupsOf(const X& x, const ffi::Buffer<ffi::F32>& U) {
-  auto xd = x.dimensions();
-  auto ud = U.dimensions();
-  const size_t r = xd.size();
-  int64_t G = 1;
-  for (size_t i = 0; i + 3 < r; ++i) G *= xd[i];
-  return {{xd[r - 2], xd[r - 3], xd[r - 1], ud[ud.size() - 2]}, G};  // x is (..., T, B, F)
-}
-
 // Whether every operand holds G layers' worth: W, U, b, h0, c0 (and x by construction). The
 // Python wrapper batches them all alike (broadcast_all); this catches any other caller.
 template <typename X, typename H>
 bool Consistent(const Groups& g, const X& x, const ffi::Buffer<ffi::F32>& W, const ffi::Buffer<ffi::F32>& U,
                 const ffi::Buffer<ffi::F32>& b, const H& h0, const ffi::Buffer<ffi::F32>& c0) {
   const Shape& s = g.s;
-  const auto n = [&](int64_t per) { return static_cast<size_t>(g.G * per); };
-  return x.element_count() == n(s.T * s.B * s.F) && W.element_count() == n(s.F * 4 * s.H) &&
-         U.element_count() == n(s.H * 4 * s.H) && b.element_count() == n(4 * s.H) &&
-         h0.element_count() == n(s.B * s.H) && c0.element_count() == n(s.B * s.H);
-}
-
-// run(g) for each of G layers: one after another, oneDNN's GEMMs using every thread, when there are
-// fewer than half as many layers as threads (each layer in a thread of its own would leave its GEMMs
-// one thread; measured on 2 cores only, where G >= 1 layer per core always runs in parallel); else in
-// parallel OpenMP threads (dynamic: one layer at a time per thread). The first failure is returned.
-template <typename Run>
-ffi::Error ForGroups(int64_t G, const Run& run) {
-  if (G == 1) return run(0);
-  if (2 * G < omp_get_max_threads()) {
-    for (int64_t g = 0; g < G; ++g) {
-      ffi::Error e = run(g);
-      if (e.failure()) return e;
-    }
-    return ffi::Error::Success();
-  }
-  std::vector<ffi::Error> errors(G);
-  // No more threads than layers: the others would only wait (and spin).
-  const int threads = static_cast<int>(std::min<int64_t>(G, omp_get_max_threads()));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t g = 0; g < G; ++g) {
-    try {
-      errors[g] = run(g);
-    } catch (const std::exception& e) {
-      errors[g] = Fail(e.what());
-    }
-  }
-  for (auto& e : errors)
-    if (e.failure()) return e;
-  return ffi::Error::Success();
+  return g.Holds(x, s.T * s.B * s.F) && g.Holds(W, s.F * 4 * s.H) && g.Holds(U, s.H * 4 * s.H) &&
+         g.Holds(b, 4 * s.H) && g.Holds(h0, s.B * s.H) && g.Holds(c0, s.B * s.H);
 }
 
 // One layer through oneDNN's inference primitive; the caller holds Lock().
@@ -800,6 +747,9 @@ ffi::Error BackwardBf16(const Shape& s, const BackwardArgs<bf16>& a) {
 
 // The workspace's size in bytes for one shape (the Python wrapper sizes the forward's
 // workspace output with it at trace time).
+// 1 where the bfloat16 kernels run oneDNN's bfloat16 GEMM, 0 where they widen its operands to float32.
+extern "C" int64_t recurrent_bf16_gemm() { return HasBf16Gemm() ? 1 : 0; }
+
 extern "C" int64_t recurrent_lstm_workspace_bytes(int64_t B, int64_t T, int64_t F, int64_t H) {
   return WorkspaceFloats({B, T, F, H}) * static_cast<int64_t>(sizeof(float));
 }
