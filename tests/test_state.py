@@ -264,9 +264,10 @@ def test_trace_carries_equal_a_python_loop(make, reverse):
     for t, want in enumerate(expected):
         assert_tree_close(jax.tree.map(lambda a: a[:, t], trace.carries), want, **TIGHT)
     assert_tree_close(carry, expected[0 if reverse else -1], **TIGHT)
-    # return_trace changes nothing else
+    # return_trace changes nothing else (two compiled programs: equal to float32 rounding, not
+    # always bit for bit, as XLA fuses them differently)
     carry2, ys2 = jax.jit(layer.apply)(params, xs)
-    np.testing.assert_array_equal(ys, ys2)
+    assert_tree_close((carry2, ys2), (carry, ys), **TIGHT)
 
 
 def test_trace_with_lengths_holds_the_carry_and_zeros_the_gates():
