@@ -20,7 +20,20 @@ import jax.numpy as jnp
 from recurrent import _core
 from recurrent._core import SequenceKernel
 
-IMPLEMENTATIONS = ("scan", "cudnn", "vjp", "parallel", "native")
+IMPLEMENTATIONS = ("scan", "cudnn", "vjp", "parallel", "native", "auto")
+
+#: The kernels ``rnn(..., implementation="auto")`` tries on each backend, in order, before the scan:
+#: the first one the cell declares and that applies runs, silently. Measured with
+#: ``python -m benchmarks.auto`` (forward and training of an LSTM and a GRU layer, from tiny to the
+#: suite's shape): on a CPU the native kernels (where built) are faster than the scan at every shape;
+#: on GPUs the scan trains faster than cuDNN (benchmarks/README.md), so it runs there.
+AUTO = {"cpu": ("native",)}
+
+
+def auto_order(backend: str | None = None) -> tuple[str, ...]:
+    """The kernel names ``implementation="auto"`` tries on ``backend`` (default: JAX's)."""
+    return AUTO.get(backend or jax.default_backend(), ())
+
 
 #: Which of the library's cells declare each kernel (for the messages of cells that do not).
 COVERED = {

@@ -180,7 +180,11 @@ def rnn(
         ``vmap`` (a vmapped population, or both directions of :func:`bidirectional`, in one
         call); not ``jax.jvp``. Optional: ``pip install "recurrent[native]"`` brings oneDNN,
         and the kernels compile on first use; without them the scan runs, with a warning that
-        says why.
+        says why. ``"auto"``: the fastest exact implementation for the backend, measured
+        (``recurrent._kernels.AUTO``): on a CPU the cell's ``"native"`` kernel wherever it applies
+        (installed and built, the cell, its options and the call covered), else the scan, without
+        a warning; on GPUs and TPUs the scan. Where the native kernel runs, ``jax.jvp`` does not
+        go through it: pass ``"scan"`` for forward-mode derivatives.
       method: the solver of ``implementation="parallel"`` for a cell without its own parallel
         form: ``"deer"`` (Newton's method with full Jacobians, Lim et al. 2024: few iterations,
         ``O(T D^3)`` work for a carry of ``D`` entries), ``"quasi"`` (the default: quasi-DEER,
@@ -233,7 +237,8 @@ def rnn(
             expected=" or ".join(repr(p) for p in known) + " (a name the cell declares a kernel under)",
             got=repr(implementation),
             fix='pass implementation="scan" (portable, the default), "parallel" (parallel over time), "cudnn" '
-            '(plain LSTM on an NVIDIA GPU), "native" (plain LSTM and GRU on a CPU, oneDNN, when installed), "vjp"'
+            '(plain LSTM on an NVIDIA GPU), "native" (plain LSTM and GRU on a CPU, oneDNN, when installed), '
+            '"auto" (the fastest of these that applies, per backend), "vjp"'
             + "".join(f' or "{k}"' for k in known[len(_kernels.IMPLEMENTATIONS) :])
             + " (a kernel of this cell); a stack of cells declares none: stack rnn layers instead.",
         )
@@ -277,7 +282,11 @@ def rnn(
         seq = read_sequence(xs, cell.input_rank, lengths=lengths, resets=resets, time_major=time_major, where=where)
         return _loop(settings, params, xs, seq, carry, key, return_trace)
 
-    kernel = None if implementation == "scan" or newton else _kernels.declared(cell.spec, cell.name, implementation)
+    kernel = (
+        None
+        if implementation in ("scan", "auto") or newton
+        else _kernels.declared(cell.spec, cell.name, implementation)
+    )
     diagonal = None
     if newton and solver.method != "deer":  # the cell whose forward-mode derivative is the diagonal
         diagonal = cell._replace(probe=_newton.diagonal_probe(cell.probe, cell.spec.jacobian_diagonal))
@@ -303,6 +312,14 @@ def rnn(
                                 return_trace)  # fmt: skip
             if out is not None:
                 return out
+        if implementation == "auto":
+            for name in _kernels.auto_order():
+                declared = cell.spec.kernels.get(name)
+                if isinstance(declared, _core.SequenceKernel):
+                    out = _kernel_apply(settings, name, declared, params, xs, lengths, carry, time_major, key,
+                                        resets, return_trace, quiet=True)  # fmt: skip
+                    if out is not None:
+                        return out
         loop = prepare(
             params, xs, lengths=lengths, carry=carry, time_major=time_major, key=key, resets=resets,
             return_trace=return_trace,
@@ -511,9 +528,11 @@ def _guess(s: _Settings, guess, seq, like) -> Any:
     return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
-def _kernel_apply(s: _Settings, implementation, kernel, params, xs, lengths, carry, time_major, key, resets, trace):
+def _kernel_apply(
+    s: _Settings, implementation, kernel, params, xs, lengths, carry, time_major, key, resets, trace, quiet=False
+):
     """``apply`` through the cell's declared kernel, or ``None`` after a :class:`FallbackWarning`
-    where it does not apply."""
+    where it does not apply (``None`` without one where ``quiet``: ``implementation="auto"``)."""
     rates = s.rates
     seq = read_sequence(xs, s.cell.input_rank, lengths=lengths, time_major=time_major, where=s.where)
     _check(s, params, xs, seq)  # before the parameters are read
@@ -527,7 +546,8 @@ def _kernel_apply(s: _Settings, implementation, kernel, params, xs, lengths, car
         or kernel.reason(params, xs)
     )
     if reason is not None:
-        _kernels.warn(reason, implementation)
+        if not quiet:
+            _kernels.warn(reason, implementation)
         return None
     carry, _ = _start(s, params, xs, seq, carry)
     xs_BT, lengths_B = seq.batch_first(xs), seq.lengths_B
@@ -538,6 +558,8 @@ def _kernel_apply(s: _Settings, implementation, kernel, params, xs, lengths, car
     except NotImplementedError as e:  # no batching rule: under jax.vmap
         if kernel.batchable:
             raise
+        if quiet:
+            return None
         _kernels.warn(f"JAX cannot run the cuDNN call here ({e}); cuDNN has no batching rule for jax.vmap",
                       implementation)  # fmt: skip
         return None

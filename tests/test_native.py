@@ -42,17 +42,7 @@ import recurrent
 from recurrent import native
 from recurrent._sequence import reverse_sequences
 from tests import reference
-
-_NOT_CPU = jax.default_backend() != "cpu"
-# Skipped only where the kernel cannot be built here (no oneDNN, no compiler): where it can, it is
-# compiled on first use, and a kernel that does not compile or load fails test_loads.
-_CANNOT_BUILD = None if native.library_path().exists() else native.build.missing()
-needs_kernel = pytest.mark.skipif(
-    _NOT_CPU or _CANNOT_BUILD is not None,
-    reason=f"the native kernel runs on CPU; JAX's default backend is {jax.default_backend()}"
-    if _NOT_CPU
-    else f"the native kernel is not built and cannot be here: {_CANNOT_BUILD}",
-)
+from tests.native_support import needs_kernel
 
 B, T, F, H = 4, 6, 3, 5
 TOL = 1e-5

@@ -37,15 +37,7 @@ from recurrent import native
 from recurrent._sequence import reverse_sequences
 from recurrent.native import _gru as native_gru
 from tests import reference
-
-_NOT_CPU = jax.default_backend() != "cpu"
-_CANNOT_BUILD = None if native.library_path().exists() else native.build.missing()
-needs_kernel = pytest.mark.skipif(
-    _NOT_CPU or _CANNOT_BUILD is not None,
-    reason=f"the native kernel runs on CPU; JAX's default backend is {jax.default_backend()}"
-    if _NOT_CPU
-    else f"the native kernel is not built and cannot be here: {_CANNOT_BUILD}",
-)
+from tests.native_support import needs_kernel
 
 B, T, F, H = 4, 6, 3, 5
 TOL = 1e-5

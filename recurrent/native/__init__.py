@@ -7,8 +7,9 @@ same fused loops around oneDNN's bfloat16 GEMM (``dnnl_gemm_bf16bf16f32``: bfloa
 float32 accumulation, AVX512-BF16 where the CPU has it), rounding where the cell rounds: ``x W + b``
 and ``h`` to bfloat16, gates and ``c`` float32. On a CPU without AVX-512, where oneDNN has no
 bfloat16 GEMM, the same bfloat16 operands are widened to float32 (exactly) for ``dnnl_sgemm``: the
-same products and float32 sums, so the same results to float32 rounding, but slower than float32. Its derivative differs from the scan's in where it
-rounds (``lstm_onednn.cc`` says where): within bfloat16's precision, not bit for bit.
+same products and float32 sums, so the same results to float32 rounding, but slower than float32.
+Its derivative differs from the scan's in where it rounds (``lstm_onednn.cc`` says where): within
+bfloat16's precision, not bit for bit.
 
 Nothing imports this module by default, and importing it loads nothing. Install oneDNN with the
 extra, ``pip install "recurrent[native]"`` (its CPU-only wheels, about 40 MB); the kernels then
