@@ -53,7 +53,7 @@ except ImportError:
             "  fix:      on your machine, in the repository: pip wheel . --no-deps -w dist ; upload\\n"
             "            dist/recurrent-*.whl with Colab's Files pane (it lands in /content), rerun this cell;\\n"
             '            or set GIT_URL = "git+https://github.com/YOUR_NAME/recurrent.git" above.'
-        )
+        ) from None
     print("installing recurrent from", source)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
     importlib.invalidate_caches()
