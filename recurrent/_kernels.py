@@ -35,6 +35,18 @@ def auto_order(backend: str | None = None) -> tuple[str, ...]:
     return AUTO.get(backend or jax.default_backend(), ())
 
 
+def candidates(spec: _core.CellSpec, name: str, implementation: str) -> list[tuple[str, SequenceKernel | str, bool]]:
+    """The kernels ``rnn(..., implementation=...)`` tries, in order, before its scan, as ``(name,
+    kernel or why there is none, quiet)``: none for ``"scan"``; for ``"auto"`` those of
+    :func:`auto_order` that the cell declares, whose fallback is silent; else the named one, whose
+    fallback warns."""
+    if implementation == "scan":
+        return []
+    if implementation == "auto":
+        return [(n, k, True) for n in auto_order() if isinstance(k := spec.kernels.get(n), SequenceKernel)]
+    return [(implementation, declared(spec, name, implementation), False)]
+
+
 #: Which of the library's cells declare each kernel (for the messages of cells that do not).
 COVERED = {
     "vjp": "the LSTM (plain, peephole, CIFG) and the GRU only",

@@ -282,11 +282,6 @@ def rnn(
         seq = read_sequence(xs, cell.input_rank, lengths=lengths, resets=resets, time_major=time_major, where=where)
         return _loop(settings, params, xs, seq, carry, key, return_trace)
 
-    kernel = (
-        None
-        if implementation in ("scan", "auto") or newton
-        else _kernels.declared(cell.spec, cell.name, implementation)
-    )
     diagonal = None
     if newton and solver.method != "deer":  # the cell whose forward-mode derivative is the diagonal
         diagonal = cell._replace(probe=_newton.diagonal_probe(cell.probe, cell.spec.jacobian_diagonal))
@@ -307,19 +302,11 @@ def rnn(
             seq = read_sequence(xs, cell.input_rank, lengths=lengths, resets=resets, time_major=time_major,
                                 where=where)  # fmt: skip
             return _parallel(settings, solver, diagonal, params, xs, seq, carry, key, return_trace, guess)
-        if kernel is not None:
-            out = _kernel_apply(settings, implementation, kernel, params, xs, lengths, carry, time_major, key, resets,
-                                return_trace)  # fmt: skip
+        for kernel_name, kernel, quiet in _kernels.candidates(cell.spec, cell.name, implementation):
+            out = _kernel_apply(settings, kernel_name, kernel, params, xs, lengths, carry, time_major, key, resets,
+                                return_trace, quiet)  # fmt: skip
             if out is not None:
                 return out
-        if implementation == "auto":
-            for name in _kernels.auto_order():
-                declared = cell.spec.kernels.get(name)
-                if isinstance(declared, _core.SequenceKernel):
-                    out = _kernel_apply(settings, name, declared, params, xs, lengths, carry, time_major, key,
-                                        resets, return_trace, quiet=True)  # fmt: skip
-                    if out is not None:
-                        return out
         loop = prepare(
             params, xs, lengths=lengths, carry=carry, time_major=time_major, key=key, resets=resets,
             return_trace=return_trace,
