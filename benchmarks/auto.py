@@ -20,7 +20,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import recurrent
 from benchmarks import suite
@@ -35,7 +34,7 @@ QUICK = ((2, 5, 3, 4),)
 def layer_calls(cell_name, implementation, B, T, F, H):
     """``(forward, forward_backward, layer, params, xs)`` of one layer, compiled; a fallback to the
     scan (where ``implementation`` cannot run) raises, so it is never timed as the kernel."""
-    cell = {"lstm": recurrent.lstm, "gru": recurrent.gru}[cell_name](H)
+    cell = suite._our_cell(cell_name, H)
     layer = recurrent.rnn(cell, implementation=implementation)
     params = layer.init(jax.random.key(0), (F,))
     xs = jax.random.normal(jax.random.key(1), (B, T, F))
@@ -121,7 +120,7 @@ def main(argv=None):
         native=why_not_native or "runs",
         auto_order=list(_kernels.auto_order()),
         rows=rows,
-        worst_auto_over_fastest=float(np.max([r[w]["auto_over_fastest"] for r in rows for w in ("fwd", "fwdbwd")])),
+        worst_auto_over_fastest=max(r[w]["auto_over_fastest"] for r in rows for w in ("fwd", "fwdbwd")),
     )
     print(f"auto ({pick}) over the fastest, worst row: {result['worst_auto_over_fastest']:.2f}x")
     if args.out:
