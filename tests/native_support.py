@@ -1,4 +1,5 @@
-"""Whether the optional native kernels (:mod:`recurrent.native`) can run in the tests' process.
+"""Whether the optional native kernels (:mod:`recurrent.native`) can run in the tests' process, and
+the tolerances their tests compare with.
 
 Their tests are skipped, with the reason, only where the kernels cannot be built (oneDNN or a C++
 compiler missing: ``pip install "recurrent[native]"``) or JAX does not run on CPU; where they can be
@@ -9,6 +10,7 @@ being skipped.
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 from recurrent import native
@@ -21,3 +23,19 @@ needs_kernel = pytest.mark.skipif(
     if NOT_CPU
     else f"the native kernel is not built and cannot be here: {CANNOT_BUILD}",
 )
+
+TOL = 1e-5  # float32: values and gradients against the scan
+BF16_TOL = 2e-2  # bfloat16: of each array's largest magnitude (see tests/test_native.py)
+
+
+def close(a, b, tol=TOL):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def close_to_largest(got, want, tol=BF16_TOL):
+    """Each array within ``tol`` of the largest magnitude of the wanted one, in the same dtype."""
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert x.dtype == y.dtype
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(np.max(np.abs(y))) + 1e-30)

@@ -17,15 +17,13 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import recurrent
 from recurrent import _kernels
-from tests.native_support import CANNOT_BUILD, NOT_CPU, needs_kernel
+from tests.native_support import CANNOT_BUILD, NOT_CPU, TOL, close, needs_kernel
 
 B, T, F, H = 4, 6, 3, 5
-TOL = 1e-5
 CELLS = {"lstm": recurrent.lstm, "gru": recurrent.gru}
 
 
@@ -52,11 +50,6 @@ def _loss(layer, lengths, **apply_kwargs):
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
 
-def _close(a, b, tol=TOL):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
-
-
 def test_auto_is_an_implementation_and_the_scan_off_cpu():
     with pytest.raises(ValueError, match="'auto'"):
         recurrent.rnn(recurrent.lstm(H), implementation="fastest")
@@ -81,8 +74,8 @@ def test_auto_runs_native_on_cpu(name, reverse):
         ]
         forward = lambda p, x, c: auto.apply(p, x, lengths=lengths, carry=c)  # noqa: E731
         assert _native_calls(forward, params, xs, carry) == [f"recurrent_{name}_inference"]
-    _close(got, jax.jit(_loss(scan, lengths))(params, xs, carry))
-    _close(jax.jit(forward)(params, xs, carry), scan.apply(params, xs, lengths=lengths, carry=carry))
+    close(got, jax.jit(_loss(scan, lengths))(params, xs, carry))
+    close(jax.jit(forward)(params, xs, carry), scan.apply(params, xs, lengths=lengths, carry=carry))
 
 
 @needs_kernel
@@ -97,7 +90,7 @@ def test_auto_bidirectional_and_population_in_one_call():
         assert _native_calls(jax.grad(loss), bi_params, xs) == ["recurrent_lstm_forward", "recurrent_lstm_backward"]
     scan_bi = recurrent.bidirectional(recurrent.rnn(cell))
     scan_loss = lambda p, x: jnp.sum(jnp.sin(scan_bi.apply(p, x, lengths=lengths)[1]))  # noqa: E731
-    _close(jax.jit(jax.grad(loss))(bi_params, xs), jax.jit(jax.grad(scan_loss))(bi_params, xs))
+    close(jax.jit(jax.grad(loss))(bi_params, xs), jax.jit(jax.grad(scan_loss))(bi_params, xs))
 
     layer = recurrent.rnn(cell, implementation="auto")
     population = jax.vmap(lambda k: layer.init(k, (F,)))(jax.random.split(jax.random.key(4), 3))
@@ -105,7 +98,7 @@ def test_auto_bidirectional_and_population_in_one_call():
     assert _native_calls(members, population) == ["recurrent_lstm_inference"]
     for m in range(3):
         one = jax.tree.map(lambda a, m=m: a[m], population)
-        _close(jax.jit(members)(population)[m], recurrent.rnn(cell).apply(one, xs)[1])
+        close(jax.jit(members)(population)[m], recurrent.rnn(cell).apply(one, xs)[1])
 
 
 def _silent_scan(layer, scan, params, xs, **apply_kwargs):
@@ -116,7 +109,7 @@ def _silent_scan(layer, scan, params, xs, **apply_kwargs):
         got = jax.jit(lambda p, x: layer.apply(p, x, **apply_kwargs))(params, xs)
         assert _native_calls(lambda p, x: layer.apply(p, x, **apply_kwargs), params, xs) == []
     want = jax.jit(lambda p, x: scan.apply(p, x, **apply_kwargs))(params, xs)
-    _close(got, want, tol=0)
+    close(got, want, tol=0)
 
 
 @pytest.mark.parametrize("name", list(CELLS))

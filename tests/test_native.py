@@ -42,11 +42,9 @@ import recurrent
 from recurrent import native
 from recurrent._sequence import reverse_sequences
 from tests import reference
-from tests.native_support import needs_kernel
+from tests.native_support import BF16_TOL, TOL, close, close_to_largest, needs_kernel
 
 B, T, F, H = 4, 6, 3, 5
-TOL = 1e-5
-BF16_TOL = 2e-2
 
 
 def _setup(seed=0):
@@ -84,11 +82,6 @@ def _native(reverse=False):
     return apply
 
 
-def _close(a, b, tol=TOL):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
-
-
 @needs_kernel
 def test_loads():
     assert native.reason() is None
@@ -109,7 +102,7 @@ def test_matches_numpy_reference(lengths):
             xs[b : b + 1, :n], *params[:3], h0=np.asarray(carry.h[b : b + 1]), c0=np.asarray(carry.c[b : b + 1])
         )
         want_ys[b, :n], want_h[b], want_c[b] = ys[0], h[0], c[0]
-    _close((got_ys, got_carry.h, got_carry.c), (want_ys, want_h, want_c))
+    close((got_ys, got_carry.h, got_carry.c), (want_ys, want_h, want_c))
 
 
 @needs_kernel
@@ -120,7 +113,7 @@ def test_values_and_gradients_match_scan(lengths, reverse):
     lengths = None if lengths is None else jnp.array(lengths)
     want = _loss(_scan(cell, reverse), lengths)(params, xs, carry)
     got = _loss(_native(reverse), lengths)(params, xs, carry)
-    _close(got, want)
+    close(got, want)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
 
 
@@ -136,7 +129,7 @@ def test_training_path_matches_scan_at_odd_sizes(shape):
     xs = jax.random.normal(keys[1], (b, t, f))
     carry = recurrent.LSTMState(jax.random.normal(keys[2], (b, h)), jax.random.normal(keys[3], (b, h)))
     for lengths in (None, jnp.array([t - 2] + [t] * (b - 1))):
-        _close(_loss(_native(), lengths)(params, xs, carry), _loss(_scan(cell), lengths)(params, xs, carry))
+        close(_loss(_native(), lengths)(params, xs, carry), _loss(_scan(cell), lengths)(params, xs, carry))
 
 
 @needs_kernel
@@ -146,8 +139,8 @@ def test_empty_inputs(shape):
     xs = jnp.ones(shape)
     layer = recurrent.rnn(native.attach(cell), implementation="native")
     grads = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x)[1]) + jnp.sum(layer.apply(p, x)[0].c), argnums=(0, 1))
-    _close(jax.jit(layer.apply)(params, xs), recurrent.rnn(cell).apply(params, xs), tol=0)
-    _close(grads(params, xs), jax.tree.map(jnp.zeros_like, (params, xs)), tol=0)
+    close(jax.jit(layer.apply)(params, xs), recurrent.rnn(cell).apply(params, xs), tol=0)
+    close(grads(params, xs), jax.tree.map(jnp.zeros_like, (params, xs)), tol=0)
 
 
 @needs_kernel
@@ -155,7 +148,7 @@ def test_inference_forward_matches_training_forward():
     _, params, xs, carry = _setup(2)
     inference = jax.jit(native.lstm_layer)(*params[:3], xs, carry.h, carry.c)
     training, _ = jax.jit(lambda *a: jax.vjp(native.lstm_layer, *a))(*params[:3], xs, carry.h, carry.c)
-    _close(inference, training)  # two implementations: oneDNN's primitive and the fused training forward
+    close(inference, training)  # two implementations: oneDNN's primitive and the fused training forward
 
 
 @needs_kernel
@@ -173,11 +166,11 @@ def test_vmap_matches_loop():
     got = jax.jit(jax.vmap(run, (None, 0)))(params, xs2)
     want = [jax.jit(run)(params, x) for x in xs2]
     # Several layers in one call run the fused forward (one alone, oneDNN's primitive): to 1e-5.
-    _close(got, jax.tree.map(lambda *a: jnp.stack(a), *want))
+    close(got, jax.tree.map(lambda *a: jnp.stack(a), *want))
     got_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, (None, 0))(p, x)), argnums=(0, 1)))(params, xs2)
     each = [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x) for x in xs2]
-    _close(got_grads[0], jax.tree.map(lambda a, b: a + b, each[0][0], each[1][0]))
-    _close(got_grads[1], jnp.stack([each[0][1], each[1][1]]))
+    close(got_grads[0], jax.tree.map(lambda a, b: a + b, each[0][0], each[1][0]))
+    close(got_grads[1], jnp.stack([each[0][1], each[1][1]]))
 
 
 def test_rejects_other_dtypes_and_ranks():
@@ -206,7 +199,7 @@ def test_rnn_runs_native_with_lengths_and_carry(reverse):
     with warnings.catch_warnings():
         warnings.simplefilter("error", recurrent.FallbackWarning)
         got = _loss(lambda p, x, n, c: native_layer.apply(p, x, lengths=n, carry=c), lengths)(params, xs, carry)
-    _close(got, _loss(_scan(cell, reverse), lengths)(params, xs, carry))
+    close(got, _loss(_scan(cell, reverse), lengths)(params, xs, carry))
 
 
 @needs_kernel
@@ -219,9 +212,9 @@ def test_rnn_native_lengths_equal_per_sequence_runs():
     zero = cell.initial_carry(params, (1, F))
     for b, n in enumerate(lengths):
         one_carry, one_ys = jax.jit(layer.apply)(params, xs[b : b + 1, :n]) if n else (zero, None)
-        _close((carry.h[b], carry.c[b]), (one_carry.h[0], one_carry.c[0]))
+        close((carry.h[b], carry.c[b]), (one_carry.h[0], one_carry.c[0]))
         if n:
-            _close(ys[b, :n], one_ys[0])
+            close(ys[b, :n], one_ys[0])
         np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0)
 
 
@@ -231,7 +224,7 @@ def test_falls_back_with_a_clear_warning_when_not_built(monkeypatch, tmp_path):
     layer = recurrent.rnn(native.attach(cell), implementation="native")
     with pytest.warns(recurrent.FallbackWarning, match="not built(.|\n)*python -m recurrent.native.build"):
         _, ys = layer.apply(params, xs)
-    _close(ys, recurrent.rnn(cell).apply(params, xs)[1], tol=0)
+    close(ys, recurrent.rnn(cell).apply(params, xs)[1], tol=0)
 
 
 def test_other_cells_declare_why_not():
@@ -277,14 +270,6 @@ def _bf16_loss(layer, lengths):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def _close_to_largest(got, want, tol=BF16_TOL):
-    """Each array within ``tol`` of the largest magnitude of the wanted one, in the same dtype."""
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert x.dtype == y.dtype
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-        np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(np.max(np.abs(y))) + 1e-30)
-
-
 @needs_kernel
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("shape", [(B, T, F, H), (1, 7, 3, 13), (3, 9, 5, 21)], ids=["B4_H5", "B1_H13", "B3_H21"])
@@ -300,7 +285,7 @@ def test_bfloat16_values_and_gradients_match_scan(shape, with_lengths, reverse):
     want = _bf16_loss(recurrent.rnn(cell, reverse=reverse), lengths)(params, xs, carry)
     ((_, (carry_got, ys_got)), _), ((_, (_, ys_want)), _) = got, want
     assert ys_got.dtype == carry_got.h.dtype == jnp.bfloat16 and carry_got.c.dtype == jnp.float32
-    _close_to_largest(got, want)
+    close_to_largest(got, want)
     assert float(np.mean(np.asarray(ys_got, np.float32) != np.asarray(ys_want, np.float32))) <= 0.05
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
     if with_lengths:
@@ -314,7 +299,7 @@ def test_bfloat16_inference_forward_matches_training_forward():
     args = (*params[:3], xs.astype(jnp.bfloat16), carry.h, carry.c)
     inference = jax.jit(native.lstm_layer)(*args)
     training, _ = jax.jit(lambda *a: jax.vjp(native.lstm_layer, *a))(*args)
-    _close(inference, training, tol=0)  # the same fused forward, once with a workspace of its own
+    close(inference, training, tol=0)  # the same fused forward, once with a workspace of its own
     assert [a.dtype for a in inference] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
 
 
@@ -379,15 +364,15 @@ def test_vmap_population_matches_loop_and_scan(shape, inputs):
 
     native_loss, scan_loss = _loss(_native(), lengths), _loss(_scan(cell), lengths)
     got = jax.jit(vmapped(native_loss))(params, xs, carry)
-    _close(got, _loop(native_loss, (params, xs, carry), in_axes, shape))
-    _close(got, jax.jit(vmapped(scan_loss))(params, xs, carry))
+    close(got, _loop(native_loss, (params, xs, carry), in_axes, shape))
+    close(got, jax.jit(vmapped(scan_loss))(params, xs, carry))
     assert _custom_calls(vmapped(native_loss), params, xs, carry, groups=shape) == [
         "recurrent_lstm_forward",
         "recurrent_lstm_backward",
     ]
     forward = vmapped(lambda p, x, c: native.apply(p, x, lengths, c))
     assert _custom_calls(forward, params, xs, carry, groups=shape) == ["recurrent_lstm_inference"]
-    _close(jax.jit(forward)(params, xs, carry), got[0][1])
+    close(jax.jit(forward)(params, xs, carry), got[0][1])
 
 
 @needs_kernel
@@ -409,9 +394,9 @@ def test_vmap_shared_parameters_sum_their_gradients():
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     got = total(_native())(params, xs, carry)
-    _close(got, total(_scan(cell))(params, xs, carry))
+    close(got, total(_scan(cell))(params, xs, carry))
     each = [total(_native())(params, *jax.tree.map(lambda a: a[i : i + 1], (xs, carry))) for i in range(3)]
-    _close(got[1][0], jax.tree.map(lambda *g: sum(g), *(e[1][0] for e in each)))
+    close(got[1][0], jax.tree.map(lambda *g: sum(g), *(e[1][0] for e in each)))
     assert _custom_calls(total(_native()), params, xs, carry, groups=(3,)) == [
         "recurrent_lstm_forward",
         "recurrent_lstm_backward",
@@ -453,11 +438,11 @@ def test_bidirectional_runs_both_directions_in_one_call(merge, dtype):
         ys_forward = jax.jit(forward)(params, xs)[1]
     want = jax.jit(loss(scan_bi))(params, xs)
     if dtype is None:
-        _close(got, want)
-        _close(ys_forward, want[0][1])
+        close(got, want)
+        close(ys_forward, want[0][1])
     else:
-        _close_to_largest(got, want)
-        _close_to_largest(ys_forward, want[0][1])
+        close_to_largest(got, want)
+        close_to_largest(ys_forward, want[0][1])
 
 
 @needs_kernel
@@ -477,8 +462,8 @@ def test_bfloat16_vmap_population_matches_loop_and_scan():
     for m in range(3):
         member = jax.tree.map(lambda a: a[m], got)
         args = jax.tree.map(lambda a: a[m], (params, xs, carry))
-        _close_to_largest(member, native_loss(*args))
-        _close_to_largest(member, scan_loss(*args))
+        close_to_largest(member, native_loss(*args))
+        close_to_largest(member, scan_loss(*args))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
 
 

@@ -37,11 +37,9 @@ from recurrent import native
 from recurrent._sequence import reverse_sequences
 from recurrent.native import _gru as native_gru
 from tests import reference
-from tests.native_support import needs_kernel
+from tests.native_support import BF16_TOL, TOL, close, close_to_largest, needs_kernel
 
 B, T, F, H = 4, 6, 3, 5
-TOL = 1e-5
-BF16_TOL = 2e-2
 
 
 def _params(cell, key, f):
@@ -89,11 +87,6 @@ def _native(reverse=False, dtype=None):
     return apply
 
 
-def _close(a, b, tol=TOL):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
-
-
 @needs_kernel
 def test_loads_and_is_declared():
     assert native.reason() is None
@@ -118,7 +111,7 @@ def test_matches_numpy_reference(lengths):
             continue
         ys, h = reference.gru(xs[b : b + 1, :n], *params[:4], h0=np.asarray(carry[b : b + 1]))
         want_ys[b, :n], want_h[b] = ys[0], h[0]
-    _close((got_ys, got_h), (want_ys, want_h))
+    close((got_ys, got_h), (want_ys, want_h))
 
 
 @needs_kernel
@@ -129,7 +122,7 @@ def test_values_and_gradients_match_scan(lengths, reverse):
     lengths = None if lengths is None else jnp.array(lengths)
     want = _loss(_scan(cell, reverse), lengths)(params, xs, carry)
     got = _loss(_native(reverse), lengths)(params, xs, carry)
-    _close(got, want)
+    close(got, want)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
     # the gradients are not all zero (a test of nothing)
     assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
@@ -143,7 +136,7 @@ def test_training_path_matches_scan_at_odd_sizes(shape):
     b, t = shape[:2]
     cell, params, xs, carry = _setup(6, shape)
     for lengths in (None, jnp.array([t - 2] + [t] * (b - 1))):
-        _close(_loss(_native(), lengths)(params, xs, carry), _loss(_scan(cell), lengths)(params, xs, carry))
+        close(_loss(_native(), lengths)(params, xs, carry), _loss(_scan(cell), lengths)(params, xs, carry))
 
 
 @needs_kernel
@@ -153,8 +146,8 @@ def test_empty_inputs(shape):
     xs = jnp.ones(shape)
     layer = recurrent.rnn(cell, implementation="native")
     grads = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x)[1]) + jnp.sum(layer.apply(p, x)[0]), argnums=(0, 1))
-    _close(jax.jit(layer.apply)(params, xs), recurrent.rnn(cell).apply(params, xs), tol=0)
-    _close(grads(params, xs), jax.tree.map(jnp.zeros_like, (params, xs)), tol=0)
+    close(jax.jit(layer.apply)(params, xs), recurrent.rnn(cell).apply(params, xs), tol=0)
+    close(grads(params, xs), jax.tree.map(jnp.zeros_like, (params, xs)), tol=0)
 
 
 @needs_kernel
@@ -164,7 +157,7 @@ def test_inference_forward_matches_training_forward(dtype):
     args = (*params[:4], xs.astype(dtype), carry)
     inference = jax.jit(native_gru.gru_layer)(*args)
     training, _ = jax.jit(lambda *a: jax.vjp(native_gru.gru_layer, *a))(*args)
-    _close(inference, training, tol=0)  # the same loop, once keeping the gates for the backward
+    close(inference, training, tol=0)  # the same loop, once keeping the gates for the backward
     assert [a.dtype for a in inference] == [jnp.dtype(dtype), jnp.float32]
 
 
@@ -182,11 +175,11 @@ def test_vmap_matches_loop():
 
     got = jax.jit(jax.vmap(run, (None, 0)))(params, xs2)
     want = [jax.jit(run)(params, x) for x in xs2]
-    _close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), tol=0)
+    close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), tol=0)
     got_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, (None, 0))(p, x)), argnums=(0, 1)))(params, xs2)
     each = [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x) for x in xs2]
-    _close(got_grads[0], jax.tree.map(lambda a, b: a + b, each[0][0], each[1][0]))
-    _close(got_grads[1], jnp.stack([each[0][1], each[1][1]]))
+    close(got_grads[0], jax.tree.map(lambda a, b: a + b, each[0][0], each[1][0]))
+    close(got_grads[1], jnp.stack([each[0][1], each[1][1]]))
 
 
 def test_rejects_other_dtypes_ranks_and_options():
@@ -216,7 +209,7 @@ def test_rnn_runs_native_with_lengths_and_carry(reverse):
     with warnings.catch_warnings():
         warnings.simplefilter("error", recurrent.FallbackWarning)
         got = _loss(lambda p, x, n, c: native_layer.apply(p, x, lengths=n, carry=c), lengths)(params, xs, carry)
-    _close(got, _loss(_scan(cell, reverse), lengths)(params, xs, carry))
+    close(got, _loss(_scan(cell, reverse), lengths)(params, xs, carry))
 
 
 @needs_kernel
@@ -229,9 +222,9 @@ def test_rnn_native_lengths_equal_per_sequence_runs():
     zero = cell.initial_carry(params, (1, F))
     for b, n in enumerate(lengths):
         one_carry, one_ys = jax.jit(layer.apply)(params, xs[b : b + 1, :n]) if n else (zero, None)
-        _close(carry[b], one_carry[0])
+        close(carry[b], one_carry[0])
         if n:
-            _close(ys[b, :n], one_ys[0])
+            close(ys[b, :n], one_ys[0])
         np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0)
 
 
@@ -241,7 +234,7 @@ def test_falls_back_with_a_clear_warning_when_not_built(monkeypatch, tmp_path):
     layer = recurrent.rnn(cell, implementation="native")
     with pytest.warns(recurrent.FallbackWarning, match="not built"):
         _, ys = layer.apply(params, xs)
-    _close(ys, recurrent.rnn(cell).apply(params, xs)[1], tol=0)
+    close(ys, recurrent.rnn(cell).apply(params, xs)[1], tol=0)
 
 
 @pytest.mark.parametrize(
@@ -280,14 +273,6 @@ def _bf16_setup(shape, seed):
     return cell, params, xs, carry
 
 
-def _close_to_largest(got, want, tol=BF16_TOL):
-    """Each array within ``tol`` of the largest magnitude of the wanted one, in the same dtype."""
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert x.dtype == y.dtype
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-        np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(np.max(np.abs(y))) + 1e-30)
-
-
 @needs_kernel
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("shape", [(B, T, F, H), (1, 7, 3, 13), (3, 9, 5, 21)], ids=["B4_H5", "B1_H13", "B3_H21"])
@@ -303,7 +288,7 @@ def test_bfloat16_values_and_gradients_match_scan(shape, with_lengths, reverse):
     want = _loss(_scan(cell, reverse), lengths)(params, xs, carry)
     ((_, (h_got, ys_got)), _), ((_, (_, ys_want)), _) = got, want
     assert ys_got.dtype == jnp.bfloat16 and h_got.dtype == jnp.float32
-    _close_to_largest(got, want)
+    close_to_largest(got, want)
     assert float(np.mean(np.asarray(ys_got, np.float32) != np.asarray(ys_want, np.float32))) <= 0.05
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
     if with_lengths:
@@ -383,7 +368,7 @@ def test_vmap_population_is_one_call_per_pass_and_matches_members(shape, shared)
 
     native_loss = _loss(_native(), lengths)
     got = jax.jit(vmapped(native_loss))(params, xs, carry)
-    _close(got, _loop(native_loss, (params, xs, carry), in_axes, shape))
+    close(got, _loop(native_loss, (params, xs, carry), in_axes, shape))
     assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
     assert _custom_calls(vmapped(native_loss), params, xs, carry, groups=shape) == [
         "recurrent_gru_forward",
@@ -391,7 +376,7 @@ def test_vmap_population_is_one_call_per_pass_and_matches_members(shape, shared)
     ]
     forward = vmapped(lambda p, x, c: native_gru.apply(p, x, lengths, c))
     assert _custom_calls(forward, params, xs, carry, groups=shape) == ["recurrent_gru_inference"]
-    _close(jax.jit(forward)(params, xs, carry), got[0][1])
+    close(jax.jit(forward)(params, xs, carry), got[0][1])
 
 
 @needs_kernel
@@ -406,8 +391,8 @@ def test_bfloat16_vmap_population_is_one_call_per_pass_and_matches_members():
     for m in range(3):
         args = jax.tree.map(lambda a: a[m], (params, xs, carry))
         member = jax.tree.map(lambda a: a[m], got)
-        _close_to_largest(member, native_loss(*args))
-        _close_to_largest(member, _loss(_scan(cell), lengths)(*args))
+        close_to_largest(member, native_loss(*args))
+        close_to_largest(member, _loss(_scan(cell), lengths)(*args))
     assert _custom_calls(jax.vmap(native_loss), params, xs, carry, groups=(3,)) == [
         "recurrent_gru_forward_bf16",
         "recurrent_gru_backward_bf16",
@@ -441,7 +426,7 @@ def test_bidirectional_runs_both_directions_in_one_call():
         got = jax.jit(loss(native_bi))(params, xs)
         calls = _custom_calls(loss(native_bi), params, xs, groups=(2,))
     assert calls == ["recurrent_gru_forward", "recurrent_gru_backward"]
-    _close(got, jax.jit(loss(scan_bi))(params, xs))
+    close(got, jax.jit(loss(scan_bi))(params, xs))
 
 
 @needs_kernel
