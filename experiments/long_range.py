@@ -41,7 +41,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ class Config(pipeline.TrainConfig):
     """Long-range settings; ``python -m experiments.long_range --help`` lists them."""
 
     # Resuming may change these too: which tasks, lengths and cells run (each in its own sub-directory).
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"tasks", "lengths", "cells"}
+    resume_safe = pipeline.TrainConfig.resume_safe | {"tasks", "lengths", "cells"}
 
     tasks: str = field("adding,temporal_order,copy,interval,spikes", f"comma-separated tasks: {', '.join(TASKS)}")
     lengths: str = field("100", "comma-separated sequence lengths of the adding problem (e.g. 100,500,1000)")

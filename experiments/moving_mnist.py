@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ class Config(pipeline.TrainConfig):
     """Moving MNIST settings; ``python -m experiments.moving_mnist --help`` lists them."""
 
     # Resuming may change these too: which models run, and the picture strip.
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"models", "strip"}
+    resume_safe = pipeline.TrainConfig.resume_safe | {"models", "strip"}
 
     models: str = field("fc_lstm,conv1,conv2,conv3", f"comma-separated models to train: {', '.join(MODELS)}")
     input_frames: int = field(10, "frames the model reads")

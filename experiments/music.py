@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ class Config(pipeline.TrainConfig):
     """Polyphonic music settings; ``python -m experiments.music --help`` lists them."""
 
     # Resuming may change these too: the chorale cache's folder.
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"cache_dir"}
+    resume_safe = pipeline.TrainConfig.resume_safe | {"cache_dir"}
 
     data: str = field(
         "auto", "auto (jsb if its file is at hand, else music21) | jsb | nottingham | music21 | path to a .mat file"

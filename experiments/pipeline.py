@@ -124,6 +124,11 @@ class TrainConfig:
     #: Fields that may differ when a run is resumed, because they cannot change its result
     #: (``steps`` only under a constant learning rate: :meth:`steps_resume_safe`). Any other
     #: difference from the config recorded in the work directory is refused (``ConfigMismatch``).
+    #: An experiment's config overrides this (and ``unused``) without an annotation, e.g.
+    #: ``resume_safe = TrainConfig.resume_safe | {"plots"}``: under ``from __future__ import
+    #: annotations`` a ``ClassVar[...]`` is a string that ``dataclasses`` resolves in the module
+    #: ``sys.modules`` names as the class's, which under ``python -m cProfile -m ...`` is not the
+    #: script, and the set would become a field.
     resume_safe: ClassVar[frozenset[str]] = frozenset(
         {"steps", "log_every", "progress", "checkpoint_every", "keep_checkpoints", "num_devices", "distributed",
          "workdir", "overwrite", "sleep_per_step"}

@@ -91,7 +91,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend
@@ -366,13 +366,13 @@ class Config(pipeline.TrainConfig):
     set the hyperparameters (constant learning rate); the pipeline fields in :attr:`unused` are
     not read, so they are left out of ``--help`` and refused on the command line."""
 
-    unused: ClassVar[frozenset[str]] = frozenset(
+    unused = frozenset(
         {"learning_rate", "schedule", "warmup_steps", "final_lr_fraction", "momentum", "clip_norm", "weight_decay",
          "bucket", "buckets", "bucket_ratio", "max_buckets", "pad_multiple", "checkpoint_every", "log_every",
          "ema_decay", "progress", "sleep_per_step"}
     )  # fmt: skip
     # The curves' shapes depend on steps, so a search cannot be extended on a rerun.
-    resume_safe: ClassVar[frozenset[str]] = (pipeline.TrainConfig.resume_safe - {"steps"}) | {"stop_after", "plots"}
+    resume_safe = (pipeline.TrainConfig.resume_safe - {"steps"}) | {"stop_after", "plots"}
 
     data: str = field("auto", "synthetic | auto | jsb | nottingham | music21 | path to a .mat file (as music)")
     data_dir: str = field("", "folder of JSB_Chorales.mat (default: ../shared/data)")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,7 @@ class Config(pipeline.TrainConfig):
     """State-tracking settings; ``python -m experiments.state_tracking --help`` lists them."""
 
     # Resuming may change these too: which runs are made (each in its own sub-directory) and how they are scored.
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {
+    resume_safe = pipeline.TrainConfig.resume_safe | {
         "tasks",
         "cells",
         "seeds",

@@ -67,7 +67,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,7 @@ class Config(pipeline.TrainConfig):
     """The main job's settings; ``python -m experiments.variants --help`` lists them."""
 
     # Resuming may change these too: which variants run, and the chorale cache's folder.
-    resume_safe: ClassVar[frozenset[str]] = pipeline.TrainConfig.resume_safe | {"variants", "family", "cache_dir"}
+    resume_safe = pipeline.TrainConfig.resume_safe | {"variants", "family", "cache_dir"}
 
     data: str = field("music21", "music21 (the Bach chorales in music21) | jsb | nottingham | auto | a .mat path")
     cache_dir: str = field("", "where the music21 chorales are cached (default: ~/.cache/recurrent)")

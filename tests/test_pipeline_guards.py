@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import runpy
 import subprocess
 import sys
 import types
@@ -120,6 +121,22 @@ def test_quick_writes_to_its_own_default_workdir(name):
     assert pipeline.parse_args(["--quick", "--workdir=mine"], module.get_config(), module.quick_config()).workdir == (
         "mine"
     )
+
+
+@pytest.mark.parametrize("name", ["music", "charlm", "classify", "forecast", "long_range", "moving_mnist", "search",
+                                  "variants", "state_tracking"])  # fmt: skip
+@pytest.mark.filterwarnings("ignore:'experiments.*found in sys.modules:RuntimeWarning")  # imported already: fine
+def test_a_script_run_by_a_profiler_has_the_same_config_fields(name, monkeypatch):
+    """``python -m cProfile -m experiments.music`` runs the script with the profiler's own module as
+    ``sys.modules["__main__"]``. The scripts' annotations are strings (``from __future__ import
+    annotations``), which ``dataclasses`` resolves through the class's module there, so a
+    ``ClassVar[...]`` written in a script became a field, and the run crashed writing config.json."""
+    profiler_main = types.ModuleType("profiler_main")  # a __main__ that is not the script
+    monkeypatch.setitem(sys.modules, "profiler_main", profiler_main)
+    script = runpy.run_module(f"experiments.{name}", run_name="profiler_main", alter_sys=False)
+    imported = __import__(f"experiments.{name}", fromlist=["Config"]).Config
+    assert [f.name for f in dataclasses.fields(script["Config"])] == [f.name for f in dataclasses.fields(imported)]
+    json.dumps(dataclasses.asdict(script["get_config"]()))
 
 
 # --------------------------------------------------------------------------------------
