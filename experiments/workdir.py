@@ -275,16 +275,22 @@ class _ReportedStorageFailures(logging.Filter):
     a stderr handler on first use); asyncio logs "Task exception was never retrieved" for the
     writes gathered with the failed one; and tensorstore writes that finish after orbax closed
     its event loop raise "Event loop is closed" in a callback, which Python prints as an
-    unraisable exception. The log records are dropped when their exception is a storage failure
-    (other records pass). The unraisable ones carry no cause, so they are held back: dropped once
-    a storage failure has been reported, printed at exit otherwise.
+    unraisable exception; the writes that never started are coroutines garbage-collected unawaited,
+    which Python reports as a ``RuntimeWarning`` ("coroutine ... was never awaited"), often at
+    exit. The log records are dropped when their exception is a storage failure (other records
+    pass). The unraisable exceptions and the warnings carry no cause, so they are held back:
+    dropped once a storage failure has been reported, printed at exit otherwise (and passed on
+    as they come after that).
     """
 
     def __init__(self):
         super().__init__()
         self.reported = False
+        self.released = False
         self.held: list[Any] = []
+        self.held_warnings: list[tuple[Any, ...]] = []
         self._next_hook = None
+        self._next_showwarning = None
 
     def install(self) -> None:
         """Idempotent: the filter is added once per logger, the hook is chained once."""
@@ -296,6 +302,8 @@ class _ReportedStorageFailures(logging.Filter):
         if self._next_hook is None:
             self._next_hook = sys.unraisablehook
             sys.unraisablehook = self._unraisable
+            self._next_showwarning = warnings.showwarning
+            warnings.showwarning = self._showwarning
             atexit.register(self._release)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -306,19 +314,31 @@ class _ReportedStorageFailures(logging.Filter):
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
             unraisable.exc_value
         )
-        if not closed_loop:
+        if not closed_loop or self.released:
             self._next_hook(unraisable)
         elif not self.reported:
             self.held.append(_HeldUnraisable(unraisable))
 
+    def _showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        unawaited = issubclass(category, RuntimeWarning) and "was never awaited" in str(message)
+        if not unawaited or self.released:
+            self._next_showwarning(message, category, filename, lineno, file, line)
+        elif not self.reported:
+            self.held_warnings.append((message, category, filename, lineno, file, line))
+
     def storage_failure_reported(self) -> None:
         self.reported = True
         self.held.clear()
+        self.held_warnings.clear()
 
     def _release(self) -> None:
+        self.released = True
         held, self.held = self.held, []
         for unraisable in held:
             self._next_hook(unraisable)
+        warned, self.held_warnings = self.held_warnings, []
+        for args in warned:
+            self._next_showwarning(*args)
 
 
 class _HeldUnraisable:

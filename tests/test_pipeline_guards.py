@@ -4,6 +4,7 @@ line) or a correct result; nothing on disk is lost, and nothing is reported that
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import runpy
 import subprocess
 import sys
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -297,30 +299,61 @@ def test_orbax_logs_of_a_storage_failure_are_dropped_and_other_errors_still_logg
     assert len(caplog.records) == 1 and "shapes differ" in caplog.text
 
 
-def test_closed_event_loop_echoes_are_held_dropped_after_a_storage_failure_and_printed_otherwise(monkeypatch):
+def test_closed_event_loop_and_unawaited_write_echoes_are_held_dropped_after_a_storage_failure_and_printed_otherwise(
+    monkeypatch,
+):
     printed = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: printed.append(str(u.exc_value)))
-    guard = workdir._ReportedStorageFailures()
-    monkeypatch.setattr(guard, "filter", lambda record: True)  # the loggers' filters are another test's
-    guard.install()
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *_: printed.append(str(message)))
 
     def raise_unraisable(message):
         sys.unraisablehook(types.SimpleNamespace(
             exc_type=RuntimeError, exc_value=RuntimeError(message), exc_traceback=None, err_msg=None, object=None
         ))  # fmt: skip
 
+    async def write_fragment():  # a write gathered with a failed one, never started
+        pass
+
+    def leave_a_write_unawaited():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            write_fragment()  # noqa: RUF006 - garbage-collected unawaited: Python's RuntimeWarning
+            gc.collect()
+
+    def guard():
+        monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+        g = workdir._ReportedStorageFailures()
+        monkeypatch.setattr(g, "filter", lambda record: True)  # the loggers' filters are another test's
+        g.install()
+        return g
+
+    unreported = guard()
     raise_unraisable("Event loop is closed")
+    leave_a_write_unawaited()
     raise_unraisable("something else")
-    assert printed == ["something else"]  # other unraisable exceptions pass at once
-    guard._release()  # no storage failure was reported: printed at exit
-    assert printed == ["something else", "Event loop is closed"]
-    raise_unraisable("Event loop is closed")
-    guard.storage_failure_reported()
-    raise_unraisable("Event loop is closed")
-    guard._release()
-    assert printed == ["something else", "Event loop is closed"]  # echoes of a reported failure: dropped
+    warnings.warn_explicit("another warning", RuntimeWarning, "x.py", 1)
+    assert printed == ["something else", "another warning"]  # other echoes pass at once
+    unreported._release()  # no storage failure was reported: printed at exit
+    assert printed[2] == "Event loop is closed" and re.fullmatch(
+        r"coroutine '.*write_fragment' was never awaited", printed[3]
+    )
+    leave_a_write_unawaited()  # after exit: passed on, not held and lost
+    assert len(printed) == 5 and "never awaited" in printed[-1]
     for name in ("absl", "asyncio"):
-        logging.getLogger(name).removeFilter(guard)
+        logging.getLogger(name).removeFilter(unreported)
+
+    del printed[:]
+    reported = guard()
+    raise_unraisable("Event loop is closed")
+    leave_a_write_unawaited()
+    reported.storage_failure_reported()
+    raise_unraisable("Event loop is closed")
+    leave_a_write_unawaited()
+    reported._release()
+    assert printed == []  # echoes of a reported failure, before or after it: dropped
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).removeFilter(reported)
 
 
 def test_storage_failures_are_recognised_through_wrapping_exceptions():
