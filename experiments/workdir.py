@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ import os
 import shutil
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from experiments.errors import ConfigMismatch, StorageError
@@ -287,8 +288,7 @@ class _ReportedStorageFailures(logging.Filter):
         super().__init__()
         self.reported = False
         self.released = False
-        self.held: list[Any] = []
-        self.held_warnings: list[tuple[Any, ...]] = []
+        self.held: list[Callable[[], None]] = []  # each prints one held echo
         self._next_hook = None
         self._next_showwarning = None
 
@@ -314,31 +314,31 @@ class _ReportedStorageFailures(logging.Filter):
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
             unraisable.exc_value
         )
-        if not closed_loop or self.released:
-            self._next_hook(unraisable)
-        elif not self.reported:
-            self.held.append(_HeldUnraisable(unraisable))
+        self._screen(closed_loop, functools.partial(self._next_hook, _HeldUnraisable(unraisable)))
 
     def _showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:
         unawaited = issubclass(category, RuntimeWarning) and "was never awaited" in str(message)
-        if not unawaited or self.released:
-            self._next_showwarning(message, category, filename, lineno, file, line)
+        self._screen(
+            unawaited, functools.partial(self._next_showwarning, message, category, filename, lineno, file, line)
+        )
+
+    def _screen(self, echo: bool, show: Callable[[], None]) -> None:
+        """``show()`` now, unless it is a possible echo of a storage failure before exit: then held
+        until exit, or dropped once a storage failure has been reported."""
+        if not echo or self.released:
+            show()
         elif not self.reported:
-            self.held_warnings.append((message, category, filename, lineno, file, line))
+            self.held.append(show)
 
     def storage_failure_reported(self) -> None:
         self.reported = True
         self.held.clear()
-        self.held_warnings.clear()
 
     def _release(self) -> None:
         self.released = True
         held, self.held = self.held, []
-        for unraisable in held:
-            self._next_hook(unraisable)
-        warned, self.held_warnings = self.held_warnings, []
-        for args in warned:
-            self._next_showwarning(*args)
+        for show in held:
+            show()
 
 
 class _HeldUnraisable:
