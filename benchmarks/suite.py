@@ -88,6 +88,27 @@ def case_names(parser, text: str) -> list[str]:
     return names
 
 
+def contender_names(parser, text: str | None, cases: list[str], quick: bool = False) -> list[str] | None:
+    """The contender labels of a comma-separated ``--contenders`` value (``None``: all); one that
+    no chosen case has ends the program with ``parser.error`` listing those the cases have."""
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    known = {label for case in cases for label in contenders_for(*_kind_layers(case), quick)}
+    unknown = [c for c in names if c not in known]
+    if unknown or not names:
+        parser.error(
+            f"--contenders: {', '.join(unknown) or '(none given)'} not among the contenders of "
+            f"{', '.join(cases)}: {', '.join(sorted(known))}"
+        )
+    return names
+
+
+def _kind_layers(name: str):
+    kind, _, _, _, _, layers = CASES[name]
+    return kind, layers
+
+
 def case_inputs(name: str, quick: bool = False):
     """``(kind, B, T, F, H, layers, xs)`` of a case (tiny shapes when ``quick``), with its input."""
     kind, B, T, F, H, layers = CASES[name]
@@ -574,9 +595,16 @@ def matmul_throughput(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick):
+def run_case(name, kind, B, T, F, H, layers, xs, *, repeats, peak_gflops, quick, only=None):
+    """One case's contenders timed interleaved (``only``: the labels to run, where given)."""
     built, skipped = {}, {}
-    for label, build in contenders_for(kind, layers, quick).items():
+    available = contenders_for(kind, layers, quick)
+    for label in only or ():
+        if label not in available:
+            skipped[label] = "not a contender of this case"
+    for label, build in available.items():
+        if only and label not in only:
+            continue
         try:
             contender = build(kind, B, T, F, H, layers, xs)
             for fn in contender[:2]:  # warm up: a peer may fail only when it runs (PyTorch's
@@ -764,9 +792,15 @@ def main(argv=None):
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--extras", default="depth,options,remat", help="extra figures (or 'none')")
+    parser.add_argument(
+        "--contenders",
+        default=None,
+        help="comma-separated contenders to run (default: every one of each case), e.g. torch,ours_native",
+    )
     parser.add_argument("--out", default="runs/benchmarks", help="directory for suite.json and suite.png")
     args = parser.parse_args(argv)
     names = case_names(parser, args.cases)  # before any timing: a typo ends the run at once
+    only = contender_names(parser, args.contenders, names, args.quick)
     repeats = args.repeats or (2 if args.quick else 5)
     gflops = matmul_throughput(256 if args.quick else 2048, 2 if args.quick else 5)
     peak = max(gflops.values())
@@ -782,7 +816,7 @@ def main(argv=None):
     for name in names:
         kind, B, T, F, H, layers, xs = case_inputs(name, args.quick)
         result["cases"].append(
-            run_case(name, kind, B, T, F, H, layers, xs, repeats=repeats, peak_gflops=peak, quick=args.quick)
+            run_case(name, kind, B, T, F, H, layers, xs, repeats=repeats, peak_gflops=peak, quick=args.quick, only=only)
         )
         print(format_tables({**result, "cases": result["cases"][-1:], "load_average": os.getloadavg()[0]}), flush=True)
     extras = args.extras.split(",")

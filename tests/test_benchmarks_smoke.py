@@ -89,6 +89,22 @@ def test_suite_quick_run_writes_json_and_plot(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_suite_runs_only_the_contenders_asked_for(tmp_path, capsys):
+    from benchmarks import suite
+
+    args = ["--quick", "--cases", "lstm,cifg", "--contenders", "ours,torch", "--extras", "none"]
+    result = suite.main([*args, "--out", str(tmp_path)])
+    lstm, cifg = result["cases"]
+    assert {row["contender"] for row in lstm["rows"]} | set(lstm["skipped"]) == {"ours", "torch"}
+    assert {row["contender"] for row in cifg["rows"]} == {"ours"}
+    assert cifg["skipped"] == {"torch": "not a contender of this case"}  # PyTorch has no CIFG LSTM
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a contender no chosen case has ends the run before any timing
+        suite.main(["--cases", "cifg", "--contenders", "ours,flax", "--out", str(tmp_path / "never")])
+    assert "--contenders: flax not among the contenders of cifg" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_interleaved_timer_alternates_the_order_and_keeps_every_sample():
     from benchmarks._common import interleaved
 
