@@ -489,6 +489,17 @@ def test_benchmark_smoke(tmp_path):
 
 
 @needs_kernel
+def test_onednn_gemm_benchmark_times_the_kernels_products_and_checks_them(tmp_path):
+    from benchmarks import onednn_gemm
+
+    out = tmp_path / "gemm.json"
+    result = onednn_gemm.main(["--batch=3", "--steps=5", "--features=7", "--hidden=9", "--repeats=2", f"--out={out}"])
+    assert result["agreement"] < 1e-5  # the ctypes binding multiplies what it says
+    assert len(result["gemms"]) == 6 and out.exists()
+    assert all(row["ms"] > 0 and np.isfinite(row["gflops"]) for row in result["gemms"].values())
+
+
+@needs_kernel
 def test_benchmark_smoke_bfloat16(tmp_path):
     from benchmarks import native as bench
 
@@ -537,6 +548,64 @@ def test_bfloat16_without_onednns_bfloat16_gemm_matches_scan():
     env = {**FAST_ENV, "RECURRENT_NATIVE_WIDEN_BF16": "1", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", WIDENED_BF16], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+STEP_GEMM = """
+import sys, warnings
+import jax, jax.numpy as jnp, numpy as np, recurrent
+from recurrent import native
+warnings.simplefilter("error", recurrent.FallbackWarning)  # the native kernel, not the scan again
+print(native._load().recurrent_step_panels())
+B, H = 7, 13  # row tiles of 6 and 1; the 2 threads' 4 n = 28 and 24 columns: a whole panel and a part
+cell = recurrent.lstm(H)
+params = cell.init(jax.random.key(0), (3,))
+xs = jax.random.normal(jax.random.key(1), (B, 5, 3))
+lengths = (5 - jnp.arange(B)) % 6  # 5, 4, ..., 0 and 5: the last row (a tile of its own) runs whole
+k = jax.random.split(jax.random.key(2))
+carry = recurrent.LSTMState(jax.random.normal(k[0], (B, H)), jax.random.normal(k[1], (B, H)))
+def check(native, scan, params, carry):
+    def loss(p, x, c, layer):
+        c, ys = layer.apply(p, x, lengths=lengths, carry=c)
+        return jnp.sum(ys * jnp.cos(ys)) + sum(jnp.sum(l * w) for l, w in zip(jax.tree.leaves(c), (1.3, -0.7) * 2))
+    h = (native, scan)
+    got = [jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)(params, xs, carry, l) for l in h]
+    for a, b in zip(*map(jax.tree.leaves, got)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, np.abs(np.asarray(a) - np.asarray(b)).max()
+# One layer split across the 2 threads (the hidden units partitioned):
+check(recurrent.rnn(cell, implementation="native"), recurrent.rnn(cell), params, carry)
+# Both directions in one call, each on one thread ([x_t, h_{t-1}] [W; U] per step, K = F + H):
+both = [recurrent.bidirectional(recurrent.rnn(cell, implementation=i)) for i in ("native", "scan")]
+check(*both, both[0].init(jax.random.key(4), (3,)), (carry, carry))
+print("ok")
+"""
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@needs_kernel
+@pytest.mark.parametrize("pick", ["panels", "onednn"])
+def test_float32_step_products_on_packed_panels_or_onednn_match_scan(pick):
+    """The per-step products (h U and dz U^T of a layer split across threads; [x, h] [W; U] and
+    dz [W; U]^T of a layer on one thread, here both directions of a bidirectional layer) run on
+    weights packed into panels (the kernel's own AVX2 tile) or on oneDNN's GEMM; either, forced,
+    gives the scan's values and gradients, with tiles and panels left partly filled (B = 7, H = 13
+    on 2 threads)."""
+    import subprocess
+    import sys
+
+    from tests.subprocess_env import FAST_ENV
+
+    env = {**FAST_ENV, "RECURRENT_NATIVE_STEP_GEMM": pick, "OMP_NUM_THREADS": "2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", STEP_GEMM], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "ok", out.stderr[-3000:]
+    assert out.stdout.split()[0] == ("1" if pick == "panels" and _cpu_has_avx2_fma() else "0")
 
 
 def _torch_runs_a_bfloat16_lstm() -> bool:

@@ -10,6 +10,9 @@
 // with L = D = 1, b is `ldgo`, and oneDNN's gate order (i, f, c~, o) is ours. The primitive picks
 // its own weight layouts (`any`); the weights are reordered into them on every call.
 //
+// On x86-64 CPUs with AVX2 but not AVX-512 the float32 per-step products run on weights packed
+// once per call into panels (common.h's PanelGemm) instead of dnnl_sgemm.
+//
 // Training (oneDNN's LSTM primitive runs reference code for forward training and backward on
 // CPUs, so it is not used there):
 //   forward   Z = x W (all steps, one GEMM) into the workspace; per step Z_t += h_{t-1} U (one
@@ -341,6 +344,19 @@ inline bool GemmOf(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf16
   return GemmBf16(ta, tb, M, N, K, A, lda, B_, ldb, beta, C, ldc);
 }
 
+// The weight gradients over all steps from dZ (T, B, 4H): dW = x^T dZ and dU = H_prev^T dZ, with
+// H_prev = [h0; ys_0 .. ys_{T-2}] as two GEMMs (h0's step, then the others'), straight from the
+// operands. Two GEMMs rather than one [x, h]^T dZ into [dW; dU]: oneDNN's GEMM ran that one at
+// 47 against 61 GFLOP/s for its two halves (B = 32, T = 128, F + H = 128 + 256, 2 AVX2 cores: 68
+// against 17 + 35 ms), and no [x_t, h_{t-1}] copy of every step is needed.
+template <typename V>
+bool WeightGrads(const Shape& s, const V* x, const V* h0, const V* ys, const V* dZ, float* dW, float* dU) {
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H;
+  return GemmOf('T', 'N', F, G, T * B, x, F, dZ, G, 0.f, dW, G) &&
+         GemmOf('T', 'N', H, G, B, h0, H, dZ, G, 0.f, dU, G) &&
+         GemmOf('T', 'N', H, G, (T - 1) * B, ys, H, dZ + B * G, G, 1.f, dU, G);
+}
+
 // The forward partitioned (float32 or bfloat16): Zx = x W (all steps, one GEMM, every thread) into
 // the workspace; per step each thread's Zh = h_{t-1} U[:, its gate columns] and its units' gates.
 // float32 thus sums x_t W + b + h_{t-1} U in another order than the unpartitioned single GEMM.
@@ -367,17 +383,28 @@ ffi::Error FusedParts(const Shape& s, const Parts& parts, const typename P::T* x
   {
     const int64_t u0 = std::min<int64_t>(H, omp_get_thread_num() * parts.chunk);
     const int64_t u1 = std::min(H, u0 + parts.chunk), n = u1 - u0;
-    // Up (H, 4n): this thread's columns {g H + u : g = i, f, g, o; u in [u0, u1)} of U; zh (B, 4n).
+    // Up (H, 4n): this thread's columns {g H + u : g = i, f, g, o; u in [u0, u1)} of U (in float32
+    // on AVX2 CPUs, packed into panels instead: see PanelGemm); zh (B, 4n).
+    const auto column = [&](int64_t k, int64_t c) { return U[k * G + (c / n) * H + u0 + c % n]; };
     thread_local std::vector<V> packed;
+    thread_local std::vector<float> panels;
     thread_local std::vector<float> step;
-    V* Up = Scratch(packed, H * 4 * n);
+    constexpr bool kPanels = std::is_same_v<V, float>;
+    const bool use_panels = kPanels && UsePanels();
+    V* Up = use_panels ? nullptr : Scratch(packed, H * 4 * n);
+    float* Upanels = use_panels ? Scratch(panels, PanelFloats(H, 4 * n)) : nullptr;
     float* zh = Scratch(step, B * 4 * n);
-    for (int64_t k = 0; k < H; ++k)
-      for (int64_t q = 0; q < 4; ++q)
-        for (int64_t j = 0; j < n; ++j) Up[k * 4 * n + q * n + j] = P::Store(U[k * G + q * H + u0 + j]);
+    if (use_panels)
+      PackPanels(H, 4 * n, column, Upanels);
+    else
+      for (int64_t k = 0; k < H; ++k)
+        for (int64_t c = 0; c < 4 * n; ++c) Up[k * 4 * n + c] = P::Store(column(k, c));
     for (int64_t t = 0; t < T; ++t) {
       const V* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
-      if (!GemmOf('N', 'N', B, 4 * n, H, h_prev, H, Up, 4 * n, 0.f, zh, 4 * n)) {
+      if constexpr (kPanels) {
+        if (use_panels) PanelGemm(B, 4 * n, H, h_prev, H, Upanels, zh, 4 * n);
+      }
+      if (!use_panels && !GemmOf('N', 'N', B, 4 * n, H, h_prev, H, Up, 4 * n, 0.f, zh, 4 * n)) {
 #pragma omp atomic write
         failed = true;
       }
@@ -401,18 +428,26 @@ ffi::Error Fused(const Shape& s, const float* x, const float* W, const float* U,
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
   thread_local std::vector<float> scratch;
   // [W; U] (F + H, 4H), so that one GEMM per step, [x_t, h_{t-1}] [W; U], gives the whole
-  // pre-activation, and xh, one step's [x_t, h_{t-1}].
-  float* WU = Scratch(scratch, K * G + B * K);
-  float* xh = WU + K * G;
-  std::memcpy(WU, W, F * G * sizeof(float));
-  std::memcpy(WU + F * G, U, H * G * sizeof(float));
+  // pre-activation (on AVX2 CPUs packed into panels: see PanelGemm), and xh, one step's [x_t, h_{t-1}].
+  const bool panels = UsePanels();
+  float* WU = Scratch(scratch, (panels ? PanelFloats(K, G) : K * G) + B * K);
+  float* xh = WU + (panels ? PanelFloats(K, G) : K * G);
+  if (panels) {
+    PackPanels(K, G, [&](int64_t k, int64_t c) { return k < F ? W[k * G + c] : U[(k - F) * G + c]; }, WU);
+  } else {
+    std::memcpy(WU, W, F * G * sizeof(float));
+    std::memcpy(WU + F * G, U, H * G * sizeof(float));
+  }
   float* A = workspace;
   float* C = A + T * B * G;
   for (int64_t t = 0; t < T; ++t) {
     float* z = A + t * B * G;
     CopyRows(B, F, x + t * B * F, F, xh, K);
     CopyRows(B, H, t == 0 ? h0 : ys + (t - 1) * B * H, H, xh + F, K);
-    if (!Gemm('N', 'N', B, G, K, xh, K, WU, G, 0.f, z, G)) return Fail("[x, h] [W; U] failed");
+    if (panels)
+      PanelGemm(B, G, K, xh, K, WU, z, G);
+    else if (!Gemm('N', 'N', B, G, K, xh, K, WU, G, 0.f, z, G))
+      return Fail("[x, h] [W; U] failed");
     ForwardStep<Fp32>(B, H, 0, H, z, nullptr, 0, 0, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
   }
   std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(float));
@@ -479,27 +514,22 @@ BackwardArgs<T> BackwardAt(const Shape& s, int64_t g, ffi::Buffer<D>& x, ffi::Bu
 // The backward partitioned (float32 or bfloat16): per step each thread's units' dz_t, a barrier,
 // then dh_{t-1}[:, its units] = dz_t U[its units, :]^T (the GEMM partitioned by output columns; the
 // next step's pointwise loop reads only these columns, and dz_{t-1} is other memory than dz_t, so one
-// barrier per step suffices); after the loop dx = dZ W^T and [dW; dU] = XH^T dZ over all steps.
+// barrier per step suffices); after the loop dx = dZ W^T and the weight gradients over all steps.
 template <typename P>
 ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<typename P::T>& a) {
   using V = typename P::T;
-  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H;
   const float* A = a.workspace;
   const float* C = A + T * B * G;
   thread_local std::vector<V> operands;
   thread_local std::vector<float> results;
-  // dZ (T, B, 4H), XH (T, B, F + H) = [x_t, h_{t-1}] and W^T (4H, F).
-  V* dZ = Scratch(operands, T * B * (G + K) + G * F);
-  V* XH = dZ + T * B * G;
-  V* Wt = XH + T * B * K;
-  CopyRows(T * B, F, a.x, F, XH, K);
-  CopyRows(B, H, a.h0, H, XH + F, K);
-  CopyRows((T - 1) * B, H, a.ys, H, XH + B * K + F, K);
+  // dZ (T, B, 4H) and W^T (4H, F).
+  V* dZ = Scratch(operands, T * B * G + G * F);
+  V* Wt = dZ + T * B * G;
   Transpose<P>(a.W, F, G, Wt, F);
-  // dh (B, H), one step's dL/dh (float32), dWU, [dW; dU], and (bfloat16) dx in float32.
+  // dh (B, H), one step's dL/dh (float32), and (bfloat16) dx in float32.
   constexpr bool kF32 = std::is_same_v<V, float>;
-  float* dh = Scratch(results, B * H + K * G + (kF32 ? 0 : T * B * F));
-  float* dWU = dh + B * H;
+  float* dh = Scratch(results, B * H + (kF32 ? 0 : T * B * F));
   for (int64_t i = 0; i < B * H; ++i) dh[i] = P::Load(a.dhT[i]);
   float* dc = a.dc0;
   float* dbias = a.db;
@@ -510,16 +540,27 @@ ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<
   {
     const int64_t u0 = std::min<int64_t>(H, omp_get_thread_num() * parts.chunk);
     const int64_t u1 = std::min(H, u0 + parts.chunk), n = u1 - u0;
-    // Ut (4H, n) = U[u0:u1, :]^T, this thread's output columns of dh = dz U^T.
+    // Ut (4H, n) = U[u0:u1, :]^T, this thread's output columns of dh = dz U^T (in float32 on AVX2
+    // CPUs, packed into panels instead).
     thread_local std::vector<V> packed;
-    V* Ut = Scratch(packed, G * n);
-    Transpose<P>(a.U + u0 * G, n, G, Ut, n);
+    thread_local std::vector<float> panels;
+    constexpr bool kPanels = std::is_same_v<V, float>;
+    const bool use_panels = kPanels && UsePanels();
+    V* Ut = use_panels ? nullptr : Scratch(packed, G * n);
+    float* Upanels = use_panels ? Scratch(panels, PanelFloats(G, n)) : nullptr;
+    if (use_panels)
+      PackPanels(G, n, [&](int64_t k, int64_t c) { return a.U[(u0 + c) * G + k]; }, Upanels);
+    else
+      Transpose<P>(a.U + u0 * G, n, G, Ut, n);
     for (int64_t t = T - 1; t >= 0; --t) {
       const float* c_prev = t == 0 ? a.c0 : C + (t - 1) * B * H;
       V* dz = dZ + t * B * G;
       BackwardStep<P>(B, H, u0, u1, A + t * B * G, C + t * B * H, c_prev, dh, H, a.dys + t * B * H, dc, dz, dbias);
 #pragma omp barrier
-      if (!GemmOf('N', 'N', B, n, G, dz, G, Ut, n, 0.f, dh + u0, H)) {
+      if constexpr (kPanels) {
+        if (use_panels) PanelGemm(B, n, G, dz, G, Upanels, dh + u0, H);
+      }
+      if (!use_panels && !GemmOf('N', 'N', B, n, G, dz, G, Ut, n, 0.f, dh + u0, H)) {
 #pragma omp atomic write
         failed = true;
       }
@@ -530,13 +571,11 @@ ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<
   if constexpr (kF32) {
     if (!Gemm('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, a.dx, F)) return Fail("dz W^T failed");
   } else {
-    float* dX = dWU + K * G;
+    float* dX = dh + B * H;
     if (!GemmBf16('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, dX, F)) return Fail("dz W^T (bfloat16) failed");
     ToBf16Rows(T * B, F, dX, F, a.dx, F);
   }
-  if (!GemmOf('T', 'N', K, G, T * B, XH, K, dZ, G, 0.f, dWU, G)) return Fail("[x, h]^T dz failed");
-  std::memcpy(a.dW, dWU, F * G * sizeof(float));
-  std::memcpy(a.dU, dWU + F * G, H * G * sizeof(float));
+  if (!WeightGrads(s, a.x, a.h0, a.ys, dZ, a.dW, a.dU)) return Fail("x^T dz, h^T dz failed");
   return ffi::Error::Success();
 }
 
@@ -546,20 +585,20 @@ ffi::Error Backward(const Shape& s, const BackwardArgs<float>& a) {
   const float* A = a.workspace;
   const float* C = A + T * B * G;
   thread_local std::vector<float> dz_buffer, weights;
-  // dZ (T, B, 4H) and XH (T, B, F + H) = [x_t, h_{t-1}] of every step, for [dW; dU] = XH^T dZ.
-  float* dZ = Scratch(dz_buffer, T * B * (G + K));
-  float* XH = dZ + T * B * G;
-  CopyRows(T * B, F, a.x, F, XH, K);
-  CopyRows(B, H, a.h0, H, XH + F, K);
-  CopyRows((T - 1) * B, H, a.ys, H, XH + B * K + F, K);
+  // dZ (T, B, 4H) of every step, for the weight gradients.
+  float* dZ = Scratch(dz_buffer, T * B * G);
   // [W; U]^T (4H, F + H) once, so that one GEMM per step gives [dx_t, dh_{t-1}] = dz_t [W; U]^T
   // (a transposed operand would cost dnnl_sgemm a repacking on every call); then dxh, one step's
-  // [dx_t, dh_{t-1}], and dWU, [dW; dU].
-  float* WUt = Scratch(weights, G * K + B * K + K * G);
-  float* dxh = WUt + G * K;
-  float* dWU = dxh + B * K;
-  Transpose<Fp32>(a.W, F, G, WUt, K);
-  Transpose<Fp32>(a.U, H, G, WUt + F, K);
+  // [dx_t, dh_{t-1}] (on AVX2 CPUs [W; U]^T packed into panels instead).
+  const bool panels = UsePanels();
+  float* WUt = Scratch(weights, (panels ? PanelFloats(G, K) : G * K) + B * K);
+  float* dxh = WUt + (panels ? PanelFloats(G, K) : G * K);
+  if (panels) {
+    PackPanels(G, K, [&](int64_t k, int64_t c) { return c < F ? a.W[c * G + k] : a.U[(c - F) * G + k]; }, WUt);
+  } else {
+    Transpose<Fp32>(a.W, F, G, WUt, K);
+    Transpose<Fp32>(a.U, H, G, WUt + F, K);
+  }
   float* dc = a.dc0;
   float* dbias = a.db;
   CopyRows(B, H, a.dhT, H, dxh + F, K);
@@ -570,14 +609,14 @@ ffi::Error Backward(const Shape& s, const BackwardArgs<float>& a) {
     float* dz = dZ + t * B * G;
     BackwardStep<Fp32>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
                        dbias);
-    if (!Gemm('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T failed");
+    if (panels)
+      PanelGemm(B, K, G, dz, G, WUt, dxh, K);
+    else if (!Gemm('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K))
+      return Fail("dz [W; U]^T failed");
     CopyRows(B, F, dxh, K, a.dx + t * B * F, F);
   }
   CopyRows(B, H, dxh + F, K, a.dh0, H);
-  // [dW; dU] = XH^T dZ over all steps at once.
-  if (!Gemm('T', 'N', K, G, T * B, XH, K, dZ, G, 0.f, dWU, G)) return Fail("[x, h]^T dz failed");
-  std::memcpy(a.dW, dWU, F * G * sizeof(float));
-  std::memcpy(a.dU, dWU + F * G, H * G * sizeof(float));
+  if (!WeightGrads(s, a.x, a.h0, a.ys, dZ, a.dW, a.dU)) return Fail("x^T dz, h^T dz failed");
   return ffi::Error::Success();
 }
 
@@ -710,18 +749,13 @@ ffi::Error BackwardBf16(const Shape& s, const BackwardArgs<bf16>& a) {
   const float* C = A + T * B * G;
   thread_local std::vector<bf16> operands;
   thread_local std::vector<float> results;
-  // dZ (T, B, 4H), XH (T, B, F + H) = [x_t, h_{t-1}] and [W; U]^T (4H, F + H), in bfloat16.
-  bf16* dZ = Scratch(operands, T * B * (G + K) + G * K);
-  bf16* XH = dZ + T * B * G;
-  bf16* WUt = XH + T * B * K;
-  CopyRows(T * B, F, a.x, F, XH, K);
-  CopyRows(B, H, a.h0, H, XH + F, K);
-  CopyRows((T - 1) * B, H, a.ys, H, XH + B * K + F, K);
+  // dZ (T, B, 4H) and [W; U]^T (4H, F + H), in bfloat16.
+  bf16* dZ = Scratch(operands, T * B * G + G * K);
+  bf16* WUt = dZ + T * B * G;
   Transpose<Bf16>(a.W, F, G, WUt, K);
   Transpose<Bf16>(a.U, H, G, WUt + F, K);
-  // dxh, one step's [dx_t, dh_{t-1}] (float32), and dWU, [dW; dU].
-  float* dxh = Scratch(results, B * K + K * G);
-  float* dWU = dxh + B * K;
+  // dxh, one step's [dx_t, dh_{t-1}] (float32).
+  float* dxh = Scratch(results, B * K);
   float* dc = a.dc0;
   float* dbias = a.db;
   for (int64_t n = 0; n < B; ++n)
@@ -737,9 +771,7 @@ ffi::Error BackwardBf16(const Shape& s, const BackwardArgs<bf16>& a) {
     ToBf16Rows(B, F, dxh, K, a.dx + t * B * F, F);
   }
   ToBf16Rows(B, H, dxh + F, K, a.dh0, H);
-  if (!GemmBf16('T', 'N', K, G, T * B, XH, K, dZ, G, 0.f, dWU, G)) return Fail("[x, h]^T dz (bfloat16) failed");
-  std::memcpy(a.dW, dWU, F * G * sizeof(float));
-  std::memcpy(a.dU, dWU + F * G, H * G * sizeof(float));
+  if (!WeightGrads(s, a.x, a.h0, a.ys, dZ, a.dW, a.dU)) return Fail("x^T dz, h^T dz (bfloat16) failed");
   return ffi::Error::Success();
 }
 
@@ -749,6 +781,9 @@ ffi::Error BackwardBf16(const Shape& s, const BackwardArgs<bf16>& a) {
 // workspace output with it at trace time).
 // 1 where the bfloat16 kernels run oneDNN's bfloat16 GEMM, 0 where they widen its operands to float32.
 extern "C" int64_t recurrent_bf16_gemm() { return HasBf16Gemm() ? 1 : 0; }
+
+// 1 where the float32 per-step products run on packed panels (AVX2 CPUs), 0 where on oneDNN's GEMM.
+extern "C" int64_t recurrent_step_panels() { return UsePanels() ? 1 : 0; }
 
 extern "C" int64_t recurrent_lstm_workspace_bytes(int64_t B, int64_t T, int64_t F, int64_t H) {
   return WorkspaceFloats({B, T, F, H}) * static_cast<int64_t>(sizeof(float));
