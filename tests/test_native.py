@@ -536,22 +536,29 @@ print("ok")
 """
 
 
-def test_bfloat16_without_onednns_bfloat16_gemm_matches_scan():
-    """Where oneDNN has no bfloat16 GEMM (CPUs without AVX-512), the kernels widen the same bfloat16
-    operands to float32: forced here on any CPU, the LSTM's and the GRU's bfloat16 values and
-    gradients still match the scan's."""
+def _run_script(source: str, **env: str) -> list[str]:
+    """The words ``source`` prints, run by a fresh Python on CPU with the kernels' settings ``env``
+    (read once per process); a failure shows its stderr."""
     import subprocess
     import sys
 
     from tests.subprocess_env import FAST_ENV
 
-    env = {**FAST_ENV, "RECURRENT_NATIVE_WIDEN_BF16": "1", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", WIDENED_BF16], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    env = {**FAST_ENV, **env, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()
+
+
+def test_bfloat16_without_onednns_bfloat16_gemm_matches_scan():
+    """Where oneDNN has no bfloat16 GEMM (CPUs without AVX-512), the kernels widen the same bfloat16
+    operands to float32: forced here on any CPU, the LSTM's and the GRU's bfloat16 values and
+    gradients still match the scan's."""
+    assert _run_script(WIDENED_BF16, RECURRENT_NATIVE_WIDEN_BF16="1") == ["ok"]
 
 
 STEP_GEMM = """
-import sys, warnings
+import warnings
 import jax, jax.numpy as jnp, numpy as np, recurrent
 from recurrent import native
 warnings.simplefilter("error", recurrent.FallbackWarning)  # the native kernel, not the scan again
@@ -597,15 +604,8 @@ def test_float32_step_products_on_packed_panels_or_onednn_match_scan(pick):
     weights packed into panels (the kernel's own AVX2 tile) or on oneDNN's GEMM; either, forced,
     gives the scan's values and gradients, with tiles and panels left partly filled (B = 7, H = 13
     on 2 threads)."""
-    import subprocess
-    import sys
-
-    from tests.subprocess_env import FAST_ENV
-
-    env = {**FAST_ENV, "RECURRENT_NATIVE_STEP_GEMM": pick, "OMP_NUM_THREADS": "2", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", STEP_GEMM], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.split()[-1] == "ok", out.stderr[-3000:]
-    assert out.stdout.split()[0] == ("1" if pick == "panels" and _cpu_has_avx2_fma() else "0")
+    panels = "1" if pick == "panels" and _cpu_has_avx2_fma() else "0"
+    assert _run_script(STEP_GEMM, RECURRENT_NATIVE_STEP_GEMM=pick, OMP_NUM_THREADS="2") == [panels, "ok"]
 
 
 def _torch_runs_a_bfloat16_lstm() -> bool:

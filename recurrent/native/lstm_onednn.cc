@@ -344,6 +344,44 @@ inline bool GemmOf(char ta, char tb, int64_t M, int64_t N, int64_t K, const bf16
   return GemmBf16(ta, tb, M, N, K, A, lda, B_, ldb, beta, C, ldc);
 }
 
+// The right operand of a per-step product: a K x N matrix, the same at every step of a call, made
+// once per call. Where UsePanels() (float32 on AVX2 CPUs) it is packed into panels for PanelGemm;
+// else it is stored row-major (as T) for oneDNN's GEMM. `at(k, c)` is its entry (k, c) (float32),
+// `dense(out)` writes it row-major into out (each site's fastest way: copies, blocked transposes).
+template <typename T>
+class StepWeights {
+ public:
+  template <typename At, typename Dense>
+  StepWeights(int64_t K, int64_t N, std::vector<T>& dense_storage, std::vector<float>& panel_storage, const At& at,
+              const Dense& dense)
+      : K_(K), N_(N), panels_(std::is_same_v<T, float> && UsePanels()) {
+    if (panels_) {
+      packed_ = Scratch(panel_storage, PanelFloats(K, N));
+      PackPanels(K, N, at, packed_);
+    } else {
+      dense_ = Scratch(dense_storage, K * N);
+      dense(dense_);
+    }
+  }
+
+  // Row-major C (M, N) = A (M, K; rows lda apart) times the matrix; false where oneDNN's GEMM failed.
+  bool Times(int64_t M, const T* A, int64_t lda, float* C, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (panels_) {
+        PanelGemm(M, N_, K_, A, lda, packed_, C, ldc);
+        return true;
+      }
+    }
+    return GemmOf('N', 'N', M, N_, K_, A, lda, dense_, N_, 0.f, C, ldc);
+  }
+
+ private:
+  int64_t K_, N_;
+  bool panels_;
+  float* packed_ = nullptr;
+  T* dense_ = nullptr;
+};
+
 // The weight gradients over all steps from dZ (T, B, 4H): dW = x^T dZ and dU = H_prev^T dZ, with
 // H_prev = [h0; ys_0 .. ys_{T-2}] as two GEMMs (h0's step, then the others'), straight from the
 // operands. Two GEMMs rather than one [x, h]^T dZ into [dW; dU]: oneDNN's GEMM ran that one at
@@ -383,28 +421,19 @@ ffi::Error FusedParts(const Shape& s, const Parts& parts, const typename P::T* x
   {
     const int64_t u0 = std::min<int64_t>(H, omp_get_thread_num() * parts.chunk);
     const int64_t u1 = std::min(H, u0 + parts.chunk), n = u1 - u0;
-    // Up (H, 4n): this thread's columns {g H + u : g = i, f, g, o; u in [u0, u1)} of U (in float32
-    // on AVX2 CPUs, packed into panels instead: see PanelGemm); zh (B, 4n).
+    // Up (H, 4n): this thread's columns {g H + u : g = i, f, g, o; u in [u0, u1)} of U; zh (B, 4n).
     const auto column = [&](int64_t k, int64_t c) { return U[k * G + (c / n) * H + u0 + c % n]; };
     thread_local std::vector<V> packed;
     thread_local std::vector<float> panels;
     thread_local std::vector<float> step;
-    constexpr bool kPanels = std::is_same_v<V, float>;
-    const bool use_panels = kPanels && UsePanels();
-    V* Up = use_panels ? nullptr : Scratch(packed, H * 4 * n);
-    float* Upanels = use_panels ? Scratch(panels, PanelFloats(H, 4 * n)) : nullptr;
-    float* zh = Scratch(step, B * 4 * n);
-    if (use_panels)
-      PackPanels(H, 4 * n, column, Upanels);
-    else
+    const StepWeights<V> Up(H, 4 * n, packed, panels, column, [&](V* out) {
       for (int64_t k = 0; k < H; ++k)
-        for (int64_t c = 0; c < 4 * n; ++c) Up[k * 4 * n + c] = P::Store(column(k, c));
+        for (int64_t c = 0; c < 4 * n; ++c) out[k * 4 * n + c] = P::Store(column(k, c));
+    });
+    float* zh = Scratch(step, B * 4 * n);
     for (int64_t t = 0; t < T; ++t) {
       const V* h_prev = t == 0 ? h0 : ys + (t - 1) * B * H;
-      if constexpr (kPanels) {
-        if (use_panels) PanelGemm(B, 4 * n, H, h_prev, H, Upanels, zh, 4 * n);
-      }
-      if (!use_panels && !GemmOf('N', 'N', B, 4 * n, H, h_prev, H, Up, 4 * n, 0.f, zh, 4 * n)) {
+      if (!Up.Times(B, h_prev, H, zh, 4 * n)) {
 #pragma omp atomic write
         failed = true;
       }
@@ -426,28 +455,23 @@ ffi::Error Fused(const Shape& s, const float* x, const float* W, const float* U,
   if (const Parts parts = PartsOf(s.H); parts.threads > 1)
     return FusedParts<Fp32>(s, parts, x, W, U, b, h0, c0, ys, hT, cT, workspace);
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
-  thread_local std::vector<float> scratch;
+  thread_local std::vector<float> dense, panels, scratch;
   // [W; U] (F + H, 4H), so that one GEMM per step, [x_t, h_{t-1}] [W; U], gives the whole
-  // pre-activation (on AVX2 CPUs packed into panels: see PanelGemm), and xh, one step's [x_t, h_{t-1}].
-  const bool panels = UsePanels();
-  float* WU = Scratch(scratch, (panels ? PanelFloats(K, G) : K * G) + B * K);
-  float* xh = WU + (panels ? PanelFloats(K, G) : K * G);
-  if (panels) {
-    PackPanels(K, G, [&](int64_t k, int64_t c) { return k < F ? W[k * G + c] : U[(k - F) * G + c]; }, WU);
-  } else {
-    std::memcpy(WU, W, F * G * sizeof(float));
-    std::memcpy(WU + F * G, U, H * G * sizeof(float));
-  }
+  // pre-activation, and xh, one step's [x_t, h_{t-1}].
+  const StepWeights<float> WU(
+      K, G, dense, panels, [&](int64_t k, int64_t c) { return k < F ? W[k * G + c] : U[(k - F) * G + c]; },
+      [&](float* out) {
+        std::memcpy(out, W, F * G * sizeof(float));
+        std::memcpy(out + F * G, U, H * G * sizeof(float));
+      });
+  float* xh = Scratch(scratch, B * K);
   float* A = workspace;
   float* C = A + T * B * G;
   for (int64_t t = 0; t < T; ++t) {
     float* z = A + t * B * G;
     CopyRows(B, F, x + t * B * F, F, xh, K);
     CopyRows(B, H, t == 0 ? h0 : ys + (t - 1) * B * H, H, xh + F, K);
-    if (panels)
-      PanelGemm(B, G, K, xh, K, WU, z, G);
-    else if (!Gemm('N', 'N', B, G, K, xh, K, WU, G, 0.f, z, G))
-      return Fail("[x, h] [W; U] failed");
+    if (!WU.Times(B, xh, K, z, G)) return Fail("[x, h] [W; U] failed");
     ForwardStep<Fp32>(B, H, 0, H, z, nullptr, 0, 0, b, t == 0 ? c0 : C + (t - 1) * B * H, C + t * B * H, ys + t * B * H);
   }
   std::memcpy(hT, ys + (T - 1) * B * H, B * H * sizeof(float));
@@ -540,27 +564,18 @@ ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<
   {
     const int64_t u0 = std::min<int64_t>(H, omp_get_thread_num() * parts.chunk);
     const int64_t u1 = std::min(H, u0 + parts.chunk), n = u1 - u0;
-    // Ut (4H, n) = U[u0:u1, :]^T, this thread's output columns of dh = dz U^T (in float32 on AVX2
-    // CPUs, packed into panels instead).
+    // Ut (4H, n) = U[u0:u1, :]^T, this thread's output columns of dh = dz U^T.
     thread_local std::vector<V> packed;
     thread_local std::vector<float> panels;
-    constexpr bool kPanels = std::is_same_v<V, float>;
-    const bool use_panels = kPanels && UsePanels();
-    V* Ut = use_panels ? nullptr : Scratch(packed, G * n);
-    float* Upanels = use_panels ? Scratch(panels, PanelFloats(G, n)) : nullptr;
-    if (use_panels)
-      PackPanels(G, n, [&](int64_t k, int64_t c) { return a.U[(u0 + c) * G + k]; }, Upanels);
-    else
-      Transpose<P>(a.U + u0 * G, n, G, Ut, n);
+    const StepWeights<V> Ut(
+        G, n, packed, panels, [&](int64_t k, int64_t c) { return a.U[(u0 + c) * G + k]; },
+        [&](V* out) { Transpose<P>(a.U + u0 * G, n, G, out, n); });
     for (int64_t t = T - 1; t >= 0; --t) {
       const float* c_prev = t == 0 ? a.c0 : C + (t - 1) * B * H;
       V* dz = dZ + t * B * G;
       BackwardStep<P>(B, H, u0, u1, A + t * B * G, C + t * B * H, c_prev, dh, H, a.dys + t * B * H, dc, dz, dbias);
 #pragma omp barrier
-      if constexpr (kPanels) {
-        if (use_panels) PanelGemm(B, n, G, dz, G, Upanels, dh + u0, H);
-      }
-      if (!use_panels && !GemmOf('N', 'N', B, n, G, dz, G, Ut, n, 0.f, dh + u0, H)) {
+      if (!Ut.Times(B, dz, G, dh + u0, H)) {
 #pragma omp atomic write
         failed = true;
       }
@@ -584,21 +599,19 @@ ffi::Error Backward(const Shape& s, const BackwardArgs<float>& a) {
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
   const float* A = a.workspace;
   const float* C = A + T * B * G;
-  thread_local std::vector<float> dz_buffer, weights;
+  thread_local std::vector<float> dz_buffer, dense, panels, step;
   // dZ (T, B, 4H) of every step, for the weight gradients.
   float* dZ = Scratch(dz_buffer, T * B * G);
   // [W; U]^T (4H, F + H) once, so that one GEMM per step gives [dx_t, dh_{t-1}] = dz_t [W; U]^T
   // (a transposed operand would cost dnnl_sgemm a repacking on every call); then dxh, one step's
-  // [dx_t, dh_{t-1}] (on AVX2 CPUs [W; U]^T packed into panels instead).
-  const bool panels = UsePanels();
-  float* WUt = Scratch(weights, (panels ? PanelFloats(G, K) : G * K) + B * K);
-  float* dxh = WUt + (panels ? PanelFloats(G, K) : G * K);
-  if (panels) {
-    PackPanels(G, K, [&](int64_t k, int64_t c) { return c < F ? a.W[c * G + k] : a.U[(c - F) * G + k]; }, WUt);
-  } else {
-    Transpose<Fp32>(a.W, F, G, WUt, K);
-    Transpose<Fp32>(a.U, H, G, WUt + F, K);
-  }
+  // [dx_t, dh_{t-1}].
+  const StepWeights<float> WUt(
+      G, K, dense, panels, [&](int64_t k, int64_t c) { return c < F ? a.W[c * G + k] : a.U[(c - F) * G + k]; },
+      [&](float* out) {
+        Transpose<Fp32>(a.W, F, G, out, K);
+        Transpose<Fp32>(a.U, H, G, out + F, K);
+      });
+  float* dxh = Scratch(step, B * K);
   float* dc = a.dc0;
   float* dbias = a.db;
   CopyRows(B, H, a.dhT, H, dxh + F, K);
@@ -609,10 +622,7 @@ ffi::Error Backward(const Shape& s, const BackwardArgs<float>& a) {
     float* dz = dZ + t * B * G;
     BackwardStep<Fp32>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
                        dbias);
-    if (panels)
-      PanelGemm(B, K, G, dz, G, WUt, dxh, K);
-    else if (!Gemm('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K))
-      return Fail("dz [W; U]^T failed");
+    if (!WUt.Times(B, dz, G, dxh, K)) return Fail("dz [W; U]^T failed");
     CopyRows(B, F, dxh, K, a.dx + t * B * F, F);
   }
   CopyRows(B, H, dxh + F, K, a.dh0, H);
