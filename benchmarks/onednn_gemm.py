@@ -8,8 +8,11 @@ threads = the cores), interleaved, and reports GFLOP/s: the input projection ``x
 ``h U`` of one thread's share of the gate columns and ``dz U^T`` of one thread's share of the units
 (both run single-threaded inside the kernel's parallel region, so timed on one thread here), ``dx =
 dZ W^T``, and the weight gradients both as one ``[x, h]^T dZ`` into ``[dW; dU]`` and as the two
-GEMMs ``x^T dZ`` and ``h^T dZ`` the kernel runs (on 2 AVX2 cores the one GEMM ran at about 47
-GFLOP/s, its halves at about 61). Numbers depend on the CPU; the point is the comparison in one run.
+GEMMs ``x^T dZ`` and ``h^T dZ`` the kernel runs on other CPUs (on 2 AVX2 cores the one GEMM ran at
+about 47 GFLOP/s, its halves at about 61). Where the kernel is built and the CPU has AVX2 and FMA, the
+kernel's own blocked GEMM (what it runs for ``x W``, ``dx`` and ``[x, h]^T dZ`` on AVX2 CPUs without
+AVX-512) is timed at the same products in the same run, with its ratio to oneDNN's time. Numbers
+depend on the CPU; the point is the comparison in one run.
 """
 
 from __future__ import annotations
@@ -41,6 +44,30 @@ def _sgemm():
         if status != 0:
             raise RuntimeError(f"dnnl_sgemm failed with status {status}")
 
+    return gemm
+
+
+def _blocked_gemm():
+    """The native kernel's own blocked GEMM (``recurrent_blocked_gemm``: C = op(A) B, row-major),
+    or None where the kernel is not built or the CPU lacks AVX2 and FMA."""
+    from recurrent import native
+
+    if native.reason() is not None:
+        return None
+    fn = native._load().recurrent_blocked_gemm
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_char, i64, i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ptr, i64]
+    fn.restype = i64
+
+    def gemm(ta, M, N, K, A, lda, B, ldb, C, ldc):
+        if fn(ta, M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, 0.0, C.ctypes.data, ldc) != 0:
+            raise RuntimeError("this CPU has no AVX2 and FMA for the kernel's blocked GEMM")
+
+    probe = np.zeros((1, 1), np.float32)
+    try:
+        gemm(b"N", 1, 1, 1, probe, 1, probe, 1, probe, 1)
+    except RuntimeError:
+        return None
     return gemm
 
 
@@ -105,6 +132,31 @@ def main(argv=None):
         ),
     }
 
+    blocked = _blocked_gemm()
+    if blocked is not None:
+        # The kernel's own blocked GEMM (common.h's BlockedGemm: what the kernel runs for these products
+        # on AVX2 CPUs without AVX-512), at the same products, into its own outputs.
+        out.update({f"{k}_blocked": np.empty_like(out[k]) for k in ("A", "dx", "dWU")})
+        cases.update(
+            {
+                "x W (blocked)": (
+                    cores,
+                    2 * R * F * G,
+                    lambda: blocked(b"N", R, G, F, x, F, W, G, out["A_blocked"], G),
+                ),
+                "dx = dZ W^T (blocked)": (
+                    cores,
+                    2 * R * G * F,
+                    lambda: blocked(b"N", R, F, G, dZ, G, Wt, F, out["dx_blocked"], F),
+                ),
+                "[x, h]^T dZ (blocked)": (
+                    cores,
+                    2 * R * (F + H) * G,
+                    lambda: blocked(b"T", F + H, G, R, XH, F + H, dZ, G, out["dWU_blocked"], G),
+                ),
+            }
+        )
+
     def call(threads, fn):
         def run():
             _omp_threads(threads)
@@ -130,6 +182,12 @@ def main(argv=None):
         dW=x.T @ dZ.astype(np.float64),
         dU=hs.T @ dZ.astype(np.float64),
     )
+    if blocked is not None:
+        expected.update({f"{k}_blocked": expected[k] for k in ("A", "dx", "dWU")})
+        for name, onednn in (("x W", "x W"), ("dx = dZ W^T", "dx = dZ W^T"), ("[x, h]^T dZ", "[x, h]^T dZ (one GEMM)")):
+            ratio = rows[f"{name} (blocked)"]["ms"] / rows[onednn]["ms"]
+            rows[f"{name} (blocked)"]["over_onednn"] = ratio
+            print(f"{name}: the kernel's blocked GEMM took {ratio:.2f}x oneDNN's time")
     agreement = max(float(np.max(np.abs(out[k] - v)) / np.max(np.abs(v))) for k, v in expected.items())
     print(f"largest difference from NumPy's products, relative to each product's largest entry: {agreement:.1e}")
     result = dict(shape=dict(batch=B, steps=T, features=F, hidden=H), cores=cores, gemms=rows, agreement=agreement)

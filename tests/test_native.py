@@ -30,6 +30,7 @@ all (none at these sizes; a kernel that did not round ``x W + b`` to bfloat16 di
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -495,8 +496,57 @@ def test_onednn_gemm_benchmark_times_the_kernels_products_and_checks_them(tmp_pa
     out = tmp_path / "gemm.json"
     result = onednn_gemm.main(["--batch=3", "--steps=5", "--features=7", "--hidden=9", "--repeats=2", f"--out={out}"])
     assert result["agreement"] < 1e-5  # the ctypes binding multiplies what it says
-    assert len(result["gemms"]) == 6 and out.exists()
+    blocked = 3 if _cpu_has_avx2_fma() else 0  # the kernel's own GEMM, at three of the products
+    assert len(result["gemms"]) == 6 + blocked and out.exists()
     assert all(row["ms"] > 0 and np.isfinite(row["gflops"]) for row in result["gemms"].values())
+    assert sum("over_onednn" in row for row in result["gemms"].values()) == blocked
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_gemm_matches_numpy(threads):
+    """The kernel's blocked GEMM (the products over all steps on AVX2 CPUs): C = op(A) B and
+    C += op(A) B against NumPy's, with op(A) = A and A^T, at shapes that leave strips, panels and
+    K-blocks partly filled, with K-blocks of 256 after the first (K = 517), a single row or column,
+    and K = 0, on one thread and on two (which deal out groups of panels or strips)."""
+    import ctypes
+
+    from benchmarks.onednn_gemm import _omp_threads
+    from recurrent import native
+
+    if not _cpu_has_avx2_fma():
+        pytest.skip("the blocked GEMM is the kernel's AVX2 code; this CPU has no AVX2 and FMA")
+    fn = native._load().recurrent_blocked_gemm
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_char, i64, i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ptr, i64]
+    fn.restype = i64
+    rng = np.random.default_rng(0)
+    _omp_threads(threads)
+    try:
+        for M, N, K in [
+            (7, 13, 5),
+            (100, 37, 300),
+            (131, 1030, 517),
+            (1000, 17, 260),
+            (1, 33, 7),
+            (9, 1, 600),
+            (5, 6, 0),
+        ]:
+            for trans in (b"N", b"T"):
+                for beta in (0.0, 1.0):
+                    A = rng.standard_normal((M, K) if trans == b"N" else (K, M), dtype=np.float32)
+                    B = rng.standard_normal((K, N), dtype=np.float32)
+                    C = rng.standard_normal((M, N + 3), dtype=np.float32)  # rows ldc = N + 3 apart
+                    before = C.copy()
+                    lda = A.shape[1]
+                    assert fn(trans, M, N, K, A.ctypes.data, lda, B.ctypes.data, N, beta, C.ctypes.data, N + 3) == 0
+                    opA = (A if trans == b"N" else A.T).astype(np.float64)
+                    want = opA @ B + beta * before[:, :N]
+                    scale = max(1.0, float(np.abs(want).max()))
+                    assert np.abs(C[:, :N] - want).max() <= 1e-5 * scale, (M, N, K, trans, beta)
+                    assert np.array_equal(C[:, N:], before[:, N:])  # nothing written past a row's N
+    finally:
+        _omp_threads(os.cpu_count() or 1)
 
 
 @needs_kernel
@@ -564,10 +614,11 @@ from recurrent import native
 warnings.simplefilter("error", recurrent.FallbackWarning)  # the native kernel, not the scan again
 print(native._load().recurrent_step_panels())
 B, H = 7, 13  # row tiles of 6 and 1; the 2 threads' 4 n = 28 and 24 columns: a whole panel and a part
+T = 40  # T B = 280: the weight gradients' products run over two K-blocks (of 256 and 24)
 cell = recurrent.lstm(H)
 params = cell.init(jax.random.key(0), (3,))
-xs = jax.random.normal(jax.random.key(1), (B, 5, 3))
-lengths = (5 - jnp.arange(B)) % 6  # 5, 4, ..., 0 and 5: the last row (a tile of its own) runs whole
+xs = jax.random.normal(jax.random.key(1), (B, T, 3))
+lengths = jnp.array([40, 33, 26, 0, 12, 5, 39])  # the last row (a tile of its own) runs
 k = jax.random.split(jax.random.key(2))
 carry = recurrent.LSTMState(jax.random.normal(k[0], (B, H)), jax.random.normal(k[1], (B, H)))
 def check(native, scan, params, carry):
@@ -576,8 +627,9 @@ def check(native, scan, params, carry):
         return jnp.sum(ys * jnp.cos(ys)) + sum(jnp.sum(l * w) for l, w in zip(jax.tree.leaves(c), (1.3, -0.7) * 2))
     h = (native, scan)
     got = [jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)(params, xs, carry, l) for l in h]
-    for a, b in zip(*map(jax.tree.leaves, got)):
-        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5, np.abs(np.asarray(a) - np.asarray(b)).max()
+    for a, b in zip(*map(jax.tree.leaves, got)):  # to 1e-5 of each array's scale (sums over 40 steps)
+        d, scale = np.abs(np.asarray(a) - np.asarray(b)).max(), max(1.0, np.abs(np.asarray(b)).max())
+        assert d <= 1e-5 * scale, (d, scale)
 # One layer split across the 2 threads (the hidden units partitioned):
 check(recurrent.rnn(cell, implementation="native"), recurrent.rnn(cell), params, carry)
 # Both directions in one call, each on one thread ([x_t, h_{t-1}] [W; U] per step, K = F + H):
@@ -601,11 +653,14 @@ def _cpu_has_avx2_fma() -> bool:
 def test_float32_step_products_on_packed_panels_or_onednn_match_scan(pick):
     """The per-step products (h U and dz U^T of a layer split across threads; [x, h] [W; U] and
     dz [W; U]^T of a layer on one thread, here both directions of a bidirectional layer) run on
-    weights packed into panels (the kernel's own AVX2 tile) or on oneDNN's GEMM; either, forced,
+    weights packed into panels (the kernel's own AVX2 tile) or on oneDNN's GEMM, and the products
+    over all steps (x W, dx, [dW; dU]) on the kernel's blocked GEMM or oneDNN's; either, forced,
     gives the scan's values and gradients, with tiles and panels left partly filled (B = 7, H = 13
-    on 2 threads)."""
+    on 2 threads). The older name of the switch, RECURRENT_NATIVE_STEP_GEMM, still picks."""
     panels = "1" if pick == "panels" and _cpu_has_avx2_fma() else "0"
-    assert _run_script(STEP_GEMM, RECURRENT_NATIVE_STEP_GEMM=pick, OMP_NUM_THREADS="2") == [panels, "ok"]
+    assert _run_script(STEP_GEMM, RECURRENT_NATIVE_GEMM=pick, OMP_NUM_THREADS="2") == [panels, "ok"]
+    if pick == "onednn":
+        assert _run_script(STEP_GEMM, RECURRENT_NATIVE_STEP_GEMM=pick, OMP_NUM_THREADS="2") == ["0", "ok"]
 
 
 def _torch_runs_a_bfloat16_lstm() -> bool:

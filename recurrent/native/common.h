@@ -122,7 +122,9 @@ inline bool Gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float*
 // tile (12 AVX accumulators, FMA) runs down each panel. On a 2-core AVX2 AMD EPYC (Zen) that
 // product took 0.23 against dnnl_sgemm's 0.26-0.29 ms. Used on x86-64 CPUs with AVX2 and FMA but
 // without AVX-512, where it was measured; elsewhere oneDNN's GEMM (its AVX-512 kernels) runs.
-// RECURRENT_NATIVE_STEP_GEMM=panels or =onednn picks one on any CPU (the tests run both).
+// RECURRENT_NATIVE_GEMM=panels or =onednn picks one on any CPU (the tests run both), for these
+// products and for the products over all steps (BlockedGemm, below); RECURRENT_NATIVE_STEP_GEMM is
+// the same switch's older name.
 
 // Whether the float32 per-step product runs on packed panels (asked once).
 inline bool UsePanels() {
@@ -130,7 +132,8 @@ inline bool UsePanels() {
 #if defined(__GNUC__) && defined(__x86_64__)
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const char* pick = std::getenv("RECURRENT_NATIVE_STEP_GEMM");
+    const char* pick = std::getenv("RECURRENT_NATIVE_GEMM");
+    if (pick == nullptr) pick = std::getenv("RECURRENT_NATIVE_STEP_GEMM");
     if (pick != nullptr && std::string(pick) == "panels") return avx2;
     if (pick != nullptr && std::string(pick) == "onednn") return false;
     return avx2 && !__builtin_cpu_supports("avx512f");
@@ -309,6 +312,197 @@ T* Scratch(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
 }
+
+// ---- Large products on packed blocks (AVX2 + FMA) ------------------------------------------
+//
+// The products over all steps of a training call (x W, dx = dZ W^T, and [dW; dU] = [x, H_prev]^T dZ)
+// as a blocked GEMM in the manner of GotoBLAS: K in blocks of kBlockK; per block, B's columns packed
+// in panels of 16 (kBlockK x 16, 16 KB: stays in L1 while it is used) and op(A)'s rows in strips of 6
+// (kBlockK x 6, k-major), and a 6 x 16 register tile (PanelTile's) accumulating into C. op(A) is read
+// through an accessor a(m, k), so that A or A^T, or rows gathered from two arrays (H_prev = [h0; ys]),
+// are packed without a copy, and C's rows through c_row(m) (the rows of [dW; dU] land in two arrays).
+// The operand every thread reads whole is packed once and shared; the threads take groups of the
+// other's panels or strips dynamically, one group at a time, so a core that runs slower at the
+// moment (on a shared machine, a busy sibling hardware thread) takes fewer groups instead of holding
+// the other up at the end, as a static split does. Used on the CPUs that use PanelGemm. On a 2-core
+// AVX2 AMD EPYC (Zen) at B = 32, T = 128, F = 128, H = 256, three interleaved runs of
+// `python -m benchmarks.onednn_gemm` took 0.74-0.82x dnnl_sgemm's time for dx, 0.79-0.87x for
+// x^T dZ, 0.79-0.89x for h^T dZ and 0.85-1.06x for x W.
+constexpr int64_t kTileRows = 6, kBlockK = 256;
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// C rows c[0:MR] (columns [0, cols), cols <= 16) = (or +=, accumulate) a strip (kc x 6, k-major)
+// times a panel (kc x 16).
+template <int MR>
+__attribute__((target("avx2,fma"), always_inline)) inline void BlockTile(int64_t kc, const float* a, const float* b,
+                                                                          float* const* c, int64_t cols,
+                                                                          bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kPanel), b1 = _mm256_loadu_ps(b + k * kPanel + 8);
+    const float* ak = a + k * kTileRows;
+    __m256 x;
+#define RECURRENT_ROW(r)                               \
+  if constexpr (MR > r) {                              \
+    x = _mm256_broadcast_ss(ak + r);                   \
+    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0);         \
+    c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);         \
+  }
+    RECURRENT_ROW(0) RECURRENT_ROW(1) RECURRENT_ROW(2) RECURRENT_ROW(3) RECURRENT_ROW(4) RECURRENT_ROW(5)
+#undef RECURRENT_ROW
+  }
+  if (cols == kPanel) {
+#define RECURRENT_STORE(r)                                                                  \
+  if constexpr (MR > r) {                                                                   \
+    if (accumulate) {                                                                       \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c[r]));                              \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c[r] + 8));                          \
+    }                                                                                       \
+    _mm256_storeu_ps(c[r], c##r##0);                                                        \
+    _mm256_storeu_ps(c[r] + 8, c##r##1);                                                    \
+  }
+    RECURRENT_STORE(0) RECURRENT_STORE(1) RECURRENT_STORE(2) RECURRENT_STORE(3) RECURRENT_STORE(4) RECURRENT_STORE(5)
+#undef RECURRENT_STORE
+    return;
+  }
+  alignas(32) float tile[6][kPanel];
+#define RECURRENT_SPILL(r)                       \
+  if constexpr (MR > r) {                        \
+    _mm256_store_ps(tile[r], c##r##0);           \
+    _mm256_store_ps(tile[r] + 8, c##r##1);       \
+  }
+  RECURRENT_SPILL(0) RECURRENT_SPILL(1) RECURRENT_SPILL(2) RECURRENT_SPILL(3) RECURRENT_SPILL(4) RECURRENT_SPILL(5)
+#undef RECURRENT_SPILL
+  for (int r = 0; r < MR; ++r)
+    for (int64_t l = 0; l < cols; ++l) c[r][l] = accumulate ? c[r][l] + tile[r][l] : tile[r][l];
+}
+
+// Packs unit u (a strip of 6 rows of op(A), or a panel of 16 columns of B) of the K-block at k0
+// (kc deep) into out: strips k-major (k, row), panels (k, column); rows or columns past the matrix
+// are zero.
+template <typename AAt>
+inline void PackStrip(const AAt& a, int64_t M, int64_t u, int64_t k0, int64_t kc, float* out) {
+  const int64_t r0 = u * kTileRows, live = std::min<int64_t>(kTileRows, M - r0);
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t r = 0; r < kTileRows; ++r) out[k * kTileRows + r] = r < live ? a(r0 + r, k0 + k) : 0.f;
+}
+
+__attribute__((target("avx2,fma"))) inline void PackPanel(const float* B, int64_t ldb, int64_t N, int64_t u,
+                                                           int64_t k0, int64_t kc, float* out) {
+  const int64_t c0 = u * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = B + (k0 + k) * ldb + c0;
+    float* dst = out + k * kPanel;
+    if (cols == kPanel) {
+      _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+      _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+    } else {
+      for (int64_t l = 0; l < kPanel; ++l) dst[l] = l < cols ? src[l] : 0.f;
+    }
+  }
+}
+
+// C rows [r0, r0 + live) (live <= 6), columns [c0, c0 + cols) (cols <= 16), = (or +=) strip times panel.
+template <typename CRow>
+__attribute__((target("avx2,fma"))) inline void Tile(int64_t kc, const float* strip, const float* panel,
+                                                      const CRow& c_row, int64_t r0, int64_t live, int64_t c0,
+                                                      int64_t cols, bool acc) {
+  float* rows[kTileRows];
+  for (int64_t r = 0; r < live; ++r) rows[r] = c_row(r0 + r) + c0;
+  switch (live) {
+    case 6: BlockTile<6>(kc, strip, panel, rows, cols, acc); break;
+    case 5: BlockTile<5>(kc, strip, panel, rows, cols, acc); break;
+    case 4: BlockTile<4>(kc, strip, panel, rows, cols, acc); break;
+    case 3: BlockTile<3>(kc, strip, panel, rows, cols, acc); break;
+    case 2: BlockTile<2>(kc, strip, panel, rows, cols, acc); break;
+    default: BlockTile<1>(kc, strip, panel, rows, cols, acc); break;
+  }
+}
+
+// C (M, N) = (or +=, accumulate) op(A) (M, K; entry (m, k) = a(m, k)) times B (K, N; rows ldb apart),
+// c_row(m) C's row m; on every thread (one inside a parallel region). The operand every thread reads
+// whole is packed once, shared: A in strips where M <= N (the threads then take groups of B's
+// panels), else B in panels (the threads take groups of A's strips). The groups are dealt out
+// dynamically, one at a time, so a core that runs slower at the moment (on a shared machine, a
+// busy sibling thread) takes fewer of them instead of holding the others up at the end.
+template <typename AAt, typename CRow>
+void BlockedGemm(int64_t M, int64_t N, int64_t K, const AAt& a, const float* B, int64_t ldb, const CRow& c_row,
+                 bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(c_row(m), c_row(m) + N, 0.f);
+    return;
+  }
+  const bool share_a = M <= N;
+  const int64_t strips = (M + kTileRows - 1) / kTileRows, panels = (N + kPanel - 1) / kPanel;
+  const int64_t shared_units = share_a ? strips : panels, shared_width = share_a ? kTileRows : kPanel;
+  const int64_t own_units = share_a ? panels : strips, own_width = share_a ? kPanel : kTileRows;
+  const int64_t group = share_a ? 4 : 16, groups = (own_units + group - 1) / group;
+  const int64_t blocks = (K + kBlockK - 1) / kBlockK;
+  thread_local std::vector<float> shared_buffer;
+  float* shared = Scratch(shared_buffer, K * shared_units * shared_width);
+  // Unit u of K-block b (every block but the last is kBlockK deep).
+  const auto at = [&](float* base, int64_t units, int64_t width, int64_t b, int64_t u) {
+    return base + (b * kBlockK * units + u * std::min(kBlockK, K - b * kBlockK)) * width;
+  };
+  const int threads = omp_in_parallel() ? 1 : static_cast<int>(std::min<int64_t>(omp_get_max_threads(), groups));
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t i = 0; i < blocks * shared_units; ++i) {
+      const int64_t b = i / shared_units, u = i % shared_units, k0 = b * kBlockK, kc = std::min(kBlockK, K - k0);
+      float* out = at(shared, shared_units, shared_width, b, u);
+      if (share_a)
+        PackStrip(a, M, u, k0, kc, out);
+      else
+        PackPanel(B, ldb, N, u, k0, kc, out);
+    }
+    thread_local std::vector<float> own_buffer;
+    float* own = Scratch(own_buffer, kBlockK * group * own_width);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t u0 = g * group, u1 = std::min(own_units, u0 + group);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k0 = b * kBlockK, kc = std::min(kBlockK, K - k0);
+        const bool acc = accumulate || b > 0;
+        for (int64_t u = u0; u < u1; ++u) {
+          float* out = own + (u - u0) * kc * own_width;
+          if (share_a)
+            PackPanel(B, ldb, N, u, k0, kc, out);
+          else
+            PackStrip(a, M, u, k0, kc, out);
+        }
+        if (share_a) {
+          for (int64_t q = u0; q < u1; ++q) {
+            const float* panel = own + (q - u0) * kc * kPanel;
+            const int64_t c0 = q * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
+            for (int64_t s = 0; s < strips; ++s) {
+              const int64_t r0 = s * kTileRows;
+              Tile(kc, at(shared, strips, kTileRows, b, s), panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0),
+                   c0, cols, acc);
+            }
+          }
+        } else {
+          for (int64_t q = 0; q < panels; ++q) {
+            const float* panel = at(shared, panels, kPanel, b, q);
+            const int64_t c0 = q * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
+            for (int64_t s = u0; s < u1; ++s) {
+              const int64_t r0 = s * kTileRows;
+              Tile(kc, own + (s - u0) * kc * kTileRows, panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0), c0,
+                   cols, acc);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+#else
+template <typename AAt, typename CRow>
+void BlockedGemm(int64_t, int64_t, int64_t, const AAt&, const float*, int64_t, const CRow&, bool) {}
+#endif
 
 // a (R, C) float32 row-major into out (C, R) (stored as P::T), whose rows are `ld` apart.
 template <typename P>

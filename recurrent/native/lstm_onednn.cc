@@ -11,7 +11,8 @@
 // its own weight layouts (`any`); the weights are reordered into them on every call.
 //
 // On x86-64 CPUs with AVX2 but not AVX-512 the float32 per-step products run on weights packed
-// once per call into panels (common.h's PanelGemm) instead of dnnl_sgemm.
+// once per call into panels (common.h's PanelGemm) instead of dnnl_sgemm, and the products over all
+// steps (x W, dx, dW, dU) on common.h's BlockedGemm.
 //
 // Training (oneDNN's LSTM primitive runs reference code for forward training and backward on
 // CPUs, so it is not used there):
@@ -383,13 +384,26 @@ class StepWeights {
 };
 
 // The weight gradients over all steps from dZ (T, B, 4H): dW = x^T dZ and dU = H_prev^T dZ, with
-// H_prev = [h0; ys_0 .. ys_{T-2}] as two GEMMs (h0's step, then the others'), straight from the
-// operands. Two GEMMs rather than one [x, h]^T dZ into [dW; dU]: oneDNN's GEMM ran that one at
-// 47 against 61 GFLOP/s for its two halves (B = 32, T = 128, F + H = 128 + 256, 2 AVX2 cores: 68
-// against 17 + 35 ms), and no [x_t, h_{t-1}] copy of every step is needed.
+// H_prev = [h0; ys_0 .. ys_{T-2}], straight from the operands. In float32 on AVX2 CPUs (UsePanels)
+// one blocked product [x, H_prev]^T dZ whose rows land in dW and dU (common.h's BlockedGemm); else
+// two oneDNN GEMMs (h0's step, then the others'), not one [x, h]^T dZ into [dW; dU]: oneDNN ran that
+// one at 47 against 61 GFLOP/s for its two halves (B = 32, T = 128, F + H = 128 + 256, 2 AVX2 cores:
+// 68 against 17 + 35 ms), and no [x_t, h_{t-1}] copy of every step is needed.
 template <typename V>
 bool WeightGrads(const Shape& s, const V* x, const V* h0, const V* ys, const V* dZ, float* dW, float* dU) {
   const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H;
+  if constexpr (std::is_same_v<V, float>) {
+    if (UsePanels()) {
+      // [dW; dU] = [x, H_prev]^T dZ as one product, whose rows land in dW and dU.
+      BlockedGemm(
+          F + H, G, T * B,
+          [&](int64_t m, int64_t k) {
+            return m < F ? x[k * F + m] : (k < B ? h0[k * H + m - F] : ys[(k - B) * H + m - F]);
+          },
+          dZ, G, [&](int64_t m) { return m < F ? dW + m * G : dU + (m - F) * G; }, false);
+      return true;
+    }
+  }
   return GemmOf('T', 'N', F, G, T * B, x, F, dZ, G, 0.f, dW, G) &&
          GemmOf('T', 'N', H, G, B, h0, H, dZ, G, 0.f, dU, G) &&
          GemmOf('T', 'N', H, G, (T - 1) * B, ys, H, dZ + B * G, G, 1.f, dU, G);
@@ -408,7 +422,14 @@ ffi::Error FusedParts(const Shape& s, const Parts& parts, const typename P::T* x
   float* C = A + T * B * G;
   bool ok;
   if constexpr (std::is_same_v<V, float>) {
-    ok = Gemm('N', 'N', T * B, G, F, x, F, W, G, 0.f, A, G);
+    if (UsePanels()) {
+      BlockedGemm(
+          T * B, G, F, [&](int64_t m, int64_t k) { return x[m * F + k]; }, W, G,
+          [&](int64_t m) { return A + m * G; }, false);
+      ok = true;
+    } else {
+      ok = Gemm('N', 'N', T * B, G, F, x, F, W, G, 0.f, A, G);
+    }
   } else {
     thread_local std::vector<bf16> weights;
     bf16* Wb = Scratch(weights, F * G);
@@ -584,7 +605,13 @@ ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<
   if (failed) return Fail("dz U^T (partitioned) failed");
   for (int64_t i = 0; i < B * H; ++i) a.dh0[i] = P::Store(dh[i]);
   if constexpr (kF32) {
-    if (!Gemm('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, a.dx, F)) return Fail("dz W^T failed");
+    if (UsePanels()) {
+      BlockedGemm(
+          T * B, F, G, [&](int64_t m, int64_t k) { return dZ[m * G + k]; }, Wt, F,
+          [&](int64_t m) { return a.dx + m * F; }, false);
+    } else if (!Gemm('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, a.dx, F)) {
+      return Fail("dz W^T failed");
+    }
   } else {
     float* dX = dh + B * H;
     if (!GemmBf16('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, dX, F)) return Fail("dz W^T (bfloat16) failed");
@@ -794,6 +821,25 @@ extern "C" int64_t recurrent_bf16_gemm() { return HasBf16Gemm() ? 1 : 0; }
 
 // 1 where the float32 per-step products run on packed panels (AVX2 CPUs), 0 where on oneDNN's GEMM.
 extern "C" int64_t recurrent_step_panels() { return UsePanels() ? 1 : 0; }
+
+// Row-major C (M, N) = op(A) B (beta 0) or op(A) B + C (beta 1) through the blocked GEMM of common.h,
+// op(A) = A (M, K; rows lda apart; transa 'N') or A^T (A: K, M; 'T'): for its tests and benchmark.
+// Returns 0, or -1 where the CPU lacks AVX2 and FMA.
+extern "C" int64_t recurrent_blocked_gemm(char transa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return -1;
+  const auto row = [&](int64_t m) { return C + m * ldc; };
+  if (transa == 'T')
+    BlockedGemm(M, N, K, [&](int64_t m, int64_t k) { return A[k * lda + m]; }, B, ldb, row, beta != 0.f);
+  else
+    BlockedGemm(M, N, K, [&](int64_t m, int64_t k) { return A[m * lda + k]; }, B, ldb, row, beta != 0.f);
+  return 0;
+#else
+  return -1;
+#endif
+}
 
 extern "C" int64_t recurrent_lstm_workspace_bytes(int64_t B, int64_t T, int64_t F, int64_t H) {
   return WorkspaceFloats({B, T, F, H}) * static_cast<int64_t>(sizeof(float));
