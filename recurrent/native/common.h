@@ -325,9 +325,9 @@ T* Scratch(std::vector<T>& v, size_t n) {
 // other's panels or strips dynamically, one group at a time, so a core that runs slower at the
 // moment (on a shared machine, a busy sibling hardware thread) takes fewer groups instead of holding
 // the other up at the end, as a static split does. Used on the CPUs that use PanelGemm. On a 2-core
-// AVX2 AMD EPYC (Zen) at B = 32, T = 128, F = 128, H = 256, three interleaved runs of
-// `python -m benchmarks.onednn_gemm` took 0.74-0.82x dnnl_sgemm's time for dx, 0.79-0.87x for
-// x^T dZ, 0.79-0.89x for h^T dZ and 0.85-1.06x for x W.
+// AVX2 AMD EPYC (Zen) at B = 32, T = 128, F = 128, H = 256, two runs of `python -m
+// benchmarks.onednn_gemm` took 0.86-0.97x dnnl_sgemm's time for x W, 0.74x for dx and 0.77-0.82x for
+// [x, h]^T dZ.
 constexpr int64_t kTileRows = 6, kBlockK = 256;
 
 #if defined(__GNUC__) && defined(__x86_64__)
