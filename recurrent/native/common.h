@@ -162,65 +162,87 @@ void PackPanels(int64_t K, int64_t N, const At& at, float* out) {
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// C[0:MR, 0:cols] = A[0:MR, 0:K] (rows lda apart) times one panel (K x 16), cols <= 16.
-template <int MR>
-__attribute__((target("avx2,fma"), always_inline)) inline void PanelTile(int64_t K, const float* A, int64_t lda,
-                                                                          const float* panel, float* C, int64_t ldc,
-                                                                          int64_t cols) {
+constexpr int64_t kTileRows = 6;  // rows of the register tile
+
+// C's rows c[0:MR], columns [0, cols) (cols <= 16), = (or +=, accumulate) MR rows of A times one panel
+// (K x 16), with 12 AVX accumulators and FMA. kStrip: A is a packed strip (entry (r, k) at
+// a[6 k + r], BlockedGemm's); else A's rows are lda apart (entry (r, k) at a[r lda + k]).
+template <int MR, bool kStrip>
+__attribute__((target("avx2,fma"), always_inline)) inline void Tile(int64_t K, const float* a, int64_t lda,
+                                                                     const float* panel, float* const* c,
+                                                                     int64_t cols, bool accumulate) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float* a0 = A;
-  const float* a1 = A + (MR > 1 ? lda : 0);
-  const float* a2 = A + (MR > 2 ? 2 * lda : 0);
-  const float* a3 = A + (MR > 3 ? 3 * lda : 0);
-  const float* a4 = A + (MR > 4 ? 4 * lda : 0);
-  const float* a5 = A + (MR > 5 ? 5 * lda : 0);
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(panel + k * kPanel), b1 = _mm256_loadu_ps(panel + k * kPanel + 8);
-    __m256 a;
+    __m256 x;
     // Named accumulators, not arrays: GCC keeps those in registers (an array spilled to the stack).
-#define RECURRENT_ROW(r)                               \
-  if constexpr (MR > r) {                              \
-    a = _mm256_broadcast_ss(a##r + k);                 \
-    c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0);         \
-    c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1);         \
+#define RECURRENT_ROW(r)                                                              \
+  if constexpr (MR > r) {                                                             \
+    x = _mm256_broadcast_ss(kStrip ? a + k * kTileRows + r : a + r * lda + k);        \
+    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0);                                        \
+    c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);                                        \
   }
     RECURRENT_ROW(0) RECURRENT_ROW(1) RECURRENT_ROW(2) RECURRENT_ROW(3) RECURRENT_ROW(4) RECURRENT_ROW(5)
 #undef RECURRENT_ROW
   }
-  alignas(32) float tile[6][kPanel];
-  float* out[6];
-  const bool whole = cols == kPanel;
-  for (int r = 0; r < MR; ++r) out[r] = whole ? C + r * ldc : tile[r];
-#define RECURRENT_STORE(r)                              \
-  if constexpr (MR > r) {                               \
-    _mm256_storeu_ps(out[r], c##r##0);                  \
-    _mm256_storeu_ps(out[r] + 8, c##r##1);              \
+  if (cols == kPanel) {
+#define RECURRENT_STORE(r)                                                                  \
+  if constexpr (MR > r) {                                                                   \
+    if (accumulate) {                                                                       \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c[r]));                              \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c[r] + 8));                          \
+    }                                                                                       \
+    _mm256_storeu_ps(c[r], c##r##0);                                                        \
+    _mm256_storeu_ps(c[r] + 8, c##r##1);                                                    \
   }
-  RECURRENT_STORE(0) RECURRENT_STORE(1) RECURRENT_STORE(2) RECURRENT_STORE(3) RECURRENT_STORE(4) RECURRENT_STORE(5)
+    RECURRENT_STORE(0) RECURRENT_STORE(1) RECURRENT_STORE(2) RECURRENT_STORE(3) RECURRENT_STORE(4) RECURRENT_STORE(5)
 #undef RECURRENT_STORE
-  if (!whole)
-    for (int r = 0; r < MR; ++r) std::memcpy(C + r * ldc, tile[r], cols * sizeof(float));
+    return;
+  }
+  alignas(32) float tile[6][kPanel];
+#define RECURRENT_SPILL(r)                       \
+  if constexpr (MR > r) {                        \
+    _mm256_store_ps(tile[r], c##r##0);           \
+    _mm256_store_ps(tile[r] + 8, c##r##1);       \
+  }
+  RECURRENT_SPILL(0) RECURRENT_SPILL(1) RECURRENT_SPILL(2) RECURRENT_SPILL(3) RECURRENT_SPILL(4) RECURRENT_SPILL(5)
+#undef RECURRENT_SPILL
+  for (int r = 0; r < MR; ++r)
+    for (int64_t l = 0; l < cols; ++l) c[r][l] = accumulate ? c[r][l] + tile[r][l] : tile[r][l];
+}
+
+// Tile<rows, kStrip> for 1 <= rows <= 6 known only at run time.
+template <bool kStrip>
+__attribute__((target("avx2,fma"), always_inline)) inline void TileRows(int64_t rows, int64_t K, const float* a,
+                                                                         int64_t lda, const float* panel,
+                                                                         float* const* c, int64_t cols,
+                                                                         bool accumulate) {
+  switch (rows) {
+    case 6: Tile<6, kStrip>(K, a, lda, panel, c, cols, accumulate); break;
+    case 5: Tile<5, kStrip>(K, a, lda, panel, c, cols, accumulate); break;
+    case 4: Tile<4, kStrip>(K, a, lda, panel, c, cols, accumulate); break;
+    case 3: Tile<3, kStrip>(K, a, lda, panel, c, cols, accumulate); break;
+    case 2: Tile<2, kStrip>(K, a, lda, panel, c, cols, accumulate); break;
+    default: Tile<1, kStrip>(K, a, lda, panel, c, cols, accumulate); break;
+  }
 }
 
 // Row-major C (M, N) = A (M, K; rows lda apart) times B packed by PackPanels.
 __attribute__((target("avx2,fma"))) inline void PanelGemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                                                           const float* panels, float* C, int64_t ldc) {
+  float* rows[kTileRows];
   for (int64_t p = 0; p * kPanel < N; ++p) {
     const float* panel = panels + p * K * kPanel;
     const int64_t cols = std::min<int64_t>(kPanel, N - p * kPanel);
-    float* Cp = C + p * kPanel;
     int64_t m = 0;
-    for (; m + 6 <= M; m += 6) PanelTile<6>(K, A + m * lda, lda, panel, Cp + m * ldc, ldc, cols);
-    const float* Am = A + m * lda;
-    float* Cm = Cp + m * ldc;
-    switch (M - m) {
-      case 5: PanelTile<5>(K, Am, lda, panel, Cm, ldc, cols); break;
-      case 4: PanelTile<4>(K, Am, lda, panel, Cm, ldc, cols); break;
-      case 3: PanelTile<3>(K, Am, lda, panel, Cm, ldc, cols); break;
-      case 2: PanelTile<2>(K, Am, lda, panel, Cm, ldc, cols); break;
-      case 1: PanelTile<1>(K, Am, lda, panel, Cm, ldc, cols); break;
-      default: break;
+    for (; m + kTileRows <= M; m += kTileRows) {
+      for (int r = 0; r < kTileRows; ++r) rows[r] = C + (m + r) * ldc + p * kPanel;
+      Tile<kTileRows, false>(K, A + m * lda, lda, panel, rows, cols, false);
+    }
+    if (m < M) {
+      for (int64_t r = 0; r < M - m; ++r) rows[r] = C + (m + r) * ldc + p * kPanel;
+      TileRows<false>(M - m, K, A + m * lda, lda, panel, rows, cols, false);
     }
   }
 }
@@ -318,7 +340,7 @@ T* Scratch(std::vector<T>& v, size_t n) {
 // The products over all steps of a training call (x W, dx = dZ W^T, and [dW; dU] = [x, H_prev]^T dZ)
 // as a blocked GEMM in the manner of GotoBLAS: K in blocks of kBlockK; per block, B's columns packed
 // in panels of 16 (kBlockK x 16, 16 KB: stays in L1 while it is used) and op(A)'s rows in strips of 6
-// (kBlockK x 6, k-major), and a 6 x 16 register tile (PanelTile's) accumulating into C. op(A) is read
+// (kBlockK x 6, k-major), and the 6 x 16 register tile (Tile) accumulating into C. op(A) is read
 // through an accessor a(m, k), so that A or A^T, or rows gathered from two arrays (H_prev = [h0; ys]),
 // are packed without a copy, and C's rows through c_row(m) (the rows of [dW; dU] land in two arrays).
 // The operand every thread reads whole is packed once and shared; the threads take groups of the
@@ -328,56 +350,9 @@ T* Scratch(std::vector<T>& v, size_t n) {
 // AVX2 AMD EPYC (Zen) at B = 32, T = 128, F = 128, H = 256, two runs of `python -m
 // benchmarks.onednn_gemm` took 0.86-0.97x dnnl_sgemm's time for x W, 0.74x for dx and 0.77-0.82x for
 // [x, h]^T dZ.
-constexpr int64_t kTileRows = 6, kBlockK = 256;
+constexpr int64_t kBlockK = 256;
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// C rows c[0:MR] (columns [0, cols), cols <= 16) = (or +=, accumulate) a strip (kc x 6, k-major)
-// times a panel (kc x 16).
-template <int MR>
-__attribute__((target("avx2,fma"), always_inline)) inline void BlockTile(int64_t kc, const float* a, const float* b,
-                                                                          float* const* c, int64_t cols,
-                                                                          bool accumulate) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * kPanel), b1 = _mm256_loadu_ps(b + k * kPanel + 8);
-    const float* ak = a + k * kTileRows;
-    __m256 x;
-#define RECURRENT_ROW(r)                               \
-  if constexpr (MR > r) {                              \
-    x = _mm256_broadcast_ss(ak + r);                   \
-    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0);         \
-    c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);         \
-  }
-    RECURRENT_ROW(0) RECURRENT_ROW(1) RECURRENT_ROW(2) RECURRENT_ROW(3) RECURRENT_ROW(4) RECURRENT_ROW(5)
-#undef RECURRENT_ROW
-  }
-  if (cols == kPanel) {
-#define RECURRENT_STORE(r)                                                                  \
-  if constexpr (MR > r) {                                                                   \
-    if (accumulate) {                                                                       \
-      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c[r]));                              \
-      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c[r] + 8));                          \
-    }                                                                                       \
-    _mm256_storeu_ps(c[r], c##r##0);                                                        \
-    _mm256_storeu_ps(c[r] + 8, c##r##1);                                                    \
-  }
-    RECURRENT_STORE(0) RECURRENT_STORE(1) RECURRENT_STORE(2) RECURRENT_STORE(3) RECURRENT_STORE(4) RECURRENT_STORE(5)
-#undef RECURRENT_STORE
-    return;
-  }
-  alignas(32) float tile[6][kPanel];
-#define RECURRENT_SPILL(r)                       \
-  if constexpr (MR > r) {                        \
-    _mm256_store_ps(tile[r], c##r##0);           \
-    _mm256_store_ps(tile[r] + 8, c##r##1);       \
-  }
-  RECURRENT_SPILL(0) RECURRENT_SPILL(1) RECURRENT_SPILL(2) RECURRENT_SPILL(3) RECURRENT_SPILL(4) RECURRENT_SPILL(5)
-#undef RECURRENT_SPILL
-  for (int r = 0; r < MR; ++r)
-    for (int64_t l = 0; l < cols; ++l) c[r][l] = accumulate ? c[r][l] + tile[r][l] : tile[r][l];
-}
-
 // Packs unit u (a strip of 6 rows of op(A), or a panel of 16 columns of B) of the K-block at k0
 // (kc deep) into out: strips k-major (k, row), panels (k, column); rows or columns past the matrix
 // are zero.
@@ -405,19 +380,12 @@ __attribute__((target("avx2,fma"))) inline void PackPanel(const float* B, int64_
 
 // C rows [r0, r0 + live) (live <= 6), columns [c0, c0 + cols) (cols <= 16), = (or +=) strip times panel.
 template <typename CRow>
-__attribute__((target("avx2,fma"))) inline void Tile(int64_t kc, const float* strip, const float* panel,
-                                                      const CRow& c_row, int64_t r0, int64_t live, int64_t c0,
-                                                      int64_t cols, bool acc) {
+__attribute__((target("avx2,fma"))) inline void StripTile(int64_t kc, const float* strip, const float* panel,
+                                                           const CRow& c_row, int64_t r0, int64_t live, int64_t c0,
+                                                           int64_t cols, bool acc) {
   float* rows[kTileRows];
   for (int64_t r = 0; r < live; ++r) rows[r] = c_row(r0 + r) + c0;
-  switch (live) {
-    case 6: BlockTile<6>(kc, strip, panel, rows, cols, acc); break;
-    case 5: BlockTile<5>(kc, strip, panel, rows, cols, acc); break;
-    case 4: BlockTile<4>(kc, strip, panel, rows, cols, acc); break;
-    case 3: BlockTile<3>(kc, strip, panel, rows, cols, acc); break;
-    case 2: BlockTile<2>(kc, strip, panel, rows, cols, acc); break;
-    default: BlockTile<1>(kc, strip, panel, rows, cols, acc); break;
-  }
+  TileRows<true>(live, kc, strip, 0, panel, rows, cols, acc);
 }
 
 // C (M, N) = (or +=, accumulate) op(A) (M, K; entry (m, k) = a(m, k)) times B (K, N; rows ldb apart),
@@ -480,7 +448,7 @@ void BlockedGemm(int64_t M, int64_t N, int64_t K, const AAt& a, const float* B, 
             const int64_t c0 = q * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
             for (int64_t s = 0; s < strips; ++s) {
               const int64_t r0 = s * kTileRows;
-              Tile(kc, at(shared, strips, kTileRows, b, s), panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0),
+              StripTile(kc, at(shared, strips, kTileRows, b, s), panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0),
                    c0, cols, acc);
             }
           }
@@ -490,7 +458,7 @@ void BlockedGemm(int64_t M, int64_t N, int64_t K, const AAt& a, const float* B, 
             const int64_t c0 = q * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
             for (int64_t s = u0; s < u1; ++s) {
               const int64_t r0 = s * kTileRows;
-              Tile(kc, own + (s - u0) * kc * kTileRows, panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0), c0,
+              StripTile(kc, own + (s - u0) * kc * kTileRows, panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0), c0,
                    cols, acc);
             }
           }
