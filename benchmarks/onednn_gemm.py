@@ -48,8 +48,8 @@ def _sgemm():
 
 
 def _blocked_gemm():
-    """The native kernel's own blocked GEMM (``recurrent_blocked_gemm``: C = op(A) B, row-major),
-    or None where the kernel is not built or the CPU lacks AVX2 and FMA."""
+    """The native kernel's own blocked GEMM (``recurrent_blocked_gemm``: C = op(A) B, or op(A) B + C
+    with ``beta=1``, row-major), or None where the kernel is not built or the CPU lacks AVX2 and FMA."""
     from recurrent import native
 
     if native.reason() is not None:
@@ -59,8 +59,8 @@ def _blocked_gemm():
     fn.argtypes = [ctypes.c_char, i64, i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ptr, i64]
     fn.restype = i64
 
-    def gemm(ta, M, N, K, A, lda, B, ldb, C, ldc):
-        if fn(ta, M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, 0.0, C.ctypes.data, ldc) != 0:
+    def gemm(ta, M, N, K, A, lda, B, ldb, C, ldc, beta=0.0):
+        if fn(ta, M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, beta, C.ctypes.data, ldc) != 0:
             raise RuntimeError("this CPU has no AVX2 and FMA for the kernel's blocked GEMM")
 
     probe = np.zeros((1, 1), np.float32)

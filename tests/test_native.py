@@ -509,17 +509,12 @@ def test_blocked_gemm_matches_numpy(threads):
     C += op(A) B against NumPy's, with op(A) = A and A^T, at shapes that leave strips, panels and
     K-blocks partly filled, with K-blocks of 256 after the first (K = 517), a single row or column,
     and K = 0, on one thread and on two (which deal out groups of panels or strips)."""
-    import ctypes
-
-    from benchmarks.onednn_gemm import _omp_threads
-    from recurrent import native
+    from benchmarks.onednn_gemm import _blocked_gemm, _omp_threads
 
     if not _cpu_has_avx2_fma():
         pytest.skip("the blocked GEMM is the kernel's AVX2 code; this CPU has no AVX2 and FMA")
-    fn = native._load().recurrent_blocked_gemm
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_char, i64, i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ptr, i64]
-    fn.restype = i64
+    gemm = _blocked_gemm()
+    assert gemm is not None  # the kernel is built and the CPU has AVX2 and FMA
     rng = np.random.default_rng(0)
     _omp_threads(threads)
     try:
@@ -539,7 +534,7 @@ def test_blocked_gemm_matches_numpy(threads):
                     C = rng.standard_normal((M, N + 3), dtype=np.float32)  # rows ldc = N + 3 apart
                     before = C.copy()
                     lda = A.shape[1]
-                    assert fn(trans, M, N, K, A.ctypes.data, lda, B.ctypes.data, N, beta, C.ctypes.data, N + 3) == 0
+                    gemm(trans, M, N, K, A, lda, B, N, C, N + 3, beta=beta)
                     opA = (A if trans == b"N" else A.T).astype(np.float64)
                     want = opA @ B + beta * before[:, :N]
                     scale = max(1.0, float(np.abs(want).max()))

@@ -126,12 +126,21 @@ inline bool Gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float*
 // products and for the products over all steps (BlockedGemm, below); RECURRENT_NATIVE_STEP_GEMM is
 // the same switch's older name.
 
+// Whether the CPU runs the kernel's own AVX2 + FMA code (the panels' tile).
+inline bool HasAvx2Fma() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 // Whether the float32 per-step product runs on packed panels (asked once).
 inline bool UsePanels() {
   static const bool use = [] {
 #if defined(__GNUC__) && defined(__x86_64__)
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx2 = HasAvx2Fma();
     const char* pick = std::getenv("RECURRENT_NATIVE_GEMM");
     if (pick == nullptr) pick = std::getenv("RECURRENT_NATIVE_STEP_GEMM");
     if (pick != nullptr && std::string(pick) == "panels") return avx2;
@@ -378,11 +387,14 @@ __attribute__((target("avx2,fma"))) inline void PackPanel(const float* B, int64_
   }
 }
 
-// C rows [r0, r0 + live) (live <= 6), columns [c0, c0 + cols) (cols <= 16), = (or +=) strip times panel.
+// C (M, N)'s tile of strip s (rows [6 s, 6 s + 6)) and panel q (columns [16 q, 16 q + 16)), cut at M
+// and N, = (or +=) the packed strip (kc x 6) times the packed panel (kc x 16).
 template <typename CRow>
 __attribute__((target("avx2,fma"))) inline void StripTile(int64_t kc, const float* strip, const float* panel,
-                                                           const CRow& c_row, int64_t r0, int64_t live, int64_t c0,
-                                                           int64_t cols, bool acc) {
+                                                           const CRow& c_row, int64_t s, int64_t q, int64_t M,
+                                                           int64_t N, bool acc) {
+  const int64_t r0 = s * kTileRows, live = std::min<int64_t>(kTileRows, M - r0);
+  const int64_t c0 = q * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
   float* rows[kTileRows];
   for (int64_t r = 0; r < live; ++r) rows[r] = c_row(r0 + r) + c0;
   TileRows<true>(live, kc, strip, 0, panel, rows, cols, acc);
@@ -443,25 +455,13 @@ void BlockedGemm(int64_t M, int64_t N, int64_t K, const AAt& a, const float* B, 
             PackStrip(a, M, u, k0, kc, out);
         }
         if (share_a) {
-          for (int64_t q = u0; q < u1; ++q) {
-            const float* panel = own + (q - u0) * kc * kPanel;
-            const int64_t c0 = q * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
-            for (int64_t s = 0; s < strips; ++s) {
-              const int64_t r0 = s * kTileRows;
-              StripTile(kc, at(shared, strips, kTileRows, b, s), panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0),
-                   c0, cols, acc);
-            }
-          }
+          for (int64_t q = u0; q < u1; ++q)
+            for (int64_t s = 0; s < strips; ++s)
+              StripTile(kc, at(shared, strips, kTileRows, b, s), own + (q - u0) * kc * kPanel, c_row, s, q, M, N, acc);
         } else {
-          for (int64_t q = 0; q < panels; ++q) {
-            const float* panel = at(shared, panels, kPanel, b, q);
-            const int64_t c0 = q * kPanel, cols = std::min<int64_t>(kPanel, N - c0);
-            for (int64_t s = u0; s < u1; ++s) {
-              const int64_t r0 = s * kTileRows;
-              StripTile(kc, own + (s - u0) * kc * kTileRows, panel, c_row, r0, std::min<int64_t>(kTileRows, M - r0), c0,
-                   cols, acc);
-            }
-          }
+          for (int64_t q = 0; q < panels; ++q)
+            for (int64_t s = u0; s < u1; ++s)
+              StripTile(kc, own + (s - u0) * kc * kTileRows, at(shared, panels, kPanel, b, q), c_row, s, q, M, N, acc);
         }
       }
     }

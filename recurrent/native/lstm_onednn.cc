@@ -828,8 +828,7 @@ extern "C" int64_t recurrent_step_panels() { return UsePanels() ? 1 : 0; }
 extern "C" int64_t recurrent_blocked_gemm(char transa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                                           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return -1;
+  if (!HasAvx2Fma()) return -1;
   const auto row = [&](int64_t m) { return C + m * ldc; };
   if (transa == 'T')
     BlockedGemm(M, N, K, [&](int64_t m, int64_t k) { return A[k * lda + m]; }, B, ldb, row, beta != 0.f);
