@@ -261,14 +261,17 @@ def _bf16_setup(shape, seed):
     return cell, params, xs, carry
 
 
-def _bf16_loss(layer, lengths):
+def _bf16_loss(layer, lengths, argnums=(0, 1, 2)):
+    """The jitted value and gradients (w.r.t. ``argnums``) of a loss of ``layer``'s outputs and carry,
+    summed in float32 (so it serves float32 compute too)."""
+
     def loss(params, xs, carry):
         carry, ys = layer.apply(params, xs, lengths=lengths, carry=carry)
         w = jnp.arange(ys.size, dtype=jnp.float32).reshape(ys.shape) / ys.size
         value = jnp.sum(ys.astype(jnp.float32) * w) + jnp.sum(carry.h.astype(jnp.float32) * 1.3)
         return value - jnp.sum(carry.c * 0.7), (carry, ys)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
 
 
 @needs_kernel
@@ -468,6 +471,112 @@ def test_bfloat16_vmap_population_matches_loop_and_scan():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
 
 
+# ---- Inputs not differentiated (a network's data): the backward skips dx ------------------------
+
+
+def _backward_calls(fn, *args):
+    """``(target, need_dx, dx result type)`` of each backward custom call in the lowered ``fn(*args)``,
+    sorted: the attribute the call passes the kernel, and the dx result it declares (``tensor<0x..>``,
+    with any vmapped axes in front, where dx is skipped)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    pattern = r"custom_call @(recurrent_lstm_backward\w*)\(.*?need_dx = (\w+)\}.*?-> \((tensor<[^>]*>)"
+    return sorted(re.findall(pattern, text))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_parameter_gradients_skip_dx_and_match_scan(dtype, with_lengths):
+    """Gradients w.r.t. the parameters and carry only (xs data, not differentiated): the backward call
+    passes need_dx = false and declares its dx result empty, and the gradients are the scan's (to
+    1e-5 in float32, to BF16_TOL of the largest in bfloat16); with xs differentiated too it passes
+    need_dx = true, and dx is the scan's as well. With lengths the kernel reads xs with the hold
+    feature concatenated, still not differentiated."""
+    cell, params, xs, carry = _setup(13) if dtype is None else _bf16_setup((B, T, F, H), 13)
+    lengths = jnp.array([T - 2, 0, T, 1]) if with_lengths else None
+    layer, scan = recurrent.rnn(cell, implementation="native"), recurrent.rnn(cell)
+    agree = close if dtype is None else close_to_largest
+    suffix = "" if dtype is None else "_bf16"
+    f = F + 1 if with_lengths else F  # the hold feature
+    x_type = "f32" if dtype is None else "bf16"
+    cases = [((0, 2), "false", f"tensor<0x{x_type}>"), ((0, 1, 2), "true", f"tensor<{T}x{B}x{f}x{x_type}>")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        for argnums, need_dx, dx in cases:
+            got = _bf16_loss(layer, lengths, argnums)(params, xs, carry)
+            agree(got, _bf16_loss(scan, lengths, argnums)(params, xs, carry))
+            assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
+            calls = _backward_calls(_bf16_loss(layer, lengths, argnums), params, xs, carry)
+            assert calls == [(f"recurrent_lstm_backward{suffix}", need_dx, dx)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("inputs", ["batched", "shared"])
+def test_vmap_parameter_gradients_skip_dx(dtype, inputs):
+    """A vmapped population trained w.r.t. its parameters only (its inputs each its own, or shared):
+    one backward call for all, need_dx = false with a dx result of (3, 0), and each member's
+    gradients as it alone and as the scan's."""
+    cell, params, xs, carry = _population((3,), 14, dtype)
+    if inputs == "shared":
+        xs = xs[0]
+    lengths = jnp.array([T - 2, 0, T, 1])
+    in_axes = (0, 0 if inputs == "batched" else None, 0)
+    layer = recurrent.rnn(cell, implementation="native")
+    native_loss = _bf16_loss(layer, lengths, (0, 2))
+    scan_loss = _bf16_loss(recurrent.rnn(cell), lengths, (0, 2))
+    agree = close if dtype is None else close_to_largest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = jax.jit(jax.vmap(native_loss, in_axes))(params, xs, carry)
+        calls = _backward_calls(jax.vmap(native_loss, in_axes), params, xs, carry)
+    x_type = "f32" if dtype is None else "bf16"
+    assert calls == [(f"recurrent_lstm_backward{'' if dtype is None else '_bf16'}", "false", f"tensor<3x0x{x_type}>")]
+    agree(got, _loop(native_loss, (params, xs, carry), in_axes, (3,)))
+    agree(got, jax.jit(jax.vmap(scan_loss, in_axes))(params, xs, carry))
+    assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
+
+
+@needs_kernel
+def test_stacked_bidirectional_skips_dx_in_its_first_layer_only():
+    """A stack of a bidirectional native layer (both directions in one call) and a native layer,
+    trained w.r.t. its parameters: the first layer's inputs are data (need_dx = false, for both
+    directions), the second's are the first's outputs (need_dx = true: their gradient reaches the
+    first layer); the gradients are the scan stack's."""
+    cell = recurrent.lstm(H)
+
+    def stack(implementation):
+        return recurrent.stacked(
+            [
+                recurrent.bidirectional(recurrent.rnn(cell, implementation=implementation)),
+                recurrent.rnn(cell, implementation=implementation),
+            ]
+        )
+
+    native_stack, scan_stack = stack("native"), stack("scan")
+    keys = jax.random.split(jax.random.key(15), 2)
+    params = native_stack.init(keys[0], (F,))
+    xs = jax.random.normal(keys[1], (B, T, F))
+    lengths = jnp.array([3, 0, T, 1])
+
+    def grads(layer):
+        def loss(params):
+            _, ys = layer.apply(params, xs, lengths=lengths)
+            return jnp.sum(ys * jnp.cos(ys))
+
+        return jax.grad(loss)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = jax.jit(grads(native_stack))(params)
+        calls = _backward_calls(grads(native_stack), params)
+    assert calls == [
+        ("recurrent_lstm_backward", "false", "tensor<2x0xf32>"),
+        ("recurrent_lstm_backward", "true", f"tensor<{T}x{B}x{2 * H + 1}xf32>"),
+    ]
+    close(got, jax.jit(grads(scan_stack))(params))
+
+
 @needs_kernel
 @pytest.mark.parametrize("layout", ["bidirectional", "population"])
 def test_benchmark_smoke_layouts(tmp_path, layout):
@@ -621,10 +730,12 @@ def check(native, scan, params, carry):
         c, ys = layer.apply(p, x, lengths=lengths, carry=c)
         return jnp.sum(ys * jnp.cos(ys)) + sum(jnp.sum(l * w) for l, w in zip(jax.tree.leaves(c), (1.3, -0.7) * 2))
     h = (native, scan)
-    got = [jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)(params, xs, carry, l) for l in h]
-    for a, b in zip(*map(jax.tree.leaves, got)):  # to 1e-5 of each array's scale (sums over 40 steps)
-        d, scale = np.abs(np.asarray(a) - np.asarray(b)).max(), max(1.0, np.abs(np.asarray(b)).max())
-        assert d <= 1e-5 * scale, (d, scale)
+    for argnums in ((0, 1, 2), (0, 2)):  # xs differentiated, or not (the backward then skips dx)
+        grad = jax.jit(jax.value_and_grad(loss, argnums=argnums), static_argnums=3)
+        got = [grad(params, xs, carry, l) for l in h]
+        for a, b in zip(*map(jax.tree.leaves, got)):  # to 1e-5 of each array's scale (sums over 40 steps)
+            d, scale = np.abs(np.asarray(a) - np.asarray(b)).max(), max(1.0, np.abs(np.asarray(b)).max())
+            assert d <= 1e-5 * scale, (d, scale)
 # One layer split across the 2 threads (the hidden units partitioned):
 check(recurrent.rnn(cell, implementation="native"), recurrent.rnn(cell), params, carry)
 # Both directions in one call, each on one thread ([x_t, h_{t-1}] [W; U] per step, K = F + H):
@@ -651,7 +762,8 @@ def test_float32_step_products_on_packed_panels_or_onednn_match_scan(pick):
     weights packed into panels (the kernel's own AVX2 tile) or on oneDNN's GEMM, and the products
     over all steps (x W, dx, [dW; dU]) on the kernel's blocked GEMM or oneDNN's; either, forced,
     gives the scan's values and gradients, with tiles and panels left partly filled (B = 7, H = 13
-    on 2 threads). The older name of the switch, RECURRENT_NATIVE_STEP_GEMM, still picks."""
+    on 2 threads), with xs differentiated and not (dx skipped: the one-thread per-step product is
+    then dz U^T alone). The older name of the switch, RECURRENT_NATIVE_STEP_GEMM, still picks."""
     panels = "1" if pick == "panels" and _cpu_has_avx2_fma() else "0"
     assert _run_script(STEP_GEMM, RECURRENT_NATIVE_GEMM=pick, OMP_NUM_THREADS="2") == [panels, "ok"]
     if pick == "onednn":

@@ -61,13 +61,13 @@ def _setup(seed=0, shape=(B, T, F, H)):
     return cell, params, xs, carry
 
 
-def _loss(apply, lengths):
+def _loss(apply, lengths, argnums=(0, 1, 2)):
     def loss(params, xs, carry):
         carry, ys = apply(params, xs, lengths, carry)
         w = jnp.arange(ys.size, dtype=jnp.float32).reshape(ys.shape) / ys.size
         return jnp.sum(ys.astype(jnp.float32) * w) + jnp.sum(carry.astype(jnp.float32) * 1.3), (carry, ys)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
 
 
 def _scan(cell, reverse=False):
@@ -427,6 +427,109 @@ def test_bidirectional_runs_both_directions_in_one_call():
         calls = _custom_calls(loss(native_bi), params, xs, groups=(2,))
     assert calls == ["recurrent_gru_forward", "recurrent_gru_backward"]
     close(got, jax.jit(loss(scan_bi))(params, xs))
+
+
+# ---- Inputs not differentiated (a network's data): the backward skips dx ------------------------
+
+
+def _backward_calls(fn, *args):
+    """``(target, need_dx, dx result type)`` of each backward custom call in the lowered ``fn(*args)``,
+    sorted: the attribute the call passes the kernel, and the dx result it declares (``tensor<0x..>``,
+    with any vmapped axes in front, where dx is skipped)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    pattern = r"custom_call @(recurrent_gru_backward\w*)\(.*?need_dx = (\w+)\}.*?-> \((tensor<[^>]*>)"
+    return sorted(re.findall(pattern, text))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_parameter_gradients_skip_dx_and_match_scan(dtype, with_lengths):
+    """Gradients w.r.t. the parameters and carry only (xs data, not differentiated): the backward call
+    passes need_dx = false and declares its dx result empty, and the gradients are the scan's (to
+    1e-5 in float32, to BF16_TOL of the largest in bfloat16); with xs differentiated too it passes
+    need_dx = true, and dx is the scan's as well. With lengths the kernel reads xs with the hold
+    feature concatenated, still not differentiated."""
+    cell, params, xs, carry = _setup(13) if dtype is None else _bf16_setup((B, T, F, H), 13)
+    lengths = jnp.array([T - 2, 0, T, 1]) if with_lengths else None
+    native_apply = _native(dtype=dtype)
+    agree = close if dtype is None else close_to_largest
+    suffix = "" if dtype is None else "_bf16"
+    f = F + 1 if with_lengths else F  # the hold feature
+    x_type = "f32" if dtype is None else "bf16"
+    cases = [((0, 2), "false", f"tensor<0x{x_type}>"), ((0, 1, 2), "true", f"tensor<{T}x{B}x{f}x{x_type}>")]
+    for argnums, need_dx, dx in cases:
+        got = _loss(native_apply, lengths, argnums)(params, xs, carry)
+        agree(got, _loss(_scan(cell), lengths, argnums)(params, xs, carry))
+        assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
+        calls = _backward_calls(_loss(native_apply, lengths, argnums), params, xs, carry)
+        assert calls == [(f"recurrent_gru_backward{suffix}", need_dx, dx)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("inputs", ["batched", "shared"])
+def test_vmap_parameter_gradients_skip_dx(dtype, inputs):
+    """A vmapped population trained w.r.t. its parameters only (its inputs each its own, or shared):
+    one backward call for all, need_dx = false with a dx result of (3, 0), and each member's
+    gradients as it alone and as the scan's."""
+    cell, params, xs, carry = _population((3,), 14, dtype)
+    if inputs == "shared":
+        xs = xs[0]
+    lengths = jnp.array([T - 2, 0, T, 1])
+    in_axes = (0, 0 if inputs == "batched" else None, 0)
+    native_loss = _loss(_native(dtype=dtype), lengths, (0, 2))
+    scan_loss = _loss(_scan(cell), lengths, (0, 2))
+    agree = close if dtype is None else close_to_largest
+    got = jax.jit(jax.vmap(native_loss, in_axes))(params, xs, carry)
+    x_type = "f32" if dtype is None else "bf16"
+    assert _backward_calls(jax.vmap(native_loss, in_axes), params, xs, carry) == [
+        (f"recurrent_gru_backward{'' if dtype is None else '_bf16'}", "false", f"tensor<3x0x{x_type}>")
+    ]
+    agree(got, _loop(native_loss, (params, xs, carry), in_axes, (3,)))
+    agree(got, jax.jit(jax.vmap(scan_loss, in_axes))(params, xs, carry))
+    assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
+
+
+@needs_kernel
+def test_stacked_bidirectional_skips_dx_in_its_first_layer_only():
+    """A stack of a bidirectional native GRU layer (both directions in one call) and a native GRU
+    layer, trained w.r.t. its parameters: the first layer's inputs are data (need_dx = false, for
+    both directions), the second's are the first's outputs (need_dx = true); the gradients are the
+    scan stack's."""
+    cell = recurrent.gru(H)
+
+    def stack(implementation):
+        return recurrent.stacked(
+            [
+                recurrent.bidirectional(recurrent.rnn(cell, implementation=implementation)),
+                recurrent.rnn(cell, implementation=implementation),
+            ]
+        )
+
+    native_stack, scan_stack = stack("native"), stack("scan")
+    keys = jax.random.split(jax.random.key(15), 3)
+    params = native_stack.init(keys[0], (F,))
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(keys[2], a.shape), params)  # no zero biases
+    xs = jax.random.normal(keys[1], (B, T, F))
+    lengths = jnp.array([3, 0, T, 1])
+
+    def grads(layer):
+        def loss(params):
+            _, ys = layer.apply(params, xs, lengths=lengths)
+            return jnp.sum(ys * jnp.cos(ys))
+
+        return jax.grad(loss)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", recurrent.FallbackWarning)
+        got = jax.jit(grads(native_stack))(params)
+        calls = _backward_calls(grads(native_stack), params)
+    assert calls == [
+        ("recurrent_gru_backward", "false", "tensor<2x0xf32>"),
+        ("recurrent_gru_backward", "true", f"tensor<{T}x{B}x{2 * H + 1}xf32>"),
+    ]
+    close(got, jax.jit(grads(scan_stack))(params))
 
 
 @needs_kernel

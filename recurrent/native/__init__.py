@@ -34,7 +34,8 @@ over batch-first ``xs (B, T, F)`` and is a ``jax.custom_vjp``. Its training forw
 per step, ``[x_t, h_{t-1}] [W; U]``, and one fused pointwise loop that keeps the gate activations
 and ``c_t`` in a workspace; its backward makes, per step backwards, one fused pointwise loop for the
 gate gradients and one GEMM ``[dx_t, dh_{t-1}] = dz_t [W; U]^T``, then ``[dW; dU]`` as one GEMM
-over all steps. With
+over all steps. Where ``xs`` is not differentiated (a network's data: its first layer), the backward
+skips ``dx`` (the per-step GEMM is then ``dh_{t-1} = dz_t U^T``). With
 ``lengths`` (:func:`apply`), each sequence is frozen after its last valid step by one extra
 input feature whose weights saturate the input gate shut and the forget gate open (so
 ``c`` is carried exactly and no gradient flows through the padding); ``h`` is read from the
@@ -215,6 +216,21 @@ def _forward_call(W, U, b, xs_TBF, h0, c0):
     return jax.ffi.ffi_call(target, out, vmap_method=_VMAP)(xs_TBF, W, U, b, h0, c0)
 
 
+def _materialise(cotangent):
+    """A cotangent as an array: a ``SymbolicZero`` (an output the loss does not use; the rules are
+    defined with ``symbolic_zeros=True``) as zeros, since the backward kernel reads every one."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(cotangent.shape, cotangent.dtype)
+    return cotangent
+
+
+def _dx_result(xs_TBF, need_dx: bool):
+    """The backward call's ``dx`` result: ``xs``'s shape, or where ``xs`` is not differentiated (the
+    call's ``need_dx=False``) an empty ``(0,)``, which the kernel leaves alone and XLA allocates
+    nothing for (under vmap ``(..., 0)``: broadcast_all puts the vmapped axes in front)."""
+    return jax.ShapeDtypeStruct(xs_TBF.shape if need_dx else (0,), xs_TBF.dtype)
+
+
 @jax.custom_vjp
 def _layer(W, U, b, xs_TBF, h0, c0):
     """Undifferentiated: oneDNN's inference forward (float32), which keeps no workspace, or the
@@ -225,22 +241,28 @@ def _layer(W, U, b, xs_TBF, h0, c0):
     return jax.ffi.ffi_call(target, _outputs(U, xs_TBF, h0, c0), vmap_method=_VMAP)(xs_TBF, W, U, b, h0, c0)
 
 
-def _fwd(W, U, b, xs_TBF, h0, c0):
+def _fwd(*primals):
+    """Each argument a ``CustomVJPPrimal`` (``symbolic_zeros=True``): its value and whether it is
+    differentiated. Whether ``xs`` is goes into the residuals, a static bool: a network's data
+    (its first layer's inputs) is not, and the backward then skips ``dx = dZ W^T``."""
+    W, U, b, xs_TBF, h0, c0 = (p.value for p in primals)
     ys, h, c, workspace = _forward_call(W, U, b, xs_TBF, h0, c0)
-    return (ys, h, c), (W, U, b, xs_TBF, h0, c0, ys, h, c, workspace)
+    return (ys, h, c), (W, U, b, xs_TBF, h0, c0, ys, h, c, workspace, bool(primals[3].perturbed))
 
 
 def _bwd(res, cotangents):
-    W, U, b, xs_TBF, h0, c0, ys, h, c, workspace = res
-    dys, dh, dc = cotangents
-    out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (xs_TBF, W, U, b, h0, c0))
+    """The parameters', ``h0``'s and ``c0``'s gradients always; ``xs``'s (``None`` otherwise) where it
+    is differentiated."""
+    W, U, b, xs_TBF, h0, c0, ys, h, c, workspace, need_dx = res
+    dys, dh, dc = map(_materialise, cotangents)
+    out = (_dx_result(xs_TBF, need_dx), *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (W, U, b, h0, c0)))
     dxs, dW, dU, db, dh0, dc0 = jax.ffi.ffi_call(_TARGETS[xs_TBF.dtype][1], out, vmap_method=_VMAP)(
-        xs_TBF, W, U, b, h0, c0, ys, h, c, workspace, dys, dh, dc
+        xs_TBF, W, U, b, h0, c0, ys, h, c, workspace, dys, dh, dc, need_dx=need_dx
     )
-    return dW, dU, db, dxs, dh0, dc0
+    return dW, dU, db, dxs if need_dx else None, dh0, dc0
 
 
-_layer.defvjp(_fwd, _bwd)
+_layer.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def lstm_layer(W, U, b, xs_BTF, h0, c0):

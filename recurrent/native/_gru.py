@@ -12,7 +12,8 @@ custom calls, in float32 or in bfloat16 compute with float32 parameters and stat
 makes ``x W`` for all steps as one GEMM, then per step one GEMM ``h_{t-1} U`` and one fused
 pointwise loop that keeps the gates and ``h U_n + b_hn`` in a workspace; its backward makes, per
 step backwards, one fused pointwise loop and one GEMM ``dR_t U^T``, then ``dU``, ``dW`` and ``dx``
-as single GEMMs over all steps. The undifferentiated forward is the same loop without a workspace.
+as single GEMMs over all steps (``dx`` only where ``xs`` is differentiated: not for a network's
+data, its first layer's inputs). The undifferentiated forward is the same loop without a workspace.
 In bfloat16 every GEMM takes bfloat16 operands (oneDNN's ``dnnl_gemm_bf16bf16f32``, float32
 accumulation), rounding where the cell rounds: ``x W + b`` and the ``h`` the recurrent GEMM reads
 to bfloat16 (``ys`` are the rounded states), the state ``h`` and the gates float32. Its derivative
@@ -84,7 +85,10 @@ def _layer(W, U, b, b_hn, xs_TBF, h0):
     return jax.ffi.ffi_call(target, _outputs(U, xs_TBF, h0), vmap_method=native._VMAP)(xs_TBF, W, U, b, b_hn, h0)
 
 
-def _fwd(W, U, b, b_hn, xs_TBF, h0):
+def _fwd(*primals):
+    """Each argument a ``CustomVJPPrimal`` (``symbolic_zeros=True``); whether ``xs`` is differentiated
+    goes into the residuals (a static bool), as in :mod:`recurrent.native`'s LSTM."""
+    W, U, b, b_hn, xs_TBF, h0 = (p.value for p in primals)
     native._load()
     T, B, F = xs_TBF.shape
     bf16 = xs_TBF.dtype == jnp.bfloat16
@@ -93,20 +97,21 @@ def _fwd(W, U, b, b_hn, xs_TBF, h0):
     ys, h, ws = jax.ffi.ffi_call(target, (*_outputs(U, xs_TBF, h0), workspace), vmap_method=native._VMAP)(
         xs_TBF, W, U, b, b_hn, h0
     )
-    return (ys, h), (W, U, b, b_hn, xs_TBF, h0, ys, ws)
+    return (ys, h), (W, U, b, b_hn, xs_TBF, h0, ys, ws, bool(primals[4].perturbed))
 
 
 def _bwd(res, cotangents):
-    W, U, b, b_hn, xs_TBF, h0, ys, workspace = res
-    dys, dh = cotangents
-    out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (xs_TBF, W, U, b, b_hn, h0))
+    W, U, b, b_hn, xs_TBF, h0, ys, workspace, need_dx = res
+    dys, dh = map(native._materialise, cotangents)
+    params = (W, U, b, b_hn, h0)
+    out = (native._dx_result(xs_TBF, need_dx), *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in params))
     dxs, dW, dU, db, db_hn, dh0 = jax.ffi.ffi_call(_TARGETS[xs_TBF.dtype][1], out, vmap_method=native._VMAP)(
-        xs_TBF, W, U, b, b_hn, h0, ys, workspace, dys.astype(ys.dtype), dh.astype(jnp.float32)
+        xs_TBF, W, U, b, b_hn, h0, ys, workspace, dys.astype(ys.dtype), dh.astype(jnp.float32), need_dx=need_dx
     )
-    return dW, dU, db, db_hn, dxs, dh0
+    return dW, dU, db, db_hn, dxs if need_dx else None, dh0
 
 
-_layer.defvjp(_fwd, _bwd)
+_layer.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def gru_layer(W, U, b, b_hn, xs_BTF, h0):

@@ -16,7 +16,9 @@
 //             da_n), and z dh_t; then dh_{t-1} = z dh_t + dR_t U^T (one GEMM, added in the next
 //             step's loop); after the loop the weight gradients as single GEMMs over all steps:
 //             dU = H_prev^T dR, dW = x^T dX, dx = dX W^T, db = column sums of dX, db_hn = column
-//             sums of dR's n block.
+//             sums of dR's n block. The attribute need_dx false (x not differentiated: a network's
+//             data) skips dx, whose result the caller then declares empty, (0,) (under vmap
+//             (..., 0): XLA allocates no T B F buffer the kernel would leave unwritten).
 //   inference the forward without a workspace: x W into per-thread scratch, the loop keeps nothing.
 // Workspace (float32): the activations A (T, B, 4H) (float32: h_t are the outputs); in bfloat16,
 // then the float32 states h (T, B, H) (the outputs are bfloat16).
@@ -183,7 +185,7 @@ struct GruBackwardArgs {
   const float* workspace;
   const T* dys;
   const float* dhT;
-  T* dx;
+  T* dx;  // nullptr: dx is not wanted (need_dx false), and not computed
   float *dW, *dU, *db, *dbhn, *dh0;
 };
 
@@ -231,11 +233,11 @@ ffi::Error GruBackward(const Shape& s, const GruBackwardArgs<float>& a) {
     if (!Gemm('N', 'N', B, H, G, dR + t * B * G, G, Ut, H, 0.f, g, H)) return Fail("dR U^T failed");
   }
   GruLastDh<Fp32>(B, H, zdh, g, a.dh0);
-  // dU = [h0; h_1 .. h_{T-1}]^T dR, dW = x^T dX, dx = dX W^T: single GEMMs over all steps.
+  // dU = [h0; h_1 .. h_{T-1}]^T dR, dW = x^T dX, dx = dX W^T (where wanted): single GEMMs over all steps.
   if (!Gemm('T', 'N', H, G, B, a.h0, H, dR, G, 0.f, a.dU, G)) return Fail("h0^T dR failed");
   if (!Gemm('T', 'N', H, G, (T - 1) * B, a.ys, H, dR + B * G, G, 1.f, a.dU, G)) return Fail("h^T dR failed");
   if (!Gemm('T', 'N', F, G, T * B, a.x, F, dX, G, 0.f, a.dW, G)) return Fail("x^T dX failed");
-  if (!Gemm('N', 'T', T * B, F, G, dX, G, a.W, G, 0.f, a.dx, F)) return Fail("dX W^T failed");
+  if (a.dx != nullptr && !Gemm('N', 'T', T * B, F, G, dX, G, a.W, G, 0.f, a.dx, F)) return Fail("dX W^T failed");
   return ffi::Error::Success();
 }
 
@@ -288,17 +290,18 @@ ffi::Error GruBackward(const Shape& s, const GruBackwardArgs<bf16>& a) {
   const float* Hs = A + T * B * 4 * H;
   thread_local std::vector<bf16> operands;
   thread_local std::vector<float> results;
-  // dR, dX (T, B, 3H), U^T (3H, H), W (F, 3H) and h0 in bfloat16.
-  bf16* dR = Scratch(operands, 2 * T * B * G + G * H + F * G + B * H);
+  // dR, dX (T, B, 3H), U^T (3H, H), h0 and, for dx, W (F, 3H) in bfloat16.
+  const bool need_dx = a.dx != nullptr;
+  bf16* dR = Scratch(operands, 2 * T * B * G + G * H + B * H + (need_dx ? F * G : 0));
   bf16* dX = dR + T * B * G;
   bf16* Ut = dX + T * B * G;
-  bf16* Wb = Ut + G * H;
-  bf16* h0b = Wb + F * G;
+  bf16* h0b = Ut + G * H;
+  bf16* Wb = h0b + B * H;
   Transpose<Bf16>(a.U, H, G, Ut, H);
-  ToBf16Rows(F, G, a.W, G, Wb, G);
   ToBf16Rows(B, H, a.h0, H, h0b, H);
-  // zdh and g, one step's (B, H) each; then dx in float32 (T, B, F).
-  float* zdh = Scratch(results, 2 * B * H + T * B * F);
+  if (need_dx) ToBf16Rows(F, G, a.W, G, Wb, G);
+  // zdh and g, one step's (B, H) each; then (for dx) dx in float32 (T, B, F).
+  float* zdh = Scratch(results, 2 * B * H + (need_dx ? T * B * F : 0));
   float* g = zdh + B * H;
   float* dxf = g + B * H;
   std::memcpy(zdh, a.dhT, B * H * sizeof(float));
@@ -313,13 +316,15 @@ ffi::Error GruBackward(const Shape& s, const GruBackwardArgs<bf16>& a) {
   }
   GruLastDh<Bf16>(B, H, zdh, g, a.dh0);
   // dU = [bf16(h0); y_1 .. y_{T-1}]^T dR (the outputs are the rounded states the forward's GEMMs
-  // read), dW = x^T dX, dx = dX W^T.
+  // read), dW = x^T dX, dx = dX W^T (where wanted).
   if (!GemmBf16('T', 'N', H, G, B, h0b, H, dR, G, 0.f, a.dU, G)) return Fail("h0^T dR (bfloat16) failed");
   if (!GemmBf16('T', 'N', H, G, (T - 1) * B, a.ys, H, dR + B * G, G, 1.f, a.dU, G))
     return Fail("h^T dR (bfloat16) failed");
   if (!GemmBf16('T', 'N', F, G, T * B, a.x, F, dX, G, 0.f, a.dW, G)) return Fail("x^T dX (bfloat16) failed");
-  if (!GemmBf16('N', 'T', T * B, F, G, dX, G, Wb, G, 0.f, dxf, F)) return Fail("dX W^T (bfloat16) failed");
-  ToBf16Rows(T * B, F, dxf, F, a.dx, F);
+  if (need_dx) {
+    if (!GemmBf16('N', 'T', T * B, F, G, dX, G, Wb, G, 0.f, dxf, F)) return Fail("dX W^T (bfloat16) failed");
+    ToBf16Rows(T * B, F, dxf, F, a.dx, F);
+  }
   return ffi::Error::Success();
 }
 
@@ -375,14 +380,14 @@ ffi::Error GruBackwardImpl(ffi::Buffer<kCompute<P>> x, ffi::Buffer<ffi::F32> W, 
                            ffi::Buffer<kCompute<P>> dys, ffi::Buffer<ffi::F32> dhT,
                            ffi::ResultBuffer<kCompute<P>> dx, ffi::ResultBuffer<ffi::F32> dW,
                            ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
-                           ffi::ResultBuffer<ffi::F32> dbhn, ffi::ResultBuffer<ffi::F32> dh0) {
+                           ffi::ResultBuffer<ffi::F32> dbhn, ffi::ResultBuffer<ffi::F32> dh0, bool need_dx) {
   const Groups gr = GroupsOf(x, U);
   const Shape& s = gr.s;
   if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
   const GruSizes n = GruSizesOf(s, !kFloatOutputs<P>);
   if (!(gr.Holds(x, n.x) && gr.Holds(W, n.W) && gr.Holds(U, n.U) && gr.Holds(b, n.b) && gr.Holds(bhn, n.bhn) &&
         gr.Holds(h0, n.h) && gr.Holds(ys, n.ys) && gr.Holds(dys, n.ys) && gr.Holds(dhT, n.h) &&
-        gr.Holds(*dx, n.x) && gr.Holds(*dW, n.W) && gr.Holds(*dU, n.U) && gr.Holds(*db, n.b) &&
+        gr.Holds(*dx, need_dx ? n.x : 0) && gr.Holds(*dW, n.W) && gr.Holds(*dU, n.U) && gr.Holds(*db, n.b) &&
         gr.Holds(*dbhn, n.bhn) && gr.Holds(*dh0, n.h)))
     return Fail("operands with different leading (group) dims");
   if (workspace.size_bytes() != static_cast<size_t>(gr.G * n.workspace) * sizeof(float))
@@ -392,7 +397,8 @@ ffi::Error GruBackwardImpl(ffi::Buffer<kCompute<P>> x, ffi::Buffer<ffi::F32> W, 
     return GruBackward(s, GruBackwardArgs<typename P::T>{
                               x.typed_data() + g * n.x, W.typed_data() + g * n.W, U.typed_data() + g * n.U,
                               h0.typed_data() + g * n.h, ys.typed_data() + g * n.ys, ws + g * n.workspace,
-                              dys.typed_data() + g * n.ys, dhT.typed_data() + g * n.h, dx->typed_data() + g * n.x,
+                              dys.typed_data() + g * n.ys, dhT.typed_data() + g * n.h,
+                              need_dx ? dx->typed_data() + g * n.x : nullptr,
                               dW->typed_data() + g * n.W, dU->typed_data() + g * n.U, db->typed_data() + g * n.b,
                               dbhn->typed_data() + g * n.bhn, dh0->typed_data() + g * n.h});
   });
@@ -446,7 +452,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackward, GruBackwardImpl<Fp32>,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dU
                                   .Ret<ffi::Buffer<ffi::F32>>()    // db
                                   .Ret<ffi::Buffer<ffi::F32>>()    // db_hn
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dh0
+                                  .Attr<bool>("need_dx"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruForwardBf16, GruForwardImpl<Bf16>,
                               ffi::Ffi::Bind()
@@ -488,4 +495,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentGruBackwardBf16, GruBackwardImpl<Bf16>,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dU
                                   .Ret<ffi::Buffer<ffi::F32>>()    // db
                                   .Ret<ffi::Buffer<ffi::F32>>()    // db_hn
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dh0
+                                  .Attr<bool>("need_dx"));

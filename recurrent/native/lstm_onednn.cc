@@ -22,6 +22,8 @@
 //   backward  per step, backwards: one fused pointwise loop gives dZ_t and dc_{t-1}, then
 //             dh_{t-1} = dZ_t U^T (one GEMM); after the loop the weight gradients as single GEMMs
 //             over all steps: dU = H_prev^T dZ, dW = x^T dZ, dx = dZ W^T, db = column sums of dZ.
+//             The attribute need_dx false (x not differentiated: a network's data) skips dx, whose
+//             result the caller then declares empty, (0,) (see BackwardAt).
 // Workspace (float32): the activations A (T, B, 4H), then c (T, B, H).
 //
 // Groups: every operand and result may carry the same leading dims (`jax.vmap` with
@@ -531,15 +533,17 @@ struct BackwardArgs {
   const float* workspace;
   const T *dys, *dhT;
   const float* dcT;
-  T* dx;
+  T* dx;  // nullptr: dx is not wanted (need_dx false), and not computed
   float *dW, *dU, *db;
   T* dh0;
   float* dc0;
 };
 
-// Layer g's pointers of a backward call's buffers.
+// Layer g's pointers of a backward call's buffers. Without need_dx, dx is nullptr: the caller
+// declares that result empty, (0,) (under vmap (..., 0)), so that XLA allocates no T B F buffer
+// the kernel would leave unwritten.
 template <ffi::DataType D, typename T = ffi::NativeType<D>>
-BackwardArgs<T> BackwardAt(const Shape& s, int64_t g, ffi::Buffer<D>& x, ffi::Buffer<ffi::F32>& W,
+BackwardArgs<T> BackwardAt(const Shape& s, int64_t g, bool need_dx, ffi::Buffer<D>& x, ffi::Buffer<ffi::F32>& W,
                            ffi::Buffer<ffi::F32>& U, ffi::Buffer<ffi::F32>& b, ffi::Buffer<D>& h0,
                            ffi::Buffer<ffi::F32>& c0, ffi::Buffer<D>& ys, ffi::Buffer<ffi::U8>& workspace,
                            ffi::Buffer<D>& dys, ffi::Buffer<D>& dhT, ffi::Buffer<ffi::F32>& dcT,
@@ -551,7 +555,7 @@ BackwardArgs<T> BackwardAt(const Shape& s, int64_t g, ffi::Buffer<D>& x, ffi::Bu
   return {x.typed_data() + g * X,   W.typed_data() + g * s.F * G4, U.typed_data() + g * s.H * G4,
           b.typed_data() + g * G4,  h0.typed_data() + g * N,       c0.typed_data() + g * N,
           ys.typed_data() + g * Y,  ws,                            dys.typed_data() + g * Y,
-          dhT.typed_data() + g * N, dcT.typed_data() + g * N,      dx->typed_data() + g * X,
+          dhT.typed_data() + g * N, dcT.typed_data() + g * N,      need_dx ? dx->typed_data() + g * X : nullptr,
           dW->typed_data() + g * s.F * G4, dU->typed_data() + g * s.H * G4, db->typed_data() + g * G4,
           dh0->typed_data() + g * N, dc0->typed_data() + g * N};
 }
@@ -559,7 +563,8 @@ BackwardArgs<T> BackwardAt(const Shape& s, int64_t g, ffi::Buffer<D>& x, ffi::Bu
 // The backward partitioned (float32 or bfloat16): per step each thread's units' dz_t, a barrier,
 // then dh_{t-1}[:, its units] = dz_t U[its units, :]^T (the GEMM partitioned by output columns; the
 // next step's pointwise loop reads only these columns, and dz_{t-1} is other memory than dz_t, so one
-// barrier per step suffices); after the loop dx = dZ W^T and the weight gradients over all steps.
+// barrier per step suffices); after the loop dx = dZ W^T (where wanted) and the weight gradients
+// over all steps.
 template <typename P>
 ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<typename P::T>& a) {
   using V = typename P::T;
@@ -568,13 +573,14 @@ ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<
   const float* C = A + T * B * G;
   thread_local std::vector<V> operands;
   thread_local std::vector<float> results;
-  // dZ (T, B, 4H) and W^T (4H, F).
-  V* dZ = Scratch(operands, T * B * G + G * F);
+  // dZ (T, B, 4H) and, for dx, W^T (4H, F).
+  const bool need_dx = a.dx != nullptr;
+  V* dZ = Scratch(operands, T * B * G + (need_dx ? G * F : 0));
   V* Wt = dZ + T * B * G;
-  Transpose<P>(a.W, F, G, Wt, F);
+  if (need_dx) Transpose<P>(a.W, F, G, Wt, F);
   // dh (B, H), one step's dL/dh (float32), and (bfloat16) dx in float32.
   constexpr bool kF32 = std::is_same_v<V, float>;
-  float* dh = Scratch(results, B * H + (kF32 ? 0 : T * B * F));
+  float* dh = Scratch(results, B * H + (kF32 || !need_dx ? 0 : T * B * F));
   for (int64_t i = 0; i < B * H; ++i) dh[i] = P::Load(a.dhT[i]);
   float* dc = a.dc0;
   float* dbias = a.db;
@@ -604,18 +610,20 @@ ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<
   }
   if (failed) return Fail("dz U^T (partitioned) failed");
   for (int64_t i = 0; i < B * H; ++i) a.dh0[i] = P::Store(dh[i]);
-  if constexpr (kF32) {
-    if (UsePanels()) {
-      BlockedGemm(
-          T * B, F, G, [&](int64_t m, int64_t k) { return dZ[m * G + k]; }, Wt, F,
-          [&](int64_t m) { return a.dx + m * F; }, false);
-    } else if (!Gemm('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, a.dx, F)) {
-      return Fail("dz W^T failed");
+  if (need_dx) {
+    if constexpr (kF32) {
+      if (UsePanels()) {
+        BlockedGemm(
+            T * B, F, G, [&](int64_t m, int64_t k) { return dZ[m * G + k]; }, Wt, F,
+            [&](int64_t m) { return a.dx + m * F; }, false);
+      } else if (!Gemm('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, a.dx, F)) {
+        return Fail("dz W^T failed");
+      }
+    } else {
+      float* dX = dh + B * H;
+      if (!GemmBf16('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, dX, F)) return Fail("dz W^T (bfloat16) failed");
+      ToBf16Rows(T * B, F, dX, F, a.dx, F);
     }
-  } else {
-    float* dX = dh + B * H;
-    if (!GemmBf16('N', 'N', T * B, F, G, dZ, G, Wt, F, 0.f, dX, F)) return Fail("dz W^T (bfloat16) failed");
-    ToBf16Rows(T * B, F, dX, F, a.dx, F);
   }
   if (!WeightGrads(s, a.x, a.h0, a.ys, dZ, a.dW, a.dU)) return Fail("x^T dz, h^T dz failed");
   return ffi::Error::Success();
@@ -623,36 +631,38 @@ ffi::Error BackwardParts(const Shape& s, const Parts& parts, const BackwardArgs<
 
 ffi::Error Backward(const Shape& s, const BackwardArgs<float>& a) {
   if (const Parts parts = PartsOf(s.H); parts.threads > 1) return BackwardParts<Fp32>(s, parts, a);
-  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
+  // Fx: dx's columns of the per-step product, none where dx is not wanted (the product is then
+  // dh_{t-1} = dz_t U^T alone).
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, Fx = a.dx != nullptr ? F : 0, K = Fx + H;
   const float* A = a.workspace;
   const float* C = A + T * B * G;
   thread_local std::vector<float> dz_buffer, dense, panels, step;
   // dZ (T, B, 4H) of every step, for the weight gradients.
   float* dZ = Scratch(dz_buffer, T * B * G);
-  // [W; U]^T (4H, F + H) once, so that one GEMM per step gives [dx_t, dh_{t-1}] = dz_t [W; U]^T
+  // [W; U]^T (4H, Fx + H) once, so that one GEMM per step gives [dx_t, dh_{t-1}] = dz_t [W; U]^T
   // (a transposed operand would cost dnnl_sgemm a repacking on every call); then dxh, one step's
   // [dx_t, dh_{t-1}].
   const StepWeights<float> WUt(
-      G, K, dense, panels, [&](int64_t k, int64_t c) { return c < F ? a.W[c * G + k] : a.U[(c - F) * G + k]; },
+      G, K, dense, panels, [&](int64_t k, int64_t c) { return c < Fx ? a.W[c * G + k] : a.U[(c - Fx) * G + k]; },
       [&](float* out) {
-        Transpose<Fp32>(a.W, F, G, out, K);
-        Transpose<Fp32>(a.U, H, G, out + F, K);
+        Transpose<Fp32>(a.W, Fx, G, out, K);
+        Transpose<Fp32>(a.U, H, G, out + Fx, K);
       });
   float* dxh = Scratch(step, B * K);
   float* dc = a.dc0;
   float* dbias = a.db;
-  CopyRows(B, H, a.dhT, H, dxh + F, K);
+  CopyRows(B, H, a.dhT, H, dxh + Fx, K);
   std::memcpy(dc, a.dcT, B * H * sizeof(float));
   std::fill(dbias, dbias + G, 0.f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_prev = t == 0 ? a.c0 : C + (t - 1) * B * H;
     float* dz = dZ + t * B * G;
-    BackwardStep<Fp32>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
+    BackwardStep<Fp32>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + Fx, K, a.dys + t * B * H, dc, dz,
                        dbias);
     if (!WUt.Times(B, dz, G, dxh, K)) return Fail("dz [W; U]^T failed");
-    CopyRows(B, F, dxh, K, a.dx + t * B * F, F);
+    if (Fx > 0) CopyRows(B, F, dxh, K, a.dx + t * B * F, F);
   }
-  CopyRows(B, H, dxh + F, K, a.dh0, H);
+  CopyRows(B, H, dxh + Fx, K, a.dh0, H);
   if (!WeightGrads(s, a.x, a.h0, a.ys, dZ, a.dW, a.dU)) return Fail("x^T dz, h^T dz failed");
   return ffi::Error::Success();
 }
@@ -663,15 +673,17 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W, ffi::B
                         ffi::Buffer<ffi::U8> workspace, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
                         ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dW,
                         ffi::ResultBuffer<ffi::F32> dU, ffi::ResultBuffer<ffi::F32> db,
-                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
+                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0, bool need_dx) {
   Groups gr = GroupsOf(x, U);
   const Shape s = gr.s;
   if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
   if (!Consistent(gr, x, W, U, b, h0, c0)) return Fail("operands with different leading (group) dims");
   if (workspace.size_bytes() != static_cast<size_t>(gr.G * WorkspaceFloats(s)) * sizeof(float))
     return Fail("workspace size mismatch");
+  if (!gr.Holds(*dx, need_dx ? s.T * s.B * s.F : 0)) return Fail("dx result size mismatch");
   return ForGroups(gr.G, [&](int64_t g) {
-    return Backward(s, BackwardAt(s, g, x, W, U, b, h0, c0, ys, workspace, dys, dhT, dcT, dx, dW, dU, db, dh0, dc0));
+    return Backward(s, BackwardAt(s, g, need_dx, x, W, U, b, h0, c0, ys, workspace, dys, dhT, dcT, dx, dW, dU, db,
+                                  dh0, dc0));
   });
 }
 
@@ -766,48 +778,50 @@ ffi::Error BackwardBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> W, f
                             ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::BF16> dx,
                             ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> dU,
                             ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::BF16> dh0,
-                            ffi::ResultBuffer<ffi::F32> dc0) {
+                            ffi::ResultBuffer<ffi::F32> dc0, bool need_dx) {
   Groups gr = GroupsOf(x, U);
   const Shape s = gr.s;
   if (s.T == 0 || s.B == 0) return Fail("empty sequences reach no kernel");
   if (!Consistent(gr, x, W, U, b, h0, c0)) return Fail("operands with different leading (group) dims");
   if (workspace.size_bytes() != static_cast<size_t>(gr.G * WorkspaceFloats(s)) * sizeof(float))
     return Fail("workspace size mismatch");
+  if (!gr.Holds(*dx, need_dx ? s.T * s.B * s.F : 0)) return Fail("dx result size mismatch");
   return ForGroups(gr.G, [&](int64_t g) {
-    return BackwardBf16(s, BackwardAt(s, g, x, W, U, b, h0, c0, ys, workspace, dys, dhT, dcT, dx, dW, dU, db, dh0,
-                                      dc0));
+    return BackwardBf16(s, BackwardAt(s, g, need_dx, x, W, U, b, h0, c0, ys, workspace, dys, dhT, dcT, dx, dW, dU,
+                                      db, dh0, dc0));
   });
 }
 
 ffi::Error BackwardBf16(const Shape& s, const BackwardArgs<bf16>& a) {
   if (const Parts parts = PartsOf(s.H); parts.threads > 1) return BackwardParts<Bf16>(s, parts, a);
-  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, K = F + H;
+  // Fx: dx's columns of the per-step product, none where dx is not wanted (as the float32 Backward).
+  const int64_t B = s.B, T = s.T, F = s.F, H = s.H, G = 4 * H, Fx = a.dx != nullptr ? F : 0, K = Fx + H;
   const float* A = a.workspace;
   const float* C = A + T * B * G;
   thread_local std::vector<bf16> operands;
   thread_local std::vector<float> results;
-  // dZ (T, B, 4H) and [W; U]^T (4H, F + H), in bfloat16.
+  // dZ (T, B, 4H) and [W; U]^T (4H, Fx + H), in bfloat16.
   bf16* dZ = Scratch(operands, T * B * G + G * K);
   bf16* WUt = dZ + T * B * G;
-  Transpose<Bf16>(a.W, F, G, WUt, K);
-  Transpose<Bf16>(a.U, H, G, WUt + F, K);
+  Transpose<Bf16>(a.W, Fx, G, WUt, K);
+  Transpose<Bf16>(a.U, H, G, WUt + Fx, K);
   // dxh, one step's [dx_t, dh_{t-1}] (float32).
   float* dxh = Scratch(results, B * K);
   float* dc = a.dc0;
   float* dbias = a.db;
   for (int64_t n = 0; n < B; ++n)
-    for (int64_t j = 0; j < H; ++j) dxh[n * K + F + j] = FromBf16(a.dhT[n * H + j]);
+    for (int64_t j = 0; j < H; ++j) dxh[n * K + Fx + j] = FromBf16(a.dhT[n * H + j]);
   std::memcpy(dc, a.dcT, B * H * sizeof(float));
   std::fill(dbias, dbias + G, 0.f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* c_prev = t == 0 ? a.c0 : C + (t - 1) * B * H;
     bf16* dz = dZ + t * B * G;
-    BackwardStep<Bf16>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + F, K, a.dys + t * B * H, dc, dz,
+    BackwardStep<Bf16>(B, H, 0, H, A + t * B * G, C + t * B * H, c_prev, dxh + Fx, K, a.dys + t * B * H, dc, dz,
                        dbias);
     if (!GemmBf16('N', 'N', B, K, G, dz, G, WUt, K, 0.f, dxh, K)) return Fail("dz [W; U]^T (bfloat16) failed");
-    ToBf16Rows(B, F, dxh, K, a.dx + t * B * F, F);
+    if (Fx > 0) ToBf16Rows(B, F, dxh, K, a.dx + t * B * F, F);
   }
-  ToBf16Rows(B, H, dxh + F, K, a.dh0, H);
+  ToBf16Rows(B, H, dxh + Fx, K, a.dh0, H);
   if (!WeightGrads(s, a.x, a.h0, a.ys, dZ, a.dW, a.dU)) return Fail("x^T dz, h^T dz (bfloat16) failed");
   return ffi::Error::Success();
 }
@@ -889,7 +903,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dU
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Attr<bool>("need_dx"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmForwardBf16, ForwardBf16Impl,
                               ffi::Ffi::Bind()
@@ -936,4 +951,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecurrentLstmBackwardBf16, BackwardBf16Impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dU
                                   .Ret<ffi::Buffer<ffi::F32>>()    // db
                                   .Ret<ffi::Buffer<ffi::BF16>>()   // dh0
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dc0
+                                  .Attr<bool>("need_dx"));
