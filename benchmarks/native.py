@@ -3,8 +3,8 @@
 process.
 
 Run ``python -m benchmarks.native [--cell=lstm|gru] [--layout=single|bidirectional|population]
-[--members=M] [--quick] [--repeats=N] [--threads=N]
-[--dtype=float32|bfloat16] [--out=DIR]`` after building the kernel (``python -m
+[--members=M] [--quick] [--repeats=N] [--threads=N] [--dtype=float32|bfloat16]
+[--inputs=differentiated|data] [--out=DIR]`` after building the kernel (``python -m
 recurrent.native.build``). ``--cell=gru`` times ``recurrent.gru(H)`` (``reset_after=True``, PyTorch's
 form) against ``nn.GRU``. ``--layout=bidirectional`` times ``bidirectional(rnn(lstm(H)))``, whose
 two directions the native kernel runs in one call (one thread each), against
@@ -15,16 +15,16 @@ run one after another. ``--threads`` defaults to the cores. With
 (``recurrent.lstm(H, dtype=jnp.bfloat16)``, or the GRU's), PyTorch runs twice: in float32 (``torch``, the
 reference of every ratio) and under ``torch.autocast("cpu", dtype=torch.bfloat16)``
 (``torch_bf16``, its bfloat16 counterpart, to which each row's ``*_over_torch_bf16`` ratios refer).
-Figures per contender: ``fwd_ms``
-(``xs -> ys``; PyTorch under ``no_grad``) and ``fwdbwd_ms`` (the gradient of ``mean(ys)`` with
-respect to the parameters and ``xs``), medians over interleaved repeats, and each one's ratio to
-PyTorch's median and the median of its per-repeat ratios (paired: both saw the same load); the same
-for the process's CPU time per call (``*_cpu_ms``), which other jobs on the machine disturb less
-than the wall-clock time when every contender runs one thread. Before
-timing, the native layer's outputs and gradients are compared with the scan's. ``--quick`` shrinks
-the shape (a smoke test). On a machine that other jobs load, ``--threads=1`` (one thread for
-PyTorch, XLA and oneDNN) is the comparison to trust: threads that wait for each other at every
-step (OpenMP, TBB) lose whole time slices to the other jobs.
+Figures per contender: ``fwd_ms`` (``xs -> ys``; PyTorch under ``no_grad``) and ``fwdbwd_ms`` (the
+gradient of ``mean(ys)`` with respect to the parameters and ``xs``; with ``--inputs=data``, a
+network's first layer, with respect to the parameters only, PyTorch's input requiring no gradient),
+medians over interleaved repeats, and each one's ratio to PyTorch's median and the median of its
+per-repeat ratios (paired: both saw the same load); the same for the process's CPU time per call
+(``*_cpu_ms``), which other jobs on the machine disturb less than the wall-clock time when every
+contender runs one thread. Before timing, the native layer's outputs and gradients are compared with
+the scan's. ``--quick`` shrinks the shape (a smoke test). On a machine that other jobs load,
+``--threads=1`` (one thread for PyTorch, XLA and oneDNN) is the comparison to trust: threads that wait
+for each other at every step (OpenMP, TBB) lose whole time slices to the other jobs.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ SHAPE = dict(batch=32, steps=128, features=128, hidden=256)
 QUICK = dict(batch=2, steps=5, features=3, hidden=4)
 
 
-def _ours(layer_fn, H, params, xs):
+def _ours(layer_fn, H, params, xs, input_grad=True):
     def forward(p, x):
         return layer_fn(p, x)[1]
 
-    fwd, bwd, _, _ = suite._jax_contender(forward, params, xs)
+    fwd, bwd, _, _ = suite._jax_contender(forward, params, xs, (0, 1) if input_grad else 0)
     return fwd, bwd
 
 
-def torch_autocast(B, T, F, H, xs, threads, cell="lstm"):
+def torch_autocast(B, T, F, H, xs, threads, cell="lstm", input_grad=True):
     """PyTorch's float32 ``nn.LSTM`` (``nn.GRU``) under ``torch.autocast("cpu", dtype=torch.bfloat16)``: what a
     PyTorch user asking for bfloat16 compute runs. ``(forward, forward_backward)``."""
     import numpy as np
@@ -62,7 +62,7 @@ def torch_autocast(B, T, F, H, xs, threads, cell="lstm"):
 
     torch.set_num_threads(threads)
     model = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](F, H, batch_first=True)
-    x = torch.from_numpy(np.array(xs)).requires_grad_(True)
+    x = torch.from_numpy(np.array(xs)).requires_grad_(input_grad)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
 
     def forward():
@@ -81,7 +81,7 @@ def torch_autocast(B, T, F, H, xs, threads, cell="lstm"):
     return forward, forward_backward
 
 
-def contenders(B, T, F, H, xs, threads, dtype="float32", cell_name="lstm"):
+def contenders(B, T, F, H, xs, threads, dtype="float32", cell_name="lstm", input_grad=True):
     from recurrent import native
     from recurrent.native import _gru as native_gru
 
@@ -96,18 +96,18 @@ def contenders(B, T, F, H, xs, threads, dtype="float32", cell_name="lstm"):
         carry = cell.initial_carry(p, x[:, 0].shape)
         return native_layer(p, x, None, carry, compute)
 
-    out = {"torch": suite.torch_rnn(cell_name, B, T, F, H, 1, xs, threads=threads)[:2]}
+    out = {"torch": suite.torch_rnn(cell_name, B, T, F, H, 1, xs, threads=threads, input_grad=input_grad)[:2]}
     if dtype == "bfloat16":
-        out["torch_bf16"] = torch_autocast(B, T, F, H, xs, threads, cell_name)
+        out["torch_bf16"] = torch_autocast(B, T, F, H, xs, threads, cell_name, input_grad)
     out.update(
-        ours_scan=_ours(scan.apply, H, params, xs),
-        ours_vjp=_ours(vjp.apply, H, params, xs),
-        native=_ours(native_apply, H, params, xs),
+        ours_scan=_ours(scan.apply, H, params, xs, input_grad),
+        ours_vjp=_ours(vjp.apply, H, params, xs, input_grad),
+        native=_ours(native_apply, H, params, xs, input_grad),
     )
     return out, (scan, native_apply, params)
 
 
-def torch_layout(layout, B, T, F, H, xs, threads, members, autocast=False):
+def torch_layout(layout, B, T, F, H, xs, threads, members, autocast=False, input_grad=True):
     """PyTorch's peer of a ``--layout``: ``nn.LSTM(bidirectional=True)``, or ``members`` separate
     ``nn.LSTM`` run one after another on the same input (a population); float32, or under
     ``torch.autocast("cpu", dtype=torch.bfloat16)``. ``(forward, forward_backward)``."""
@@ -121,7 +121,7 @@ def torch_layout(layout, B, T, F, H, xs, threads, members, autocast=False):
         models = [torch.nn.LSTM(F, H, batch_first=True, bidirectional=True)]
     else:
         models = [torch.nn.LSTM(F, H, batch_first=True) for _ in range(members)]
-    x = torch.from_numpy(np.array(xs)).requires_grad_(True)
+    x = torch.from_numpy(np.array(xs)).requires_grad_(input_grad)
     context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
     def forward():
@@ -142,7 +142,7 @@ def torch_layout(layout, B, T, F, H, xs, threads, members, autocast=False):
     return forward, forward_backward
 
 
-def layout_contenders(layout, B, T, F, H, xs, threads, dtype="float32", members=4):
+def layout_contenders(layout, B, T, F, H, xs, threads, dtype="float32", members=4, input_grad=True):
     """The contenders of ``--layout=bidirectional`` (``bidirectional(rnn(lstm(H)))``: the native
     kernel runs both directions in one call) or ``--layout=population`` (``members`` LSTMs of their
     own parameters over the same input, ``jax.vmap``-ed: the native kernel runs them all in one
@@ -163,10 +163,13 @@ def layout_contenders(layout, B, T, F, H, xs, threads, dtype="float32", members=
 
         scan = population(recurrent.rnn(cell))
         native_layer = population(recurrent.rnn(cell, implementation="native"))
-    out = {"torch": torch_layout(layout, B, T, F, H, xs, threads, members)}
+    out = {"torch": torch_layout(layout, B, T, F, H, xs, threads, members, input_grad=input_grad)}
     if dtype == "bfloat16":
-        out["torch_bf16"] = torch_layout(layout, B, T, F, H, xs, threads, members, autocast=True)
-    out.update(ours_scan=_ours(scan.apply, H, params, xs), native=_ours(native_layer.apply, H, params, xs))
+        out["torch_bf16"] = torch_layout(layout, B, T, F, H, xs, threads, members, True, input_grad)
+    out.update(
+        ours_scan=_ours(scan.apply, H, params, xs, input_grad),
+        native=_ours(native_layer.apply, H, params, xs, input_grad),
+    )
     return out, (scan, native_layer.apply, params)
 
 
@@ -242,6 +245,13 @@ def main(argv=None):
     )
     parser.add_argument("--members", type=int, default=4, help="the population's size (--layout=population)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype")
+    parser.add_argument(
+        "--inputs",
+        choices=("differentiated", "data"),
+        default="differentiated",
+        help="training's gradient w.r.t. the parameters and the inputs, or (data: a network's first layer) "
+        "the parameters only, the inputs not requiring a gradient in PyTorch either",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.threads is None:
@@ -257,11 +267,14 @@ def main(argv=None):
     s = QUICK if args.quick else SHAPE
     B, T, F, H = s["batch"], s["steps"], s["features"], s["hidden"]
     xs = jax.random.normal(jax.random.key(1), (B, T, F))
+    input_grad = args.inputs == "differentiated"
     if args.layout == "single":
-        built, (scan, native_apply, params) = contenders(B, T, F, H, xs, args.threads, args.dtype, args.cell)
+        built, (scan, native_apply, params) = contenders(
+            B, T, F, H, xs, args.threads, args.dtype, args.cell, input_grad
+        )
     else:
         built, (scan, native_apply, params) = layout_contenders(
-            args.layout, B, T, F, H, xs, args.threads, args.dtype, args.members
+            args.layout, B, T, F, H, xs, args.threads, args.dtype, args.members, input_grad
         )
     diff = agreement(scan, native_apply, params, xs)
     skipped = {}
@@ -299,7 +312,7 @@ def main(argv=None):
     layout = {"single": "", "bidirectional": ", bidirectional", "population": f", population of {args.members}"}
     print(
         f"{args.cell}{layout[args.layout]}: shape B={B} T={T} F={F} H={H}, compute {args.dtype}, "
-        f"torch threads={args.threads}, cores={suite.CORES}"
+        f"torch threads={args.threads}, cores={suite.CORES}, inputs {args.inputs}"
     )
     print(f"native vs scan: max |dys| = {diff['ys']:.2e}, max |dgrad| = {diff['grad']:.2e}")
     print("ratios: of the medians, and (paired) the median over repeats of each repeat's ratio")
@@ -321,6 +334,7 @@ def main(argv=None):
         "members": args.members if args.layout == "population" else None,
         "shape": dict(batch=B, steps=T, features=F, hidden=H),
         "dtype": args.dtype,
+        "inputs": args.inputs,
         "threads": args.threads,
         "repeats": len(next(iter(samples.values()))),
         "machine": platform.processor() or platform.machine(),

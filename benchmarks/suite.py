@@ -134,8 +134,10 @@ def _gate_flops(kind, B, T, F, H, layers):
 # no arguments that block until done, and figures (None where they do not apply).
 
 
-def _jax_contender(forward: Callable, params, xs):
-    grad = jax.grad(lambda p, x: jnp.mean(forward(p, x)), argnums=(0, 1))
+def _jax_contender(forward: Callable, params, xs, argnums=(0, 1)):
+    """Compiled ``(forward, forward_backward, compile seconds, peak bytes)``; the backward's gradient
+    w.r.t. ``argnums`` (the parameters and ``xs``; ``0``: the parameters only, ``xs`` data)."""
+    grad = jax.grad(lambda p, x: jnp.mean(forward(p, x)), argnums=argnums)
     fwd = jax.jit(forward).lower(params, xs).compile()
     t0 = time.perf_counter()
     bwd = jax.jit(grad).lower(params, xs).compile()
@@ -239,9 +241,10 @@ def _on_gpu():
     return jax.default_backend() == "gpu"
 
 
-def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES, dtype="float32"):
+def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES, dtype="float32", input_grad=True):
     """PyTorch's ``nn.LSTM``/``nn.GRU``: oneDNN on CPU, cuDNN when JAX runs on a GPU; in
-    ``dtype`` (module and input; ``"bfloat16"`` is the peer of our bfloat16 compute)."""
+    ``dtype`` (module and input; ``"bfloat16"`` is the peer of our bfloat16 compute); the input
+    requires a gradient unless ``input_grad`` is false (data)."""
     import numpy as np
     import torch
 
@@ -252,7 +255,7 @@ def torch_rnn(kind, B, T, F, H, layers, xs, threads=CORES, dtype="float32"):
     tdt = getattr(torch, dtype)
     model = module(F, H, num_layers=layers, batch_first=True, bidirectional=kind == "bidirectional")
     model = model.to(device=device, dtype=tdt)
-    x = torch.from_numpy(np.array(xs)).to(device=device, dtype=tdt).requires_grad_(True)
+    x = torch.from_numpy(np.array(xs)).to(device=device, dtype=tdt).requires_grad_(input_grad)
 
     def forward():
         torch.set_num_threads(threads)

@@ -589,12 +589,15 @@ def test_benchmark_smoke_layouts(tmp_path, layout):
 
 
 @needs_kernel
-def test_benchmark_smoke(tmp_path):
+@pytest.mark.parametrize("inputs", ["differentiated", "data"])
+def test_benchmark_smoke(tmp_path, inputs):
     from benchmarks import native as bench
 
-    result = bench.main(["--quick", "--out", str(tmp_path)])
+    result = bench.main(["--quick", "--inputs", inputs, "--out", str(tmp_path)])
     assert result["agreement"]["ys"] < TOL and result["agreement"]["grad"] < TOL
     assert set(result["rows"]) == {"torch", "ours_scan", "ours_vjp", "native"}
+    assert result["inputs"] == inputs
+    assert all(row["fwdbwd_ms"] > 0 for row in result["rows"].values())
     assert (tmp_path / "native.json").exists()
 
 
