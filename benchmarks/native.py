@@ -165,7 +165,7 @@ def layout_contenders(layout, B, T, F, H, xs, threads, dtype="float32", members=
         native_layer = population(recurrent.rnn(cell, implementation="native"))
     out = {"torch": torch_layout(layout, B, T, F, H, xs, threads, members, input_grad=input_grad)}
     if dtype == "bfloat16":
-        out["torch_bf16"] = torch_layout(layout, B, T, F, H, xs, threads, members, True, input_grad)
+        out["torch_bf16"] = torch_layout(layout, B, T, F, H, xs, threads, members, autocast=True, input_grad=input_grad)
     out.update(
         ours_scan=_ours(scan.apply, H, params, xs, input_grad),
         native=_ours(native_layer.apply, H, params, xs, input_grad),

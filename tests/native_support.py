@@ -9,6 +9,8 @@ being skipped.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -39,3 +41,12 @@ def close_to_largest(got, want, tol=BF16_TOL):
         assert x.dtype == y.dtype
         x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
         np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(np.max(np.abs(y))) + 1e-30)
+
+
+def backward_calls(cell, fn, *args):
+    """``(target, need_dx, dx result type)`` of each of ``cell``'s (``"lstm"``, ``"gru"``) backward
+    custom calls in the lowered ``fn(*args)``, sorted: the attribute the call passes the kernel, and
+    the dx result it declares (``tensor<0x..>``, with any vmapped axes in front, where dx is skipped)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    pattern = rf"custom_call @(recurrent_{cell}_backward\w*)\(.*?need_dx = (\w+)\}}.*?-> \((tensor<[^>]*>)"
+    return sorted(re.findall(pattern, text))

@@ -43,7 +43,7 @@ import recurrent
 from recurrent import native
 from recurrent._sequence import reverse_sequences
 from tests import reference
-from tests.native_support import BF16_TOL, TOL, close, close_to_largest, needs_kernel
+from tests.native_support import BF16_TOL, TOL, backward_calls, close, close_to_largest, needs_kernel
 
 B, T, F, H = 4, 6, 3, 5
 
@@ -474,15 +474,6 @@ def test_bfloat16_vmap_population_matches_loop_and_scan():
 # ---- Inputs not differentiated (a network's data): the backward skips dx ------------------------
 
 
-def _backward_calls(fn, *args):
-    """``(target, need_dx, dx result type)`` of each backward custom call in the lowered ``fn(*args)``,
-    sorted: the attribute the call passes the kernel, and the dx result it declares (``tensor<0x..>``,
-    with any vmapped axes in front, where dx is skipped)."""
-    text = jax.jit(fn).lower(*args).as_text()
-    pattern = r"custom_call @(recurrent_lstm_backward\w*)\(.*?need_dx = (\w+)\}.*?-> \((tensor<[^>]*>)"
-    return sorted(re.findall(pattern, text))
-
-
 @needs_kernel
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
@@ -506,7 +497,7 @@ def test_parameter_gradients_skip_dx_and_match_scan(dtype, with_lengths):
             got = _bf16_loss(layer, lengths, argnums)(params, xs, carry)
             agree(got, _bf16_loss(scan, lengths, argnums)(params, xs, carry))
             assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
-            calls = _backward_calls(_bf16_loss(layer, lengths, argnums), params, xs, carry)
+            calls = backward_calls("lstm", _bf16_loss(layer, lengths, argnums), params, xs, carry)
             assert calls == [(f"recurrent_lstm_backward{suffix}", need_dx, dx)]
 
 
@@ -529,7 +520,7 @@ def test_vmap_parameter_gradients_skip_dx(dtype, inputs):
     with warnings.catch_warnings():
         warnings.simplefilter("error", recurrent.FallbackWarning)
         got = jax.jit(jax.vmap(native_loss, in_axes))(params, xs, carry)
-        calls = _backward_calls(jax.vmap(native_loss, in_axes), params, xs, carry)
+        calls = backward_calls("lstm", jax.vmap(native_loss, in_axes), params, xs, carry)
     x_type = "f32" if dtype is None else "bf16"
     assert calls == [(f"recurrent_lstm_backward{'' if dtype is None else '_bf16'}", "false", f"tensor<3x0x{x_type}>")]
     agree(got, _loop(native_loss, (params, xs, carry), in_axes, (3,)))
@@ -569,7 +560,7 @@ def test_stacked_bidirectional_skips_dx_in_its_first_layer_only():
     with warnings.catch_warnings():
         warnings.simplefilter("error", recurrent.FallbackWarning)
         got = jax.jit(grads(native_stack))(params)
-        calls = _backward_calls(grads(native_stack), params)
+        calls = backward_calls("lstm", grads(native_stack), params)
     assert calls == [
         ("recurrent_lstm_backward", "false", "tensor<2x0xf32>"),
         ("recurrent_lstm_backward", "true", f"tensor<{T}x{B}x{2 * H + 1}xf32>"),

@@ -37,7 +37,7 @@ from recurrent import native
 from recurrent._sequence import reverse_sequences
 from recurrent.native import _gru as native_gru
 from tests import reference
-from tests.native_support import BF16_TOL, TOL, close, close_to_largest, needs_kernel
+from tests.native_support import BF16_TOL, TOL, backward_calls, close, close_to_largest, needs_kernel
 
 B, T, F, H = 4, 6, 3, 5
 
@@ -432,15 +432,6 @@ def test_bidirectional_runs_both_directions_in_one_call():
 # ---- Inputs not differentiated (a network's data): the backward skips dx ------------------------
 
 
-def _backward_calls(fn, *args):
-    """``(target, need_dx, dx result type)`` of each backward custom call in the lowered ``fn(*args)``,
-    sorted: the attribute the call passes the kernel, and the dx result it declares (``tensor<0x..>``,
-    with any vmapped axes in front, where dx is skipped)."""
-    text = jax.jit(fn).lower(*args).as_text()
-    pattern = r"custom_call @(recurrent_gru_backward\w*)\(.*?need_dx = (\w+)\}.*?-> \((tensor<[^>]*>)"
-    return sorted(re.findall(pattern, text))
-
-
 @needs_kernel
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
@@ -462,7 +453,7 @@ def test_parameter_gradients_skip_dx_and_match_scan(dtype, with_lengths):
         got = _loss(native_apply, lengths, argnums)(params, xs, carry)
         agree(got, _loss(_scan(cell), lengths, argnums)(params, xs, carry))
         assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree.leaves(got[1]))
-        calls = _backward_calls(_loss(native_apply, lengths, argnums), params, xs, carry)
+        calls = backward_calls("gru", _loss(native_apply, lengths, argnums), params, xs, carry)
         assert calls == [(f"recurrent_gru_backward{suffix}", need_dx, dx)]
 
 
@@ -483,7 +474,7 @@ def test_vmap_parameter_gradients_skip_dx(dtype, inputs):
     agree = close if dtype is None else close_to_largest
     got = jax.jit(jax.vmap(native_loss, in_axes))(params, xs, carry)
     x_type = "f32" if dtype is None else "bf16"
-    assert _backward_calls(jax.vmap(native_loss, in_axes), params, xs, carry) == [
+    assert backward_calls("gru", jax.vmap(native_loss, in_axes), params, xs, carry) == [
         (f"recurrent_gru_backward{'' if dtype is None else '_bf16'}", "false", f"tensor<3x0x{x_type}>")
     ]
     agree(got, _loop(native_loss, (params, xs, carry), in_axes, (3,)))
@@ -524,7 +515,7 @@ def test_stacked_bidirectional_skips_dx_in_its_first_layer_only():
     with warnings.catch_warnings():
         warnings.simplefilter("error", recurrent.FallbackWarning)
         got = jax.jit(grads(native_stack))(params)
-        calls = _backward_calls(grads(native_stack), params)
+        calls = backward_calls("gru", grads(native_stack), params)
     assert calls == [
         ("recurrent_gru_backward", "false", "tensor<2x0xf32>"),
         ("recurrent_gru_backward", "true", f"tensor<{T}x{B}x{2 * H + 1}xf32>"),
